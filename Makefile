@@ -1,0 +1,30 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo lint bench clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip >/dev/null
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+demo: $(STAMP)
+	$(BIN)/medvit-explain explain sample_data/phantom_000.nii.gz --out demo_output
+
+lint: $(STAMP)
+	$(BIN)/ruff check medvit_explain tests plugins
+	$(BIN)/ruff format --check medvit_explain tests plugins
+
+bench: $(STAMP)
+	$(BIN)/medvit-explain bench
+
+clean:
+	rm -rf demo_output build *.egg-info

@@ -1,0 +1,49 @@
+"""Write volumes on a source grid, atomically (a final path never holds a partial file)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..volume import Volume
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; rename it onto ``final`` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(final.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def to_sitk(volume: Volume, dtype=np.float32) -> sitk.Image:
+    """A SimpleITK image with the volume's values (cast to ``dtype``) and exact geometry."""
+    array = np.ascontiguousarray(np.asarray(volume.array, dtype=dtype).transpose(2, 1, 0))
+    image = sitk.GetImageFromArray(array)
+    image.SetOrigin(tuple(float(v) for v in volume.origin))
+    image.SetSpacing(tuple(float(v) for v in volume.spacing))
+    image.SetDirection(tuple(float(v) for v in volume.direction.reshape(-1)))
+    return image
+
+
+def write_volume(volume: Volume, path: str | os.PathLike, dtype=np.float32, compress: bool = True) -> Path:
+    """Write ``volume`` to ``path`` (.nii.gz, .nii, .nrrd, .mha) atomically; returns the path."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(to_sitk(volume, dtype), str(tmp), compress)
+    return path
