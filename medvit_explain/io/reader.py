@@ -67,7 +67,13 @@ def load_volume(path: str | os.PathLike, *, series_uid: str | None = None,
         raise UnreadableImageError(f"{path} is an empty file, not an image")
     name = path.name.lower()
     if name.endswith(IMAGE_SUFFIXES):
+        if name.endswith(".gz"):
+            _check_gzip(path)
+        if name.endswith((".mha", ".mhd", ".nrrd", ".nhdr")):
+            _check_text_header_spacing(path)
         image = _read_sitk(path)
+        if name.endswith((".nii", ".nii.gz")):
+            _check_nifti_header_and_values(path)
         return _to_volume(image, {"path": str(path), "format": _format_of(name), "modality": "CT"})
     header = _read_dicom_header(path)
     if header is None:
@@ -161,12 +167,70 @@ def _read_sitk(path: Path) -> sitk.Image:
         ) from None
 
 
+def _check_gzip(path: Path) -> None:
+    """ITK silently zero-fills a truncated gzip stream; read it through once to catch that."""
+    import gzip
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error):
+        raise UnreadableImageError(
+            f"cannot read {path}: the gzip stream is truncated or corrupt (re-export or re-copy the file)"
+        ) from None
+
+
+def _check_nifti_header_and_values(path: Path) -> None:
+    """ITK's NIfTI reader silently turns NaN into 0 and zero pixdims into 1; check the file itself."""
+    import nibabel as nib
+
+    logging.getLogger("nibabel").setLevel(logging.ERROR)
+    image = nib.load(str(path))
+    opener = nib.openers.ImageOpener(str(path))
+    with opener as stream:  # unchecked: nib.load "repairs" zero pixdims on the way in
+        raw_header = type(image.header).from_fileobj(stream, check=False)
+    pixdim = np.asarray(raw_header["pixdim"][1:4], dtype=np.float64)
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
+        raise UnsupportedImageError(
+            f"{path} has invalid voxel spacing {tuple(pixdim.tolist())} in its header; every spacing must be "
+            "positive (fix the header)"
+        )
+    if np.issubdtype(image.get_data_dtype(), np.floating):
+        data = np.asanyarray(image.dataobj)
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise UnsupportedImageError(f"{path} has {bad} NaN or infinite voxels; expected finite HU values")
+
+
+def _check_text_header_spacing(path: Path) -> None:
+    """ITK turns a negative MetaImage/NRRD spacing into a flipped axis; we refuse such a header instead."""
+    with open(path, "rb") as stream:
+        head = stream.read(8192).split(b"\n\n", 1)[0].decode("latin-1", errors="replace")
+    for line in head.splitlines():
+        key, sep, value = line.partition("=") if "=" in line else line.partition(":")
+        if sep and key.strip().lower() in ("elementspacing", "elementsize", "spacings"):
+            try:
+                values = [float(v) for v in value.split()]
+            except ValueError:
+                continue
+            if any(not np.isfinite(v) or v <= 0 for v in values):
+                raise UnsupportedImageError(
+                    f"{path} has invalid voxel spacing {tuple(values)} in its header; every spacing must be "
+                    "positive (fix the header)"
+                )
+
+
 def _read_dicom_header(path: Path):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.getLogger("pydicom").setLevel(logging.ERROR)
+            return pydicom.dcmread(str(path), stop_before_pixels=True)
     except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, KeyError, EOFError):
         return None
 
