@@ -1,0 +1,315 @@
+"""Checkpoints: safetensors weights + a JSON config; loading never executes code.
+
+Layouts read by :func:`load_model`:
+
+* a directory holding ``model.safetensors`` and ``config.json`` (what :func:`save_checkpoint` writes);
+* ``weights.safetensors`` with a sibling ``weights.json`` / ``weights.yaml`` (or ``config.json``);
+* a bare timm state dict (``.safetensors``, or ``.pth``/``.pt``/``.bin`` read with
+  ``torch.load(weights_only=True)``) plus ``config=`` given separately. Its ``head.*`` go to our head
+  (timm built with ``num_classes=K``), the rest to the backbone; a full MedViT state dict
+  (``backbone.*``/``head.*``) is accepted as well.
+
+``config.json`` = ``{"format": "medvit-explain/1", "name", "architecture": {"timm_name", "kwargs"},
+"task_spec", "preprocessing", "provenance"}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from medvit_explain.errors import CheckpointError
+from medvit_explain.model.device import resolve_device
+from medvit_explain.model.network import FORMAT, MedViT, build_model, jsonable
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+SAMPLE_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "sample_model"
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# -- reading ----------------------------------------------------------------------------------------
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a config (``.json``, or ``.yaml``/``.yml`` with ``yaml.safe_load``) into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"config not found: {str(path)!r}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"cannot read config {str(path)!r}: {_first_line(exc)}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"config {str(path)!r}: expected a mapping, got {type(data).__name__}")
+    return data
+
+
+def _plain_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if (
+        not isinstance(obj, Mapping)
+        or not obj
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    ):
+        raise CheckpointError(f"{str(path)!r} is not a plain tensor state dict (expected name → tensor)")
+    state = dict(obj)
+    if all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from ``.safetensors`` or a ``.pth``/``.pt``/``.bin`` (``torch.load(weights_only=True)``:
+    a pickle that would build any object other than tensors and containers is refused)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {str(path)!r}")
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj: Any = load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types; all mean "unreadable"
+            raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {_first_line(exc)}") from exc
+    elif suffix in TORCH_SUFFIXES:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"{str(path)!r} is not a plain tensor state dict: it holds objects that loading would have "
+                "to execute code to build (refused; save a state_dict or use .safetensors)"
+            ) from exc
+        except (
+            RuntimeError,
+            EOFError,
+            OSError,
+            ValueError,
+            zipfile.BadZipFile,
+            AttributeError,
+            KeyError,
+        ) as exc:
+            raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {_first_line(exc)}") from exc
+    else:
+        raise CheckpointError(
+            f"unsupported checkpoint file {str(path)!r}; "
+            f"expected a directory or one of {', '.join(WEIGHT_SUFFIXES)}"
+        )
+    return _plain_state_dict(obj, path)
+
+
+def _locate(
+    path: Path, config: str | Path | Mapping[str, Any] | None
+) -> tuple[Path, dict[str, Any], Path | None]:
+    """(weights file, config dict, base dir for relative paths in the config)."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {str(path)!r}")
+    if path.is_dir():
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise CheckpointError(f"checkpoint directory {str(path)!r} has no {WEIGHTS_NAME}")
+        candidates = [path / f"config{s}" for s in CONFIG_SUFFIXES]
+    else:
+        weights = path
+        candidates = [path.with_suffix(s) for s in CONFIG_SUFFIXES] + [path.parent / CONFIG_NAME]
+    if isinstance(config, Mapping):
+        return weights, dict(config), None
+    if config is not None:
+        return weights, load_config(config), Path(config).parent
+    for candidate in candidates:
+        if candidate.is_file() and candidate != weights:
+            return weights, load_config(candidate), candidate.parent
+    raise CheckpointError(
+        f"no config found for {str(path)!r}; expected {' or '.join(c.name for c in candidates)} beside it, "
+        "or pass config=PATH"
+    )
+
+
+def _to_medvit_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if any(k.startswith("backbone.") for k in state):
+        return state
+    return {(k if k.startswith("head.") else f"backbone.{k}"): v for k, v in state.items()}
+
+
+def _list(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", … (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _check_match(state: Mapping[str, torch.Tensor], model: MedViT, where: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {list(state[k].shape)} vs config {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if shapes:
+        parts.append(f"shape mismatch {_list(shapes, 3)}")
+    if missing:
+        parts.append(f"missing keys {_list(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys {_list(unexpected)}")
+    name = model.config.get("architecture", {}).get("timm_name")
+    raise CheckpointError(
+        f"weights {where} do not match the config ({name}, {model.num_targets} targets): " + "; ".join(parts)
+    )
+
+
+def load_model(
+    path: str | Path | None = None,
+    device: str | torch.device = "auto",
+    config: str | Path | Mapping[str, Any] | None = None,
+) -> MedViT:
+    """Load a :class:`MedViT` in eval mode on ``device`` (``auto|cpu|cuda|cuda:N``).
+
+    ``path`` is a checkpoint directory, a weights file (``.safetensors``/``.pth``/``.pt``) or None for
+    the shipped sample model. ``config`` (a path or a dict) overrides the config found beside the
+    weights and is required for a bare timm state dict. Raises :class:`CheckpointError` (missing,
+    unreadable, unsafe or mismatched) or :class:`DeviceError`, each with one line.
+    """
+    target = resolve_device(device)
+    if path is None:
+        if not (SAMPLE_MODEL_DIR / WEIGHTS_NAME).is_file():
+            raise CheckpointError(
+                f"the shipped sample model is missing ({str(SAMPLE_MODEL_DIR)!r}); "
+                "pass a checkpoint path (the sample model is trained from configs/sample_model.yaml)"
+            )
+        path = SAMPLE_MODEL_DIR
+    path = Path(path).expanduser()
+    weights, cfg, base_dir = _locate(path, config)
+    state = _to_medvit_keys(read_state_dict(weights))
+    model = build_model(cfg, base_dir=base_dir)
+    _check_match(state, model, repr(str(weights)))
+    model.load_state_dict(state, strict=True)
+    return model.to(target).eval()
+
+
+# -- writing ----------------------------------------------------------------------------------------
+def _versions() -> dict[str, str]:
+    import numpy
+    import safetensors
+    import timm
+
+    try:
+        from importlib.metadata import version
+
+        ours = version("medvit-explain")
+    except Exception:  # not installed (running from a source tree)
+        ours = "unknown"
+    return {
+        "medvit_explain": ours,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "safetensors": safetensors.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def checkpoint_config(model: MedViT, provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The config that :func:`save_checkpoint` writes: ``model.config`` with provenance merged
+    (given keys win) plus ``saved_at`` and library versions."""
+    if not isinstance(model, MedViT):
+        raise TypeError(f"expected a MedViT, got {type(model).__name__}")
+    config = jsonable(model.config)
+    if not isinstance(config.get("architecture"), Mapping):
+        raise CheckpointError("model has no architecture in its config; build it with build_model(config)")
+    merged = dict(config.get("provenance") or {})
+    merged.update(jsonable(dict(provenance or {})))
+    merged["saved_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    merged.setdefault("versions", _versions())
+    config["provenance"] = merged
+    config["format"] = FORMAT
+    return config
+
+
+def _write_pair(model: MedViT, config: dict[str, Any], weights: Path, config_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(weights), metadata={"format": "pt", "medvit_format": FORMAT})
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def save_checkpoint(model: MedViT, path: str | Path, provenance: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` atomically; returns the path.
+
+    ``path`` ending in ``.safetensors`` → that file plus a sibling ``.json`` config; anything else → a
+    directory with ``model.safetensors`` + ``config.json``. Files are written to a temporary name in the
+    same folder and moved into place with ``os.replace``; an existing directory is replaced only if it
+    holds nothing but a previous checkpoint.
+    """
+    path = Path(path).expanduser()
+    config = checkpoint_config(model, provenance)
+    try:
+        json.dumps(config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"provenance must be JSON-serialisable: {_first_line(exc)}") from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    if path.suffix.lower() == ".safetensors":
+        config_path = path.with_suffix(".json")
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.stem}.tmp-", dir=path.parent))
+        try:
+            _write_pair(model, config, tmp_dir / path.name, tmp_dir / config_path.name)
+            os.replace(tmp_dir / path.name, path)
+            os.replace(tmp_dir / config_path.name, config_path)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        return path
+
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"cannot write a checkpoint directory at {str(path)!r}: a file is there")
+        other = sorted(p.name for p in path.iterdir() if p.name not in (WEIGHTS_NAME, CONFIG_NAME))
+        if other:
+            raise CheckpointError(
+                f"refusing to overwrite {str(path)!r}: "
+                f"it holds files that are not a checkpoint ({_list(other)})"
+            )
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old_dir: Path | None = None
+    try:
+        _write_pair(model, config, tmp_dir / WEIGHTS_NAME, tmp_dir / CONFIG_NAME)
+        if path.exists():
+            old_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old_dir)  # rename onto an empty directory is allowed
+        os.replace(tmp_dir, path)
+    except BaseException:
+        if old_dir is not None and not path.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old_dir, path)  # put the previous checkpoint back
+        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if old_dir is not None and old_dir.exists():
+            shutil.rmtree(old_dir, ignore_errors=True)
+    return path

@@ -1,0 +1,371 @@
+"""Preprocessing: a :class:`~medvit_explain.volume.Volume` → model inputs, and model-space maps → the
+source voxel grid.
+
+Two input modes (DESIGN.md, "Input modes"):
+
+* **slice** – the volume is reoriented to LPS axis codes (i → patient left, j → posterior,
+  k → superior) so each k-slice is an axial image shown the radiological way (rows run anterior →
+  posterior, columns patient right → left), optionally cropped to the body, HU-windowed and scaled to
+  [0, 1] (MONAI ``ScaleIntensityRange``) and resized to the model input (MONAI ``Resize``).
+* **roi** – nodule-centred cubes (``size_mm`` at ``spacing_mm``, trilinear) on the reoriented axes,
+  HU-windowed, cut through the centre in axial / coronal / sagittal views and resized.
+
+The reorientation is a permutation and flips of the voxel axes (``nibabel.orientations``, the maths
+MONAI's ``Orientation`` uses) applied as numpy *views*: nothing is resampled or copied, and writing a
+map into the reoriented view of an output array writes the source grid directly, which is the exact
+inverse. Every model pixel can be traced back to a continuous source voxel index
+(:meth:`SliceInputs.pixel_to_voxel`, :meth:`RoiInputs.pixel_to_voxel`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import nibabel.orientations as nio
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import Resize, ScaleIntensityRange
+
+from .volume import Volume
+
+CANONICAL_AXCODES = ("L", "P", "S")  # LPS axis codes: the ITK/DICOM patient frame
+
+
+def orientation_of(volume: Volume) -> np.ndarray:
+    """nibabel ``ornt`` ([3, 2]: source axis, flip) taking the volume's axes to LPS codes."""
+    # io_orientation works in RAS; the volume's RAS affine gives the axis codes in RAS terms.
+    current = nio.io_orientation(volume.affine_ras)
+    target = nio.axcodes2ornt(CANONICAL_AXCODES)
+    return nio.ornt_transform(current, target)
+
+
+def reoriented_view(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """A view of ``array`` (first 3 axes spatial) in the canonical orientation (no copy)."""
+    out = array
+    for axis, (_, flip) in enumerate(ornt):
+        if flip == -1:
+            out = np.flip(out, axis=axis)
+    order = [int(a) for a in ornt[:, 0]]
+    inverse = np.argsort(order)  # ornt[i, 0] says where source axis i goes
+    return out.transpose(*inverse, *range(3, array.ndim))
+
+
+def window(preprocessing: dict) -> ScaleIntensityRange:
+    lo, hi = preprocessing["hu_window"]
+    return ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+
+
+@dataclass
+class SliceBatch:
+    """A batch of model inputs: ``images`` [B, C, H, W] and the k index (source grid) of each slice."""
+
+    images: torch.Tensor
+    slices: np.ndarray  # [B] canonical slice indices
+    source_k: np.ndarray  # [B] the source voxel index along the axis that became k (for reporting)
+
+
+@dataclass
+class SliceInputs:
+    """Slice-mode preprocessing of one volume, streamed in batches, and its exact inverse."""
+
+    volume: Volume
+    preprocessing: dict
+    ornt: np.ndarray = field(init=False)
+    box: tuple[int, int, int, int] = field(init=False)  # x0, x1, y0, y1 in canonical axes
+
+    def __post_init__(self) -> None:
+        self.ornt = orientation_of(self.volume)
+        canon = reoriented_view(self.volume.array, self.ornt)
+        nx, ny, _ = canon.shape
+        self.box = (0, nx, 0, ny)
+        if self.preprocessing.get("crop_body", False):
+            self.box = body_box(canon, float(self.preprocessing.get("body_threshold_hu", -500.0)),
+                                aspect=self.image_size[0] / self.image_size[1])
+        self._window = window(self.preprocessing)
+        self._resize = Resize(spatial_size=self.image_size, mode="bilinear", align_corners=False,
+                              anti_aliasing=False)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        h, w = self.preprocessing["image_size"]
+        return int(h), int(w)
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.preprocessing.get("in_chans", 1))
+
+    @property
+    def canonical(self) -> np.ndarray:
+        return reoriented_view(self.volume.array, self.ornt)
+
+    @property
+    def n_slices(self) -> int:
+        return self.canonical.shape[2]
+
+    @property
+    def crop_shape(self) -> tuple[int, int]:
+        """(rows, cols) of a cropped slice before resizing: rows run along canonical y, cols along x."""
+        x0, x1, y0, y1 = self.box
+        return y1 - y0, x1 - x0
+
+    def images(self, slices: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """Model inputs [B, C, H, W] (float32) for canonical slice indices ``slices``."""
+        x0, x1, y0, y1 = self.box
+        idx = np.asarray(slices, dtype=np.int64)
+        block = self.canonical[x0:x1, y0:y1][:, :, idx]  # [X', Y', B] (copy of just these slices)
+        block = torch.from_numpy(np.ascontiguousarray(block.transpose(2, 1, 0), dtype=np.float32))  # [B, Y', X']
+        block = self._window(block)
+        images = self._resize(block)  # each slice as a channel: [B, H, W]
+        images = torch.as_tensor(images).float().unsqueeze(1)
+        return images.expand(-1, self.in_chans, -1, -1).contiguous()
+
+    def batches(self, batch_size: int, slices: Sequence[int] | None = None) -> Iterator[SliceBatch]:
+        order = np.arange(self.n_slices) if slices is None else np.asarray(slices, dtype=np.int64)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            yield SliceBatch(self.images(chunk), chunk, self.canonical_to_source_k(chunk))
+
+    def canonical_to_source_k(self, slices: np.ndarray) -> np.ndarray:
+        """Source voxel index along the axis that became canonical k, for each slice."""
+        axis_for_k = int(np.argsort(self.ornt[:, 0])[2])  # source axis mapped to canonical axis 2
+        n = self.volume.shape[axis_for_k]
+        return np.where(self.ornt[axis_for_k, 1] == -1, n - 1 - slices, slices)
+
+    def to_source(self, maps: torch.Tensor, slices: Sequence[int], out: np.ndarray) -> None:
+        """Write model-space maps into source-grid arrays.
+
+        Args:
+            maps: [B, T, h, w] maps (token grid or model input size); upsampled bilinearly to the model
+                input size first, then resized (bilinear) to the cropped slice and placed in the crop box.
+            slices: [B] canonical slice indices of the batch.
+            out: [T, X, Y, Z] float32 array on the source grid (written in place, zeros elsewhere kept).
+        """
+        maps = maps.detach().float()
+        if tuple(maps.shape[-2:]) != self.image_size:
+            maps = F.interpolate(maps, size=self.image_size, mode="bilinear", align_corners=False)
+        rows, cols = self.crop_shape
+        maps = F.interpolate(maps, size=(rows, cols), mode="bilinear", align_corners=False)
+        crop = maps.permute(1, 3, 2, 0).cpu().numpy()  # [T, X', Y', B]
+        x0, x1, y0, y1 = self.box
+        canon_out = reoriented_view(np.moveaxis(out, 0, -1), self.ornt)  # [X, Y, Z, T] view
+        idx = np.asarray(slices, dtype=np.int64)
+        canon_out[x0:x1, y0:y1, idx, :] = np.moveaxis(crop, 0, -1)
+
+    def pixel_to_voxel(self, slice_index: int, row: float, col: float) -> np.ndarray:
+        """The continuous source voxel index (i, j, k) of model pixel (row, col) of a canonical slice."""
+        rows, cols = self.crop_shape
+        h, w = self.image_size
+        y = (row + 0.5) * rows / h - 0.5 + self.box[2]
+        x = (col + 0.5) * cols / w - 0.5 + self.box[0]
+        return canonical_to_source_index(np.array([x, y, float(slice_index)]), self.ornt, self.volume.shape)
+
+
+def canonical_to_source_index(canon_ijk: np.ndarray, ornt: np.ndarray, source_shape) -> np.ndarray:
+    """Map a canonical (reoriented) continuous index back to the source voxel index."""
+    src = np.zeros(3)
+    for axis in range(3):
+        target_axis, flip = int(ornt[axis, 0]), int(ornt[axis, 1])
+        value = canon_ijk[target_axis]
+        src[axis] = (source_shape[axis] - 1 - value) if flip == -1 else value
+    return src
+
+
+def body_box(canon: np.ndarray, threshold: float, aspect: float = 1.0, margin: int = 2) -> tuple[int, int, int, int]:
+    """Bounding box (x0, x1, y0, y1) of voxels above ``threshold`` over all slices, grown to the
+    model's aspect ratio (rows / cols) where the image allows, so the body is not distorted."""
+    nx, ny = canon.shape[:2]
+    step = max(1, canon.shape[2] // 32)  # a subset of slices is enough to find the body
+    mask = (canon[:, :, ::step] > threshold).any(axis=2)
+    if not mask.any():
+        return 0, nx, 0, ny
+    xs, ys = np.where(mask.any(axis=1))[0], np.where(mask.any(axis=0))[0]
+    x0, x1 = max(0, xs[0] - margin), min(nx, xs[-1] + 1 + margin)
+    y0, y1 = max(0, ys[0] - margin), min(ny, ys[-1] + 1 + margin)
+    # grow the shorter side (rows = y, cols = x) towards the wanted aspect ratio
+    want_rows = int(round((x1 - x0) * aspect))
+    if want_rows > y1 - y0:
+        y0, y1 = _grow(y0, y1, want_rows, ny)
+    else:
+        want_cols = int(round((y1 - y0) / aspect))
+        x0, x1 = _grow(x0, x1, want_cols, nx)
+    return int(x0), int(x1), int(y0), int(y1)
+
+
+def _grow(lo: int, hi: int, want: int, n: int) -> tuple[int, int]:
+    want = min(want, n)
+    extra = want - (hi - lo)
+    lo = max(0, lo - extra // 2)
+    hi = min(n, lo + want)
+    lo = max(0, hi - want)
+    return lo, hi
+
+
+VIEW_NORMAL_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}  # canonical axis each view cuts across
+
+
+def _view_plane(cube: np.ndarray, view: str) -> np.ndarray:
+    """A [rows, cols] image through the centre of a canonical (L, P, S) cube, displayed the usual way:
+    axial rows anterior→posterior, cols right→left; coronal and sagittal rows superior→inferior."""
+    c = cube.shape[0] // 2
+    if view == "axial":
+        return cube[:, :, c].T
+    if view == "coronal":
+        return cube[:, c, ::-1].T
+    if view == "sagittal":
+        return cube[c, :, ::-1].T
+    raise ValueError(f"expected a view among {sorted(VIEW_NORMAL_AXIS)}, got {view!r}")
+
+
+def _extrude(plane: np.ndarray, view: str, n: int) -> np.ndarray:
+    """The inverse of :func:`_view_plane` for a [..., rows, cols] map: repeat it along the view normal."""
+    if view == "axial":
+        vol = np.swapaxes(plane, -1, -2)[..., :, :, None]  # [..., x, y, 1]
+    elif view == "coronal":
+        vol = np.swapaxes(plane, -1, -2)[..., :, ::-1][..., :, None, :]  # [..., x, 1, z]
+    else:
+        vol = np.swapaxes(plane, -1, -2)[..., :, ::-1][..., None, :, :]  # [..., 1, y, z]
+    return np.broadcast_to(vol, (*plane.shape[:-2], n, n, n))
+
+
+@dataclass
+class RoiInputs:
+    """ROI-mode preprocessing: a cube of ``size_mm`` at ``spacing_mm`` around each centre (LPS mm),
+    cut in the configured views, and the inverse that writes view maps back onto the source grid.
+
+    Model inputs are ordered ROI-major: input ``r * V + v`` is view ``v`` of ROI ``r``."""
+
+    volume: Volume
+    preprocessing: dict
+    centers_mm: np.ndarray  # [R, 3] LPS mm
+    ornt: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.centers_mm = np.asarray(self.centers_mm, dtype=np.float64).reshape(-1, 3)
+        self.ornt = orientation_of(self.volume)
+        roi = self.preprocessing.get("roi", {})
+        self.size_mm = float(roi.get("size_mm", 32.0))
+        self.spacing_mm = float(roi.get("spacing_mm", 1.0))
+        self.views = list(roi.get("views", ["axial", "coronal", "sagittal"]))
+        self.n = max(2, int(round(self.size_mm / self.spacing_mm)))
+        self._window = window(self.preprocessing)
+        h, w = self.preprocessing["image_size"]
+        self.image_size = (int(h), int(w))
+        self.in_chans = int(self.preprocessing.get("in_chans", 1))
+        self._resize = Resize(spatial_size=self.image_size, mode="bilinear", align_corners=False,
+                              anti_aliasing=False)
+        # canonical index step (voxels per cube sample) along each canonical axis
+        src_axis_of = np.argsort(self.ornt[:, 0])  # canonical axis -> source axis
+        self._step = self.spacing_mm / self.volume.spacing[src_axis_of]
+        self._canon_shape = tuple(self.volume.shape[int(a)] for a in src_axis_of)
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.centers_mm) * len(self.views)
+
+    def _center_canonical(self, r: int) -> np.ndarray:
+        src = self.volume.physical_to_index(self.centers_mm[r])
+        return source_to_canonical_index(src, self.ornt, self.volume.shape)
+
+    def _cube_coords(self, r: int) -> np.ndarray:
+        """[3, n, n, n] source voxel indices of the cube samples of ROI ``r``."""
+        t = (np.arange(self.n) - (self.n - 1) / 2.0)
+        centre = self._center_canonical(r)
+        axes = [centre[a] + t * self._step[a] for a in range(3)]
+        grid = np.stack(np.meshgrid(*axes, indexing="ij"))  # canonical [3, n, n, n]
+        src = np.empty_like(grid)
+        for axis in range(3):
+            target, flip = int(self.ornt[axis, 0]), int(self.ornt[axis, 1])
+            src[axis] = (self.volume.shape[axis] - 1 - grid[target]) if flip == -1 else grid[target]
+        return src
+
+    def cube(self, r: int) -> np.ndarray:
+        """The HU cube [n, n, n] of ROI ``r`` on canonical axes (trilinear; edge values outside)."""
+        from scipy.ndimage import map_coordinates
+
+        return map_coordinates(self.volume.array, self._cube_coords(r), order=1, mode="nearest").astype(np.float32)
+
+    def images(self) -> torch.Tensor:
+        """All model inputs [R·V, C, H, W]."""
+        planes = []
+        for r in range(len(self.centers_mm)):
+            cube = self.cube(r)
+            planes.extend(np.ascontiguousarray(_view_plane(cube, v)) for v in self.views)
+        if not planes:
+            return torch.zeros((0, self.in_chans, *self.image_size))
+        block = self._window(torch.from_numpy(np.stack(planes)))
+        images = torch.as_tensor(self._resize(block)).float().unsqueeze(1)
+        return images.expand(-1, self.in_chans, -1, -1).contiguous()
+
+    def cube_maps(self, maps: torch.Tensor) -> np.ndarray:
+        """[R·V, T, h, w] view maps → [R, T, n, n, n] cube maps (each view extruded along its normal,
+        then averaged over views)."""
+        maps = maps.detach().float()
+        if tuple(maps.shape[-2:]) != self.image_size:
+            maps = F.interpolate(maps, size=self.image_size, mode="bilinear", align_corners=False)
+        maps = F.interpolate(maps, size=(self.n, self.n), mode="bilinear", align_corners=False).cpu().numpy()
+        R, V = len(self.centers_mm), len(self.views)
+        maps = maps.reshape(R, V, maps.shape[1], self.n, self.n)
+        cubes = np.zeros((R, maps.shape[2], self.n, self.n, self.n), np.float32)
+        for v, view in enumerate(self.views):
+            cubes += _extrude(maps[:, v], view, self.n)
+        return cubes / V
+
+    def to_source(self, maps: torch.Tensor, out: np.ndarray) -> None:
+        """Write [R·V, T, h, w] view maps into ``out`` [T, X, Y, Z] (source grid) inside each cube
+        (trilinear from the cube map; voxels outside every cube are left as they are)."""
+        from scipy.ndimage import map_coordinates
+
+        cubes = self.cube_maps(maps)
+        for r in range(len(self.centers_mm)):
+            corners = self._cube_coords(r)[:, [0, -1]][:, :, [0, -1]][:, :, :, [0, -1]].reshape(3, -1)
+            lo = np.maximum(np.floor(corners.min(axis=1)).astype(int), 0)
+            hi = np.minimum(np.ceil(corners.max(axis=1)).astype(int) + 1, np.array(self.volume.shape))
+            if np.any(hi <= lo):
+                continue
+            idx = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"))
+            canon = source_to_canonical_index(idx.reshape(3, -1).T, self.ornt, self.volume.shape).T
+            coords = (canon - self._center_canonical(r)[:, None]) / self._step[:, None] + (self.n - 1) / 2.0
+            inside = np.all((coords >= -0.5) & (coords <= self.n - 0.5), axis=0).reshape(idx.shape[1:])
+            region = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+            for t in range(cubes.shape[1]):
+                values = map_coordinates(cubes[r, t], coords, order=1, mode="nearest").reshape(idx.shape[1:])
+                out[t][region] = np.where(inside, values, out[t][region])
+
+    def pixel_to_voxel(self, roi: int, view: str, row: float, col: float) -> np.ndarray:
+        """The continuous source voxel index of model pixel (row, col) of a view of ROI ``roi``."""
+        h, w = self.image_size
+        pr = (row + 0.5) * self.n / h - 0.5  # plane coordinates
+        pc = (col + 0.5) * self.n / w - 0.5
+        c = self.n // 2
+        if view == "axial":
+            cube_xyz = (pc, pr, c)
+        elif view == "coronal":
+            cube_xyz = (pc, c, self.n - 1 - pr)
+        else:
+            cube_xyz = (c, pc, self.n - 1 - pr)
+        canon = self._center_canonical(roi) + (np.asarray(cube_xyz) - (self.n - 1) / 2.0) * self._step
+        return canonical_to_source_index(canon, self.ornt, self.volume.shape)
+
+
+def source_to_canonical_index(src_ijk: np.ndarray, ornt: np.ndarray, source_shape) -> np.ndarray:
+    """Map source continuous indices [..., 3] to canonical (reoriented) indices [..., 3]."""
+    src_ijk = np.asarray(src_ijk, dtype=np.float64)
+    out = np.empty_like(src_ijk)
+    for axis in range(3):
+        target, flip = int(ornt[axis, 0]), int(ornt[axis, 1])
+        value = src_ijk[..., axis]
+        out[..., target] = (source_shape[axis] - 1 - value) if flip == -1 else value
+    return out
+
+
+def centers_from_mask(mask: Volume) -> tuple[np.ndarray, list[int]]:
+    """Centroids (LPS mm, [R, 3]) of each label > 0 of an instance mask, and the labels."""
+    from scipy.ndimage import center_of_mass
+
+    labels = [int(v) for v in np.unique(mask.array) if v > 0]
+    if not labels:
+        return np.zeros((0, 3)), []
+    ijk = np.array(center_of_mass(np.ones_like(mask.array, dtype=np.float32), mask.array, labels))
+    return mask.index_to_physical(ijk), labels

@@ -1,0 +1,215 @@
+"""Checkpoints: round trips, bare timm state dicts, refusal of unsafe / mismatched / unreadable files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from medvit_explain.errors import CheckpointError, DeviceError
+from medvit_explain.model import FORMAT, SAMPLE_MODEL_DIR, build_model, load_model, save_checkpoint
+
+ARCH = dict(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=2)
+
+
+def tiny_config(**kwargs) -> dict:
+    return {
+        "name": "tiny",
+        "architecture": {"timm_name": "vit_tiny_patch16_224", "kwargs": {**ARCH, **kwargs}},
+        "task_spec": "lidc",
+        "preprocessing": {"mode": "roi", "hu_window": [-1000, 400]},
+    }
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def model():
+    return build_model(tiny_config(reg_tokens=2)).eval()
+
+
+@pytest.fixture
+def x():
+    return torch.randn(2, 1, 32, 32)
+
+
+def _left_overs(folder):
+    return [p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_directory_round_trip_bit_exact(model, x, tmp_path):
+    out = save_checkpoint(model, tmp_path / "ckpt", provenance={"seed": 7, "metrics": {"auc": 0.9}})
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["format"] == FORMAT and cfg["name"] == "tiny"
+    assert cfg["architecture"] == {
+        "timm_name": "vit_tiny_patch16_224",
+        "kwargs": {**ARCH, "reg_tokens": 2, "global_pool": "token"},
+    }
+    assert cfg["provenance"]["seed"] == 7 and cfg["provenance"]["metrics"] == {"auc": 0.9}
+    assert "torch" in cfg["provenance"]["versions"] and "saved_at" in cfg["provenance"]
+    loaded = load_model(out, device="cpu")
+    assert not loaded.training and loaded.device == torch.device("cpu")
+    assert torch.equal(loaded(x), model(x))
+    assert loaded.preprocessing == model.preprocessing and loaded.preprocessing["mode"] == "roi"
+    assert loaded.task_spec == model.task_spec and loaded.targets == model.targets
+    assert loaded.config["provenance"]["seed"] == 7
+    # overwrite an existing checkpoint atomically; nothing temporary left behind
+    save_checkpoint(loaded, out, provenance={"seed": 8})
+    assert json.loads((out / "config.json").read_text())["provenance"]["seed"] == 8
+    assert _left_overs(tmp_path) == []
+
+
+def test_safetensors_file_with_sibling_config(model, x, tmp_path):
+    path = save_checkpoint(model, tmp_path / "weights.safetensors")
+    assert (tmp_path / "weights.json").is_file()
+    assert torch.equal(load_model(path, device="cpu")(x), model(x))
+    assert _left_overs(tmp_path) == []
+
+
+def test_refuses_to_overwrite_foreign_directory(model, tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+        save_checkpoint(model, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth", ".pt"])
+def test_bare_timm_state_dict_with_config(suffix, x, tmp_path):
+    timm_model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=9, **ARCH).eval()
+    state = timm_model.state_dict()
+    path = tmp_path / f"timm{suffix}"
+    if suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+    cfg_path = tmp_path / "my_config.json"
+    cfg_path.write_text(json.dumps(tiny_config()))
+    loaded = load_model(path, device="cpu", config=cfg_path)
+    assert torch.equal(loaded.head.weight, timm_model.head.weight)
+    assert torch.equal(loaded(x), timm_model(x))  # same ops in the same order
+    # a config dict works too, and so does a bare file without any config → a clear error
+    assert torch.equal(load_model(path, device="cpu", config=tiny_config())(x), loaded(x))
+    with pytest.raises(CheckpointError, match="no config found"):
+        load_model(path, device="cpu")
+
+
+def test_full_medvit_state_dict_pth_and_wrapped(model, x, tmp_path):
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, tmp_path / "full.pth")
+    loaded = load_model(tmp_path / "full.pth", device="cpu", config=model.config)
+    assert torch.equal(loaded(x), model(x))
+
+
+class _Evil:
+    """Unpickling this would create a marker file (stands in for os.system)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("how", ["torch_zip", "raw_pickle", "inside_state_dict"])
+def test_code_executing_pickle_refused(how, tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    if how == "torch_zip":
+        torch.save(_Evil(marker), path)
+    elif how == "inside_state_dict":
+        torch.save({"head.weight": torch.zeros(9, 32), "head.bias": _Evil(marker)}, path)
+    else:
+        path.write_bytes(pickle.dumps(_Evil(marker)))
+    assert not marker.exists()
+    with pytest.raises(CheckpointError) as info:
+        load_model(path, device="cpu", config=tiny_config())
+    assert not marker.exists()
+    msg = str(info.value)
+    assert "\n" not in msg
+    if how != "raw_pickle":
+        assert "not a plain tensor state dict" in msg
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"embed_dim": 48}, "shape mismatch"),
+        ({"img_size": 48}, "pos_embed"),
+        ({"reg_tokens": 0}, "unexpected keys backbone.reg_token"),
+        ({"depth": 3}, "missing keys backbone.blocks.2"),
+    ],
+)
+def test_mismatched_config_refused(model, change, match, tmp_path):
+    path = save_checkpoint(model, tmp_path / "ckpt")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["architecture"]["kwargs"].update(change)
+    cfg["preprocessing"]["image_size"] = None  # re-derived from the model
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_model(path / "model.safetensors", device="cpu", config=cfg)
+    assert "\n" not in str(info.value)
+
+
+def test_mismatched_targets_refused(model, tmp_path):
+    path = save_checkpoint(model, tmp_path / "ckpt")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["task_spec"]["targets"] = cfg["task_spec"]["targets"][:3]
+    with pytest.raises(CheckpointError, match=r"head\.weight \[9, 32\] vs config \[3, 32\]"):
+        load_model(path / "model.safetensors", device="cpu", config=cfg)
+
+
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("junk.safetensors", b"not a tensor file"),
+        ("junk.pth", b"\x00\x01garbage"),
+        ("empty.pt", b""),
+        ("weights.ckpt", b""),
+    ],
+)
+def test_unreadable_files_refused(name, data, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError) as info:
+        load_model(path, device="cpu", config=tiny_config())
+    assert "\n" not in str(info.value)
+
+
+def test_missing_paths_and_configs(model, tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "nothing", device="cpu")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(tmp_path / "empty_dir", device="cpu")
+    path = save_checkpoint(model, tmp_path / "ckpt")
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot read config"):
+        load_model(path, device="cpu")
+
+
+def test_sample_model_missing_is_a_clear_error():
+    if (SAMPLE_MODEL_DIR / "model.safetensors").is_file():
+        pytest.skip("the sample model is present")
+    with pytest.raises(CheckpointError, match="sample model is missing"):
+        load_model(device="cpu")
+
+
+def test_bad_device_fails_before_reading(tmp_path):
+    with pytest.raises(DeviceError, match="expected auto, cpu, cuda or cuda:N"):
+        load_model(tmp_path / "nothing", device="gpu0")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_load_on_cuda(model, x, tmp_path):
+    path = save_checkpoint(model, tmp_path / "ckpt")
+    loaded = load_model(path, device="cuda")
+    assert loaded.device.type == "cuda"
+    assert torch.allclose(loaded(x.cuda()).cpu(), model(x), atol=1e-4)
