@@ -8,14 +8,12 @@ on stderr and exit code 2.
 from __future__ import annotations
 
 import json
-import re
 import sys
 
 import click
 
+from .commands.options import modality_option, series_option
 from .errors import MedvitInputError
-
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
 class MedvitGroup(click.Group):
@@ -35,27 +33,6 @@ class MedvitGroup(click.Group):
 def _fail(message: str) -> None:
     click.echo("error: " + " ".join(message.split()), err=True)
     sys.exit(2)
-
-
-class DeviceType(click.ParamType):
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (availability is checked when the model is placed)."""
-
-    name = "device"
-
-    def convert(self, value, param, ctx):
-        text = str(value).strip().lower()
-        if not DEVICE_PATTERN.match(text):
-            self.fail(f"expected auto, cpu, cuda or cuda:N, got {value!r}", param, ctx)
-        return text
-
-
-DEVICE = DeviceType()
-device_option = click.option("--device", type=DEVICE, default="auto", show_default=True,
-                             help="auto (GPU if there is one), cpu, cuda or cuda:N.")
-series_option = click.option("--series", "series_uid", default=None, metavar="UID",
-                             help="SeriesInstanceUID to load when a DICOM folder holds several series.")
-modality_option = click.option("--allow-modality", is_flag=True,
-                               help="Load a non-CT DICOM instead of refusing it.")
 
 
 @click.group(cls=MedvitGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -210,6 +210,9 @@ def load_model(
     model = build_model(cfg, base_dir=base_dir)
     _check_match(state, model, repr(str(weights)))
     model.load_state_dict(state, strict=True)
+    from medvit_explain.io.checksum import file_sha256
+
+    model.source_info = {"checkpoint": str(weights), "sha256": file_sha256(weights)}
     return model.to(target).eval()
 
 

@@ -1,0 +1,63 @@
+"""Options shared by several commands, validated in one place."""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class DeviceType(click.ParamType):
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (availability is checked when the model is placed)."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip().lower()
+        if not DEVICE_PATTERN.match(text):
+            self.fail(f"expected auto, cpu, cuda or cuda:N, got {value!r}", param, ctx)
+        return text
+
+
+DEVICE = DeviceType()
+
+device_option = click.option("--device", type=DEVICE, default="auto", show_default=True,
+                             help="auto (GPU if there is one), cpu, cuda or cuda:N.")
+model_option = click.option("--model", "model_path", default=None, metavar="CKPT",
+                            help="Checkpoint folder or weights file (default: the shipped sample model).")
+model_config_option = click.option("--model-config", default=None, metavar="FILE",
+                                   help="Config (JSON/YAML) for a bare timm state dict given with --model.")
+batch_size_option = click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+                                 help="Slices per pass.")
+series_option = click.option("--series", "series_uid", default=None, metavar="UID",
+                             help="SeriesInstanceUID to load when a DICOM folder holds several series.")
+modality_option = click.option("--allow-modality", is_flag=True,
+                               help="Load a non-CT DICOM instead of refusing it.")
+
+
+def method_option(default=("cdam", "agcam")):
+    from ..registry import method_names
+
+    return click.option("--method", "methods", multiple=True, default=default, show_default=True,
+                        type=click.Choice(method_names()), help="Explanation method (repeat for several).")
+
+
+target_option = click.option("--target", "targets", multiple=True, default=("all",), show_default=True,
+                             help="Target name or index (repeat for several), or 'all'.")
+
+
+def parse_targets(targets) -> list[str] | None:
+    """``--target`` values → None (all) or a list of names/indices (comma lists allowed)."""
+    items = [t.strip() for value in targets for t in str(value).split(",") if t.strip()]
+    if not items or "all" in items:
+        return None
+    return [int(t) if t.isdigit() else t for t in items]
+
+
+def load_model_cli(model_path, device, model_config=None):
+    """Load the model for a command (the sample model when ``model_path`` is None)."""
+    from ..model import load_model
+
+    return load_model(model_path, device=device, config=model_config)

@@ -1,0 +1,240 @@
+"""From a volume to explanation maps on its own voxel grid: ``explain_volume`` and its result.
+
+Slices stream through in batches: each batch is preprocessed, scored, explained for every requested
+target by every method, and its maps are written straight into preallocated source-grid arrays
+(``[T, X, Y, Z]`` per method). Nothing proportional to slices × targets × layers is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import MedvitInputError
+from .predict import PredictionBuilder, PredictionTable, model_inputs, primary_target
+from .transforms import RoiInputs, SliceInputs, centers_from_mask, reoriented_view
+from .volume import Volume
+
+DEFAULT_METHODS = ("cdam", "agcam")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ExplainResult:
+    """Maps on the source grid, predictions and provenance of one explained volume."""
+
+    volume: Volume
+    methods: list[str]
+    targets: list[str]
+    maps: dict[str, np.ndarray]  # method -> [T, X, Y, Z] float32, raw signed values
+    predictions: PredictionTable
+    inputs: SliceInputs | RoiInputs
+    timings: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+    model_info: dict[str, Any] = field(default_factory=dict)
+
+    def map_volume(self, method: str, target: str) -> Volume:
+        """One map as a :class:`Volume` on the source grid."""
+        return self.volume.with_array(self.maps[method][self.targets.index(target)])
+
+    # ------------------------------------------------------------------ display helpers (report)
+    def display_slice(self, k: int, method: str | None = None, target: str | None = None) -> np.ndarray:
+        """Canonical slice ``k`` shown the radiological way ([rows, cols]): the CT in HU, or a map."""
+        if method is None:
+            array = self.volume.array
+        else:
+            array = self.maps[method][self.targets.index(target)]
+        return np.ascontiguousarray(reoriented_view(array, self.inputs.ornt)[:, :, k].T)
+
+    def display_aspect(self) -> float:
+        """Pixel aspect (row spacing / column spacing) of displayed slices."""
+        axis_of = np.argsort(self.inputs.ornt[:, 0])
+        return float(self.volume.spacing[axis_of[1]] / self.volume.spacing[axis_of[0]])
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "input": {"path": self.volume.metadata.get("path"), "sha256": self.volume.metadata.get("sha256"),
+                      "shape": list(self.volume.shape), "spacing": [float(s) for s in self.volume.spacing],
+                      "format": self.volume.metadata.get("format")},
+            "model": self.model_info,
+            "methods": self.methods,
+            "targets": self.targets,
+            "device": self.device,
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "versions": package_versions(),
+            "results": self.predictions.summary(),
+        }
+
+    def save(self, out_dir: str | os.PathLike, *, stem: str | None = None, report: bool = True,
+             dicom: bool = False) -> dict[str, Path]:
+        """Write overlays, predictions.csv, summary.json (and report.html / DICOM) into ``out_dir``.
+
+        Every file is written under a temporary name and renamed when complete."""
+        from .io.writer import atomic_path, write_volume
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = stem or volume_stem(self.volume.metadata.get("path", "volume"))
+        t0 = time.perf_counter()
+        written: dict[str, Path] = {}
+        for method in self.methods:
+            for target in self.targets:
+                path = out_dir / f"{stem}_{method}_{target}.nii.gz"
+                written[f"{method}/{target}"] = write_volume(self.map_volume(method, target), path)
+        written["predictions"] = out_dir / "predictions.csv"
+        self.predictions.to_csv(written["predictions"])
+        if dicom:
+            from .io.dicom_output import write_dicom_maps
+
+            written["dicom"] = write_dicom_maps(self, out_dir / "dicom", stem=stem)
+        self.timings["write"] = time.perf_counter() - t0
+        if report:
+            from .report import write_report
+
+            written["report"] = write_report(self, out_dir / "report.html")
+        summary = self.summary()
+        summary["files"] = {k: str(Path(v).name) for k, v in written.items()}
+        written["summary"] = out_dir / "summary.json"
+        with atomic_path(written["summary"]) as tmp:
+            Path(tmp).write_text(json.dumps(summary, indent=2))
+        return written
+
+
+def volume_stem(path: str | os.PathLike) -> str:
+    name = Path(str(path).rstrip("/")).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("medvit-explain", "torch", "timm", "monai", "SimpleITK", "pydicom", "nibabel", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def explain_volume(
+    model,
+    volume: Volume,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    targets: Sequence[str | int] | None = None,
+    *,
+    batch_size: int = 16,
+    precision: str = "fp32",
+    roi_centers: np.ndarray | None = None,
+    roi_mask: Volume | None = None,
+    method_options: dict[str, dict[str, Any]] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ExplainResult:
+    """Explain every slice (or every ROI) of ``volume`` with each method, for each target.
+
+    Args:
+        model: a model from :func:`medvit_explain.load_model` (device and eval mode as placed).
+        volume: the CT.
+        methods: explanation method names (see :func:`medvit_explain.list_methods`).
+        targets: target names or indices (default: all the model's targets, in output order).
+        batch_size: slices per pass.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast).
+        roi_centers / roi_mask: nodule centres (LPS mm, [R, 3]) or an instance mask: explain ROIs.
+        method_options: extra options per method name.
+        progress: called with the number of inputs done after each batch.
+
+    Returns:
+        an :class:`ExplainResult` whose maps are float32 ``[T, X, Y, Z]`` on the volume's grid.
+    """
+    from .explain import explain
+    from .registry import method_names
+
+    unknown = [m for m in methods if m not in method_names()]
+    if unknown:
+        raise MedvitInputError(f"unknown method {unknown[0]!r}; expected one of {', '.join(method_names())}")
+    if precision not in PRECISIONS:
+        raise MedvitInputError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    target_idx = model.task_spec.resolve(targets)
+    target_names = [model.targets[i] for i in target_idx]
+    labels = None
+    if roi_mask is not None:
+        if not roi_mask.same_grid(volume, atol=1e-3):
+            raise MedvitInputError("the ROI mask is not on the CT's voxel grid; resample it onto the CT first")
+        roi_centers, labels = centers_from_mask(roi_mask)
+        if len(roi_centers) == 0:
+            raise MedvitInputError("the ROI mask holds no labelled voxel (expected labels 1..n)")
+    inputs = model_inputs(model, volume, roi_centers, labels)
+    builder = PredictionBuilder(model, inputs)
+    device = next(model.parameters()).device
+    options = {m: dict((method_options or {}).get(m, {})) for m in methods}
+    if PRECISIONS[precision] is not None:
+        for opts in options.values():
+            opts.setdefault("autocast_dtype", PRECISIONS[precision])
+    maps = {m: np.zeros((len(target_idx), *volume.shape), np.float32) for m in methods}
+    timings = {"preprocess": 0.0, "predict": 0.0, **{f"explain_{m}": 0.0 for m in methods}}
+
+    def run(images: torch.Tensor) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+        images = images.to(device)
+        t0 = time.perf_counter()
+        with torch.no_grad(), _autocast(device, PRECISIONS[precision]):
+            raw = model(images).float().cpu().numpy()
+        timings["predict"] += time.perf_counter() - t0
+        out = {}
+        for m in methods:
+            t0 = time.perf_counter()
+            out[m] = explain(model, images, m, targets=target_idx, **options[m])
+            timings[f"explain_{m}"] += time.perf_counter() - t0
+        return raw, out
+
+    if isinstance(inputs, RoiInputs):
+        t0 = time.perf_counter()
+        images = inputs.images()
+        timings["preprocess"] += time.perf_counter() - t0
+        raws, per_method = [], {m: [] for m in methods}
+        for i in range(0, len(images), batch_size):
+            raw, batch_maps = run(images[i:i + batch_size])
+            raws.append(raw)
+            for m in methods:
+                per_method[m].append(batch_maps[m].cpu())
+            if progress:
+                progress(len(raw))
+        builder.add_rois(np.concatenate(raws))
+        for m in methods:
+            inputs.to_source(torch.cat(per_method[m]), maps[m])
+    else:
+        t_pre = time.perf_counter()
+        for batch in inputs.batches(batch_size):
+            timings["preprocess"] += time.perf_counter() - t_pre
+            raw, batch_maps = run(batch.images)
+            builder.add_slices(raw, batch.slices, batch.source_k)
+            for m in methods:
+                inputs.to_source(batch_maps[m], batch.slices, maps[m])
+            if progress:
+                progress(len(batch.slices))
+            t_pre = time.perf_counter()
+    info = {"name": model.config.get("name", type(model).__name__) if hasattr(model, "config") else "model"}
+    info.update(getattr(model, "source_info", {}) or {})
+    return ExplainResult(volume, list(methods), target_names, maps, builder.table, inputs, timings,
+                         str(device), info)
+
+
+def _autocast(device: torch.device, dtype):
+    import contextlib
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+__all__ = ["ExplainResult", "explain_volume", "primary_target"]
