@@ -90,10 +90,9 @@ def inspect(path: str, as_json: bool, series_uid: str | None, allow_modality: bo
 @click.option("--count", type=click.IntRange(min=1), default=1, show_default=True, help="Number of phantoms.")
 @click.option("--format", "fmt", type=click.Choice(["nifti", "dicom"]), default="nifti", show_default=True,
               help="dicom also writes a CT DICOM series folder per phantom.")
-@click.option("--size", type=(int, int, int), default=(256, 256, 64), show_default=True,
-              help="Voxels along x, y, z.")
-@click.option("--spacing", type=(float, float, float), default=(1.2, 1.2, 2.5), show_default=True,
-              help="Voxel size in mm along x, y, z.")
+@click.option("--size", type=(int, int, int), default=None, help="Voxels along x, y, z [default: 256 256 64].")
+@click.option("--spacing", type=(float, float, float), default=None,
+              help="Voxel size in mm along x, y, z [default: 1.4 1.4 2.5].")
 def make_phantom(out_dir: str, seed: int, count: int, fmt: str, size, spacing) -> None:
     """Generate synthetic chest-CT phantoms with nodules, masks and labels.
 
@@ -101,12 +100,13 @@ def make_phantom(out_dir: str, seed: int, count: int, fmt: str, size, spacing) -
     Example:
       medvit-explain make-phantom phantoms/ --seed 7 --count 4 --format dicom
     """
-    from .phantom import make_phantoms
+    from .phantom import DEFAULT_SIZE, DEFAULT_SPACING, make_phantoms
 
+    size = tuple(size or DEFAULT_SIZE)
+    spacing = tuple(spacing or DEFAULT_SPACING)
     if min(size) < 16 or min(spacing) <= 0:
-        raise click.BadParameter(f"expected --size ≥ 16 voxels and --spacing > 0, got {size} and {spacing}")
-    written = make_phantoms(out_dir, seed=seed, count=count, format=fmt, size=tuple(size),
-                            spacing=tuple(spacing))
+        raise click.BadParameter(f"expected --size of at least 16 voxels and --spacing > 0, got {size} and {spacing}")
+    written = make_phantoms(out_dir, seed=seed, count=count, format=fmt, size=size, spacing=spacing)
     click.echo(f"wrote {len(written)} phantom(s) to {out_dir}")
 
 
