@@ -130,6 +130,16 @@ def list_methods_cmd(as_json: bool) -> None:
         click.echo(f"{m['name']:16s} {sensitive:16s} {m['title']} — {m['paper']}")
 
 
+def _add_commands() -> None:
+    from .commands.run import explain, predict, train
+
+    for command in (predict, train, explain):
+        cli.add_command(command)
+
+
+_add_commands()
+
+
 def main() -> None:
     cli(prog_name="medvit-explain")
 

@@ -60,8 +60,13 @@ class ExplainResult:
         return float(self.volume.spacing[axis_of[1]] / self.volume.spacing[axis_of[0]])
 
     def summary(self) -> dict[str, Any]:
+        path = self.volume.metadata.get("path")
+        if "sha256" not in self.volume.metadata and path and Path(path).exists():
+            from .io.checksum import file_sha256
+
+            self.volume.metadata["sha256"] = file_sha256(path)
         return {
-            "input": {"path": self.volume.metadata.get("path"), "sha256": self.volume.metadata.get("sha256"),
+            "input": {"path": path, "sha256": self.volume.metadata.get("sha256"),
                       "shape": list(self.volume.shape), "spacing": [float(s) for s in self.volume.spacing],
                       "format": self.volume.metadata.get("format")},
             "model": self.model_info,
@@ -146,7 +151,9 @@ def explain_volume(
     Args:
         model: a model from :func:`medvit_explain.load_model` (device and eval mode as placed).
         volume: the CT.
-        methods: explanation method names (see :func:`medvit_explain.list_methods`).
+        methods: explanation method names (see :func:`medvit_explain.list_methods`), or callables
+            ``fn(model, images [B, C, H, W], target_indices, **options) -> [B, T, h, w]`` named by their
+            ``name`` attribute or ``__name__`` (your own explainer, written back the same way).
         targets: target names or indices (default: all the model's targets, in output order).
         batch_size: slices per pass.
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast).
@@ -160,7 +167,8 @@ def explain_volume(
     from .explain import explain
     from .registry import method_names
 
-    unknown = [m for m in methods if m not in method_names()]
+    methods, custom = _method_table(methods)
+    unknown = [m for m in methods if m not in method_names() and m not in custom]
     if unknown:
         raise MedvitInputError(f"unknown method {unknown[0]!r}; expected one of {', '.join(method_names())}")
     if precision not in PRECISIONS:
@@ -179,8 +187,9 @@ def explain_volume(
     device = next(model.parameters()).device
     options = {m: dict((method_options or {}).get(m, {})) for m in methods}
     if PRECISIONS[precision] is not None:
-        for opts in options.values():
-            opts.setdefault("autocast_dtype", PRECISIONS[precision])
+        for m in methods:
+            if m not in custom:
+                options[m].setdefault("autocast_dtype", PRECISIONS[precision])
     maps = {m: np.zeros((len(target_idx), *volume.shape), np.float32) for m in methods}
     timings = {"preprocess": 0.0, "predict": 0.0, **{f"explain_{m}": 0.0 for m in methods}}
 
@@ -193,7 +202,10 @@ def explain_volume(
         out = {}
         for m in methods:
             t0 = time.perf_counter()
-            out[m] = explain(model, images, m, targets=target_idx, **options[m])
+            if m in custom:
+                out[m] = custom[m](model, images, target_idx, **options[m])
+            else:
+                out[m] = explain(model, images, m, targets=target_idx, **options[m])
             timings[f"explain_{m}"] += time.perf_counter() - t0
         return raw, out
 
@@ -227,6 +239,18 @@ def explain_volume(
     info.update(getattr(model, "source_info", {}) or {})
     return ExplainResult(volume, list(methods), target_names, maps, builder.table, inputs, timings,
                          str(device), info)
+
+
+def _method_table(methods) -> tuple[list[str], dict[str, Callable]]:
+    names, custom = [], {}
+    for m in methods:
+        if callable(m):
+            name = str(getattr(m, "name", m.__name__))
+            custom[name] = m
+            names.append(name)
+        else:
+            names.append(str(m))
+    return names, custom
 
 
 def _autocast(device: torch.device, dtype):

@@ -1,0 +1,3 @@
+from medvit_explain.cli import main
+
+main()
