@@ -1,0 +1,407 @@
+"""The capture base every explainer shares.
+
+It owns everything that touches the model's state: checking the model and the images, resolving
+targets, hooks that live one call (``HookSet``), the grad mode and module flags restored afterwards
+(``captured``), the target scorer (class outputs or a concept vector) and gradients batched over targets
+(``target_grads``). Methods subclass :class:`Explainer` and only do their maths in ``attribute``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from medvit_explain.errors import ModelNotSupportedError, TargetError, UnsupportedImageError
+
+__all__ = [
+    "Explainer",
+    "HookSet",
+    "ImageShapeError",
+    "Scorer",
+    "ViTSpec",
+    "captured",
+    "inspect_model",
+    "resolve_targets",
+    "target_grads",
+    "tokens_to_grid",
+]
+
+
+class ImageShapeError(UnsupportedImageError, ValueError):
+    """The image batch does not have the shape the model expects."""
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    """Geometry read from the model (never assumed).
+
+    ``num_prefix``: class + register (+ distillation) tokens before the patch tokens;
+    ``grid``: patch grid (gh, gw); ``read_rows``: token rows the pooling reads when it reads prefix
+    tokens only (``(0,)`` for class-token pooling, ``(0, 1)`` for DeiT distillation), else ``None``.
+    """
+
+    num_prefix: int
+    grid: tuple[int, int]
+    in_chans: int
+    img_size: tuple[int, int] | None
+    depth: int
+    read_rows: tuple[int, ...] | None
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+_ATTN_ATTRS = ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm", "proj")
+
+
+def inspect_model(model: nn.Module) -> ViTSpec:
+    """Check the model contract and read its geometry; ``ModelNotSupportedError`` says what is missing."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    need = (
+        "expected a module with .backbone (a timm VisionTransformer with a class token and num_classes=0), "
+        ".head (pooled pre-logits [B, D] -> [B, K]) and .targets (K names)"
+    )
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, VisionTransformer):
+        raise ModelNotSupportedError(f"{need}; got .backbone of type {type(backbone).__name__}")
+    if getattr(backbone, "cls_token", None) is None:
+        raise ModelNotSupportedError(f"{need}; got a VisionTransformer without a class token")
+    targets = getattr(model, "targets", None)
+    if not callable(getattr(model, "head", None)) or not isinstance(targets, Sequence):
+        raise ModelNotSupportedError(f"{need}; .head or .targets is missing")
+    for i, blk in enumerate(backbone.blocks):
+        attn = getattr(blk, "attn", None)
+        if not hasattr(blk, "norm1") or attn is None or not all(hasattr(attn, a) for a in _ATTN_ATTRS):
+            raise ModelNotSupportedError(
+                f"{need}; block {i} ({type(blk).__name__}) has no norm1 + timm Attention "
+                f"(qkv, q_norm, k_norm, proj)"
+            )
+    pe = backbone.patch_embed
+    grid = tuple(int(g) for g in pe.grid_size)
+    in_chans = int(pe.proj.in_channels)
+    dynamic = bool(getattr(pe, "dynamic_img_size", False) or getattr(backbone, "dynamic_img_size", False))
+    img_size = None if dynamic or pe.img_size is None else tuple(int(s) for s in pe.img_size)
+    read_rows: tuple[int, ...] | None = None
+    if getattr(backbone, "attn_pool", None) is None:
+        if getattr(backbone, "dist_token", None) is not None:
+            read_rows = (0, 1)
+        elif backbone.global_pool == "token":
+            read_rows = (0,)
+    return ViTSpec(int(backbone.num_prefix_tokens), grid, in_chans, img_size, len(backbone.blocks), read_rows)
+
+
+def check_images(images: Any, spec: ViTSpec) -> None:
+    """``ImageShapeError`` ("expected ..., got ...") unless ``images`` is [B, C, H, W] as the model needs."""
+    if not isinstance(images, Tensor):
+        raise ImageShapeError(f"expected a torch.Tensor [B, C, H, W], got {type(images).__name__}")
+    if images.ndim != 4:
+        raise ImageShapeError(f"expected images of shape [B, C, H, W] (4D), got {tuple(images.shape)}")
+    b, c, h, w = images.shape
+    if b == 0:
+        raise ImageShapeError("expected at least one image, got an empty batch")
+    if c != spec.in_chans:
+        raise ImageShapeError(f"expected {spec.in_chans} channel(s), got {c} (shape {tuple(images.shape)})")
+    if spec.img_size is not None and (h, w) != spec.img_size:
+        raise ImageShapeError(f"expected images of size {spec.img_size}, got {(h, w)}")
+    if not images.is_floating_point():
+        raise ImageShapeError(f"expected a floating point tensor, got {images.dtype}")
+
+
+def resolve_targets(names: Sequence[str], targets: Any) -> list[int]:
+    """Target names or indices (or ``None`` = all) → indices, in the order given."""
+    if targets is None:
+        return list(range(len(names)))
+    if isinstance(targets, (str, int)) or (isinstance(targets, Tensor) and targets.ndim == 0):
+        targets = [targets]
+    if isinstance(targets, Tensor):
+        targets = targets.tolist()
+    out: list[int] = []
+    valid = ", ".join(f"{i}={n!r}" for i, n in enumerate(names))
+    for t in targets:
+        if isinstance(t, str):
+            if t not in names:
+                raise TargetError(f"unknown target {t!r}; valid targets: {valid}")
+            out.append(list(names).index(t))
+        elif isinstance(t, int) and not isinstance(t, bool):
+            if not 0 <= t < len(names):
+                raise TargetError(f"target index {t} out of range; valid targets: {valid}")
+            out.append(t)
+        else:
+            raise TargetError(f"expected target names or indices, got {t!r}; valid targets: {valid}")
+    if not out:
+        raise TargetError(f"expected at least one target, got none; valid targets: {valid}")
+    return out
+
+
+# ------------------------------------------------------------------------------------- state & hooks
+
+
+class HookSet:
+    """Hooks registered for one call and removed together (use as a context manager)."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+    def forward(self, module: nn.Module, fn: Callable) -> None:
+        self._handles.append(module.register_forward_hook(fn))
+
+    def pre(self, module: nn.Module, fn: Callable) -> None:
+        self._handles.append(module.register_forward_pre_hook(fn))
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __enter__(self) -> HookSet:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+@contextlib.contextmanager
+def captured(model: nn.Module) -> Iterator[None]:
+    """Eval mode and grad enabled for the call; every flag it could touch is restored afterwards.
+
+    Restores each module's ``training`` flag, each parameter's ``requires_grad`` and each attention's
+    ``fused_attn`` even when the body raises.
+    """
+    training = [(m, m.training) for m in model.modules()]
+    requires = [(p, p.requires_grad) for p in model.parameters()]
+    fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
+    try:
+        model.eval()
+        with torch.enable_grad():
+            yield
+    finally:
+        for m, flag in training:
+            m.training = flag
+        for p, flag in requires:
+            p.requires_grad_(flag)
+        for m, flag in fused:
+            m.fused_attn = flag
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+class Scorer:
+    """Maps pooled pre-logits [B, D] to the scores explained, [B, K'] (class outputs or a concept score)."""
+
+    def __init__(self, model: nn.Module, concept_vector: Tensor | None = None) -> None:
+        self.model = model
+        self.concept = concept_vector
+
+    def __call__(self, pooled: Tensor) -> Tensor:
+        if self.concept is None:
+            return self.model.head(pooled)
+        return (pooled * self.concept).sum(-1, keepdim=True)
+
+
+def pooled_from_tokens(backbone: nn.Module, tokens: Tensor) -> Tensor:
+    """Final norm + pooling: tokens after the last block (pre-norm) [B, N, D] → pooled pre-logits."""
+    return backbone.forward_head(backbone.norm(tokens), pre_logits=True)
+
+
+def target_grads(outputs: Tensor, inputs: Sequence[Tensor], target_idx: Sequence[int]) -> list[Tensor]:
+    """∂ outputs[:, c] / ∂ input for every target c, batched over targets in one backward.
+
+    outputs [B, K]; returns one tensor [T, *input.shape] per input (zeros where unused). Uses
+    ``torch.autograd.grad`` (never ``.backward``) so parameters' ``.grad`` stay untouched.
+    """
+    t = len(target_idx)
+    idx = torch.as_tensor(list(target_idx), device=outputs.device)
+    seeds = torch.zeros((t, *outputs.shape), dtype=outputs.dtype, device=outputs.device)
+    seeds[torch.arange(t, device=outputs.device), :, idx] = 1.0
+    if t == 1:
+        grads = torch.autograd.grad(outputs, list(inputs), seeds[0], allow_unused=True)
+        grads = [None if g is None else g.unsqueeze(0) for g in grads]
+    else:
+        grads = torch.autograd.grad(outputs, list(inputs), seeds, is_grads_batched=True, allow_unused=True)
+    return [torch.zeros((t, *x.shape), dtype=x.dtype, device=x.device) if g is None else g
+            for g, x in zip(grads, inputs, strict=True)]
+
+
+def tokens_to_grid(values: Tensor, spec: ViTSpec) -> Tensor:
+    """[..., P+N] or [..., N] token values → [..., gh, gw] (prefix tokens dropped)."""
+    if values.shape[-1] == spec.num_prefix + spec.num_patches:
+        values = values[..., spec.num_prefix:]
+    return values.reshape(*values.shape[:-1], *spec.grid)
+
+
+# -------------------------------------------------------------------------------- timm attention maths
+
+
+def split_qkv(attn: nn.Module, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """qkv projection output [B, N, 3·H·dh] → q, k, v [B, H, N, dh], q_norm / k_norm applied (no scale)."""
+    b, n, _ = qkv.shape
+    q, k, v = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def attention_output(attn: nn.Module, heads: Tensor, gate: Tensor | None = None) -> Tensor:
+    """Per-head attention outputs [B, H, R, dh] → the module's output [B, R, D] (norm, gate, proj)."""
+    b, h, r, d = heads.shape
+    x = heads.transpose(1, 2).reshape(b, r, h * d)
+    x = getattr(attn, "norm", nn.Identity())(x)
+    if gate is not None:
+        x = x * gate
+    return attn.proj_drop(attn.proj(x)) if hasattr(attn, "proj_drop") else attn.proj(x)
+
+
+def attention_gate(attn: nn.Module, x: Tensor) -> Tensor | None:
+    """timm's optional sigmoid output gate (newer timm), computed from the attention input."""
+    gate = getattr(attn, "gate", None)
+    return None if gate is None else gate(x).sigmoid()
+
+
+def explicit_attention(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """timm Attention forward with the attention matrix materialised: (output [B,N,D], A [B,H,N,N])."""
+    q, k, v = split_qkv(attn, attn.qkv(x))
+    a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
+    return attention_output(attn, a @ v, attention_gate(attn, x)), a
+
+
+class BlockTap:
+    """Records, during one forward, each chosen block's input, attention input and q, k, v.
+
+    ``on_block(index, record)`` is called from the qkv hook with ``record`` holding ``x`` (block input,
+    [B, N, D]), ``t`` (attention input = norm1 output) and ``q``, ``k``, ``v`` (+ ``qkv``), so a method
+    can reduce them at once instead of holding every layer's tensors.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], indices: Sequence[int],
+                 on_block: Callable[[int, dict[str, Tensor]], None]) -> None:
+        self.blocks, self.indices, self.on_block = blocks, list(indices), on_block
+        self._hooks = HookSet()
+        self._current: dict[int, dict[str, Tensor]] = {}
+
+    def __enter__(self) -> BlockTap:
+        try:
+            for i in self.indices:
+                blk = self.blocks[i]
+                self._hooks.pre(blk, self._make_block_pre(i))
+                self._hooks.pre(blk.attn, self._make_attn_pre(i))
+                self._hooks.forward(blk.attn.qkv, self._make_qkv(i))
+        except BaseException:
+            self._hooks.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.remove()
+        self._current.clear()
+
+    def _make_block_pre(self, i: int) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._current[i] = {"x": args[0]}
+        return hook
+
+    def _make_attn_pre(self, i: int) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._current.setdefault(i, {})["t"] = args[0]
+        return hook
+
+    def _make_qkv(self, i: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+            rec = self._current.pop(i, {})
+            q, k, v = split_qkv(self.blocks[i].attn, out)
+            rec.update(qkv=out, q=q, k=k, v=v)
+            self.on_block(i, rec)
+        return hook
+
+
+def replace_attention_output(hooks: HookSet, blk: nn.Module, output: Tensor) -> None:
+    """Make ``blk.attn`` return ``output`` (its own computation is discarded → no gradient through it)."""
+    hooks.forward(blk.attn, lambda module, args, out: output)
+
+
+def run_prefix_chain(backbone: nn.Module, start: int, rows_in: Tensor, attn_outputs: Sequence[Tensor],
+                     final_tokens: Tensor, rows: Sequence[int]) -> Tensor:
+    """Re-run blocks ``start..L-1`` on the token rows ``rows`` only, each attention replaced by the given
+    output (constants or graph leaves): the residual stream and MLPs of those rows, nothing else.
+
+    rows_in [B, R, D] (block ``start`` input at those rows); attn_outputs[j] [B, R, D] for block
+    ``start + j``; final_tokens [B, P+N, D] the last block's output (pre-norm) for the other rows.
+    Returns pooled pre-logits computed with the chained rows put back into the final tokens.
+    """
+    x = rows_in
+    for j, k in enumerate(range(start, len(backbone.blocks))):
+        blk = backbone.blocks[k]
+        with HookSet() as hooks:
+            replace_attention_output(hooks, blk, attn_outputs[j])
+            x = blk(x)
+    r = len(rows)
+    assert tuple(rows) == tuple(range(r)), "prefix chain rows must be the leading rows"
+    tokens = torch.cat([x, final_tokens[:, r:]], dim=1)
+    return pooled_from_tokens(backbone, tokens)
+
+
+# ------------------------------------------------------------------------------------------ explainer
+
+
+class Explainer:
+    """Base of every method: validation, targets, state capture; subclasses implement ``attribute``.
+
+    ``attribute(images, target_idx) -> [B, T, gh, gw]`` runs inside :func:`captured` (eval, grad on) and
+    may use ``self.spec``, ``self.backbone``, ``self.scorer``, ``self.options``.
+    """
+
+    name: str = ""
+
+    def __init__(self, model: nn.Module, spec: ViTSpec, options: dict[str, Any]) -> None:
+        self.model = model
+        self.backbone = model.backbone
+        self.spec = spec
+        self.options = options
+        self.scorer = Scorer(model)
+
+    def __call__(self, images: Tensor, targets: Any = None) -> Tensor:
+        param = next(self.model.parameters(), None)
+        device = param.device if param is not None else images.device
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        images = images.to(device=device, dtype=dtype)
+        with captured(self.model), self._autocast(device):
+            concept = self.options.get("concept")
+            if concept is not None:
+                self.scorer = Scorer(self.model, self._concept_vector(concept, device, dtype))
+                target_idx = resolve_targets(["concept"], targets if targets is not None else None)
+            else:
+                target_idx = resolve_targets(list(self.model.targets), targets)
+            maps = self.attribute(images, target_idx)
+        return maps.detach().to(dtype)
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        dtype = self.options.get("autocast_dtype")
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    def _concept_vector(self, examples: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """c̄ = mean over the example images of the pooled pre-logits (final-norm class embedding)."""
+        check_images(examples, self.spec)
+        with torch.no_grad():
+            x = examples.to(device=device, dtype=dtype)
+            pooled = self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        return pooled.mean(0)
+
+    def attribute(self, images: Tensor, target_idx: list[int]) -> Tensor:
+        raise NotImplementedError
+
+    # helpers shared by several methods -----------------------------------------------------------
+
+    def _chunks(self, total: int, per_item: int = 1) -> list[slice]:
+        """Slices over ``total`` items so that at most ``internal_batch_size`` inputs go through at once."""
+        ibs = self.options.get("internal_batch_size")
+        step = total if not ibs else max(1, int(ibs) // max(1, per_item))
+        return [slice(i, min(total, i + step)) for i in range(0, total, step)]
