@@ -1,0 +1,204 @@
+"""Explanation maps as DICOM Parametric Map objects (highdicom) that reference the source CT.
+
+One Parametric Map Storage instance per method × target, each in a series of its own within the
+source study: the raw signed map, float32 (Float Pixel Data), one frame per source slice on the
+source grid, frame ``n`` at the plane position of the ``n``-th source image (highdicom takes plane
+positions, orientation and pixel spacing from the source images, and records the source instances
+in the per-frame derivation references and in the Referenced Series Sequence). The real-world value
+mapping is the identity (stored value = map value, UCUM unit ``1``: the map is unitless), labelled
+with the method; a VOI window centred at 0 (±max|map|) gives viewers a diverging default display.
+
+Only DICOM input has instances to reference: any other input raises ``MedvitInputError``.
+
+UIDs are derived deterministically (``pydicom.uid.generate_uid`` with ``entropy_srcs``) from the
+source series, the method, the target and the map's bytes: rerunning the same explanation gives the
+same UIDs, a different map gets new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from ..errors import MedvitInputError
+from .writer import atomic_path
+
+__all__ = ["DICOM_FORMATS", "METHOD_LABELS", "parametric_map", "write_dicom_maps"]
+
+DICOM_FORMATS = ("dicom-series", "dicom")
+
+# short display names (series descriptions, LUT labels ≤ 16 characters)
+METHOD_LABELS = {
+    "cdam": "CDAM", "cdam-smooth": "Smooth CDAM", "cdam-integrated": "Integrated CDAM", "agcam": "AG-CAM",
+    "attention": "Attention", "rollout": "Rollout", "chefer": "Chefer", "gradcam": "Grad-CAM",
+    "ig": "IG", "smoothgrad": "SmoothGrad", "inputxgrad": "InputXGrad",
+}
+SERIES_NUMBER_BASE = 900  # output series are numbered 901, 902, … in method-major order
+
+
+def _label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def _code_string(text: str, n: int = 16) -> str:
+    """A DICOM CS value (upper case letters, digits, space, underscore; at most ``n`` characters)."""
+    return re.sub(r"[^A-Z0-9_ ]", "_", text.upper())[:n]
+
+
+def _software_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("medvit-explain")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
+def _read_sources(files: Sequence[str]) -> list[pydicom.Dataset]:
+    sources = []
+    for f in files:
+        try:
+            sources.append(pydicom.dcmread(f, stop_before_pixels=True))
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            raise MedvitInputError(f"cannot re-read the source DICOM file {f} to reference it: {exc}") from None
+    return sources
+
+
+def _sources_in_k_order(volume, sources: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """The source images sorted so that image ``k`` holds voxel slice ``k`` of ``volume``.
+
+    Matched by position: slice ``k`` of the volume sits at ``index_to_physical((0, 0, k))``; each
+    single-frame source image's ``ImagePositionPatient`` must match one ``k`` within a tenth of the
+    slice spacing. A single multi-frame source must hold one frame per slice (highdicom then takes
+    the frame positions from its functional groups).
+    """
+    nz = volume.shape[2]
+    if len(sources) == 1 and int(getattr(sources[0], "NumberOfFrames", 1) or 1) > 1:
+        if int(sources[0].NumberOfFrames) != nz:
+            raise MedvitInputError(
+                f"the multi-frame source has {sources[0].NumberOfFrames} frames; expected one per slice ({nz})")
+        return sources
+    if len(sources) != nz:
+        raise MedvitInputError(f"expected one source DICOM image per slice ({nz}), got {len(sources)}")
+    if nz == 1:
+        return sources
+    expected = volume.index_to_physical(np.stack([np.zeros(nz), np.zeros(nz), np.arange(nz)], axis=1))
+    order = []
+    tol = 0.1 * float(volume.spacing[2])
+    for k in range(nz):
+        dist = [np.linalg.norm(np.asarray(s.ImagePositionPatient, dtype=np.float64) - expected[k]) for s in sources]
+        best = int(np.argmin(dist))
+        if dist[best] > tol:
+            raise MedvitInputError(
+                f"no source DICOM image lies at slice {k}'s position {np.round(expected[k], 3).tolist()} "
+                f"(nearest is {dist[best]:.3g} mm away); cannot reference the source instances")
+        order.append(best)
+    if len(set(order)) != nz:
+        raise MedvitInputError("several slices match the same source DICOM image; cannot reference the sources")
+    return [sources[i] for i in order]
+
+
+def parametric_map(sources: Sequence[pydicom.Dataset], frames: np.ndarray, *, method: str, target: str,
+                   series_uid: str, sop_uid: str, series_number: int, model_name: str = "medvit-explain",
+                   instance_number: int = 1):
+    """A ``highdicom.pm.ParametricMap`` of ``frames`` ([n, rows, cols] float32, frame ``n`` on
+    ``sources[n]``) for one method and target."""
+    import highdicom as hd
+
+    frames = np.ascontiguousarray(frames, dtype=np.float32)
+    finite = frames[np.isfinite(frames)]
+    v = float(np.max(np.abs(finite))) if finite.size else 0.0
+    v = v if v > 0 else 1.0
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (-v, v)
+    if hi <= lo:
+        lo, hi = lo - 1.0, hi + 1.0
+    label = _label(method)
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label=label[:16],
+        lut_explanation=f"{label} {target} (raw signed attribution)"[:64],
+        unit=codes.UCUM.NoUnits,
+        value_range=(lo, hi),
+        slope=1.0,
+        intercept=0.0,
+    )
+    return hd.pm.ParametricMap(
+        source_images=list(sources),
+        pixel_array=frames,
+        series_instance_uid=series_uid,
+        series_number=int(series_number),
+        sop_instance_uid=sop_uid,
+        instance_number=int(instance_number),
+        manufacturer="medvit-explain",
+        manufacturer_model_name=str(model_name)[:64] or "medvit-explain",
+        software_versions=_software_version(),
+        device_serial_number="0",
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping],
+        voi_lut_transformations=[hd.VOILUTTransformation(
+            window_center=0.0, window_width=2.0 * v, window_explanation="symmetric about 0")],
+        content_label=_code_string(f"{method}_{target}"),
+        content_description=f"{label} explanation map for {target}"[:64],
+        series_description=f"{label} {target}"[:64],
+    )
+
+
+def write_dicom_maps(result, folder: str | os.PathLike, stem: str) -> Path:
+    """Write one Parametric Map per method × target of ``result`` into ``folder``.
+
+    Files are named ``<stem>_<method>_<target>_pm.dcm`` and written atomically (temporary name, then
+    rename). Each is a new series in the source study referencing every source CT instance.
+
+    Args:
+        result: an :class:`~medvit_explain.pipeline.ExplainResult` whose volume was read from DICOM.
+        folder: output folder (created if needed).
+        stem: file name prefix.
+
+    Returns:
+        ``folder``.
+
+    Raises:
+        MedvitInputError: the input was not DICOM, or its source files cannot be matched to the slices.
+    """
+    volume = result.volume
+    meta = volume.metadata
+    fmt = meta.get("format")
+    if fmt not in DICOM_FORMATS:
+        where = f" ({meta['path']})" if meta.get("path") else ""
+        raise MedvitInputError(
+            f"--dicom needs a DICOM input (a DICOM series folder or file) whose instances the maps can "
+            f"reference; got a {fmt or 'non-DICOM'} input{where}. Drop --dicom or pass the DICOM series.")
+    files = meta.get("dicom_files") or []
+    if not files:
+        raise MedvitInputError("--dicom: the input's DICOM file list is missing; cannot reference the sources")
+    sources = _sources_in_k_order(volume, _read_sources(files))
+    source_series = str(getattr(sources[0], "SeriesInstanceUID", meta.get("series_uid", "")))
+    model_name = (result.model_info or {}).get("name", "medvit-explain")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for method in result.methods:
+        for t, target in enumerate(result.targets):
+            n += 1
+            stack = result.maps[method][t]  # [X, Y, Z]
+            frames = np.ascontiguousarray(np.transpose(stack, (2, 1, 0)), dtype=np.float32)  # [Z, rows=j, cols=i]
+            digest = hashlib.sha256(frames.tobytes()).hexdigest()
+            entropy = [source_series, method, target, digest]
+            pm = parametric_map(
+                sources, frames, method=method, target=target,
+                series_uid=generate_uid(entropy_srcs=[*entropy, "series"]),
+                sop_uid=generate_uid(entropy_srcs=[*entropy, "sop"]),
+                series_number=SERIES_NUMBER_BASE + n, model_name=model_name,
+            )
+            path = folder / f"{stem}_{method}_{target}_pm.dcm"
+            with atomic_path(path) as tmp:
+                pm.save_as(tmp, enforce_file_format=True)
+                os.chmod(tmp, 0o644)
+    return folder
