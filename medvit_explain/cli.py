@@ -127,7 +127,8 @@ def list_methods_cmd(as_json: bool) -> None:
         return
     for m in methods:
         sensitive = "class-sensitive" if m["class_sensitive"] else "class-agnostic"
-        click.echo(f"{m['name']:16s} {sensitive:16s} {m['title']} — {m['paper']}")
+        click.echo(f"{m['name']:16s} {sensitive:15s} {m['title']}")
+        click.echo(f"{'':16s} {'':15s} {m['citation']}")
 
 
 def _add_commands() -> None:

@@ -24,6 +24,7 @@ from .transforms import RoiInputs, SliceInputs, centers_from_mask, reoriented_vi
 from .volume import Volume
 
 DEFAULT_METHODS = ("cdam", "agcam")
+SHARED_FORWARD = ("cdam", "agcam")  # methods explain_many runs on one shared forward pass
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -59,12 +60,18 @@ class ExplainResult:
         axis_of = np.argsort(self.inputs.ornt[:, 0])
         return float(self.volume.spacing[axis_of[1]] / self.volume.spacing[axis_of[0]])
 
-    def summary(self) -> dict[str, Any]:
+    def input_checksum(self) -> str | None:
+        """SHA-256 of the input file or folder (computed once, kept in the volume's metadata)."""
         path = self.volume.metadata.get("path")
         if "sha256" not in self.volume.metadata and path and Path(path).exists():
             from .io.checksum import file_sha256
 
             self.volume.metadata["sha256"] = file_sha256(path)
+        return self.volume.metadata.get("sha256")
+
+    def summary(self) -> dict[str, Any]:
+        path = self.volume.metadata.get("path")
+        self.input_checksum()
         return {
             "input": {"path": path, "sha256": self.volume.metadata.get("sha256"),
                       "shape": list(self.volume.shape), "spacing": [float(s) for s in self.volume.spacing],
@@ -88,6 +95,7 @@ class ExplainResult:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = stem or volume_stem(self.volume.metadata.get("path", "volume"))
+        self.input_checksum()
         t0 = time.perf_counter()
         written: dict[str, Path] = {}
         for method in self.methods:
@@ -164,7 +172,7 @@ def explain_volume(
     Returns:
         an :class:`ExplainResult` whose maps are float32 ``[T, X, Y, Z]`` on the volume's grid.
     """
-    from .explain import explain
+    from .explain import explain, explain_many
     from .registry import method_names
 
     methods, custom = _method_table(methods)
@@ -191,7 +199,11 @@ def explain_volume(
             if m not in custom:
                 options[m].setdefault("autocast_dtype", PRECISIONS[precision])
     maps = {m: np.zeros((len(target_idx), *volume.shape), np.float32) for m in methods}
-    timings = {"preprocess": 0.0, "predict": 0.0, **{f"explain_{m}": 0.0 for m in methods}}
+    # CDAM and AG-CAM share one forward pass when both are asked for (explain_many)
+    shared = [m for m in SHARED_FORWARD if m in methods and m not in custom]
+    shared = shared if len(shared) == len(SHARED_FORWARD) else []
+    groups = ([shared] if shared else []) + [[m] for m in methods if m not in shared]
+    timings = {"preprocess": 0.0, "predict": 0.0, **{"explain_" + "+".join(g): 0.0 for g in groups}}
 
     def run(images: torch.Tensor) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
         images = images.to(device)
@@ -200,13 +212,17 @@ def explain_volume(
             raw = model(images).float().cpu().numpy()
         timings["predict"] += time.perf_counter() - t0
         out = {}
-        for m in methods:
+        for group in groups:
             t0 = time.perf_counter()
-            if m in custom:
+            m = group[0]
+            if len(group) > 1:
+                out.update(explain_many(model, images, group, targets=target_idx,
+                                        options={g: options[g] for g in group}))
+            elif m in custom:
                 out[m] = custom[m](model, images, target_idx, **options[m])
             else:
                 out[m] = explain(model, images, m, targets=target_idx, **options[m])
-            timings[f"explain_{m}"] += time.perf_counter() - t0
+            timings["explain_" + "+".join(group)] += time.perf_counter() - t0
         return raw, out
 
     if isinstance(inputs, RoiInputs):
@@ -226,7 +242,7 @@ def explain_volume(
             inputs.to_source(torch.cat(per_method[m]), maps[m])
     else:
         t_pre = time.perf_counter()
-        for batch in inputs.batches(batch_size):
+        for batch in _prefetched(inputs.batches(batch_size), device):
             timings["preprocess"] += time.perf_counter() - t_pre
             raw, batch_maps = run(batch.images)
             builder.add_slices(raw, batch.slices, batch.source_k)
@@ -239,6 +255,27 @@ def explain_volume(
     info.update(getattr(model, "source_info", {}) or {})
     return ExplainResult(volume, list(methods), target_names, maps, builder.table, inputs, timings,
                          str(device), info)
+
+
+def _prefetched(batches, device: torch.device):
+    """On a GPU, prepare the next batch (CPU preprocessing, pinned copy) while the current one runs;
+    on the CPU the same work would only compete for the cores, so batches come one after the other."""
+    if device.type != "cuda":
+        yield from batches
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    def prepare():
+        batch = next(batches, None)
+        if batch is not None:
+            batch.images = batch.images.pin_memory().to(device, non_blocking=True)
+        return batch
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(prepare)
+        while (batch := pending.result()) is not None:
+            pending = pool.submit(prepare)
+            yield batch
 
 
 def _method_table(methods) -> tuple[list[str], dict[str, Callable]]:

@@ -12,7 +12,7 @@ from typing import Any
 __all__ = ["MethodInfo", "METHODS", "list_methods", "method_info", "method_names"]
 
 _CDAM_PAPER = (
-    "Brocki & Chung, 'Class-Discriminative Attention Maps for Vision Transformers', arXiv:2312.02364 (2023)"
+    "Brocki, Binda & Chung, 'Class-Discriminative Attention Maps for Vision Transformers', arXiv:2312.02364 (2023)"
 )
 
 

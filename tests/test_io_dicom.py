@@ -136,3 +136,18 @@ def test_make_phantom_cli_is_deterministic(tmp_path):
     assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(names) == 8
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_list_methods_cli():
+    from medvit_explain.registry import list_methods
+
+    result = CliRunner().invoke(cli, ["list-methods"])
+    assert result.exit_code == 0, result.output
+    for m in list_methods():
+        assert m["name"] in result.output and m["citation"] in result.output
+    result = CliRunner().invoke(cli, ["list-methods", "--json"])
+    import json
+
+    names = [m["name"] for m in json.loads(result.output)]
+    assert {"cdam", "cdam-smooth", "cdam-integrated", "agcam", "attention", "rollout", "chefer", "gradcam", "ig",
+            "smoothgrad", "inputxgrad"} == set(names)

@@ -1,4 +1,4 @@
-"""CDAM and its smooth / integrated variants (Brocki & Chung, arXiv:2312.02364).
+"""CDAM and its smooth / integrated variants (Brocki, Binda & Chung, arXiv:2312.02364).
 
 T = output of the last block's norm1 (the tokens entering the last attention), [B, P+N, D].
 S_{i,c} = Σ_j T_ij ∂f_c/∂T_ij for each patch token i; signed, not normalised.
@@ -100,7 +100,7 @@ class CDAM(Explainer):
         with torch.enable_grad():
             pooled = run_prefix_chain(
                 backbone, len(backbone.blocks) - 1, rec["x"][:, :r], [attention_output(attn, heads)],
-                final_tokens, rows,
+                final_tokens, rows, rows,
             )
             scores = self.scorer(pooled)
         (g,) = target_grads(scores, [heads], target_idx)  # [T, B, H, R, dh]
@@ -132,10 +132,14 @@ class CDAM(Explainer):
     # method ----------------------------------------------------------------------------------------
 
     def attribute(self, images: Tensor, target_idx: list[int]) -> Tensor:
-        fast = self._use_fast_path()
         rec, out = self._capture(lambda: self.backbone.forward_features(images))
-        if fast:
-            scores = self._cdam_fast(rec, out, target_idx)
+        return self.from_record(rec, out, target_idx)
+
+    def from_record(self, rec: dict[str, Tensor], final_tokens: Tensor, target_idx: list[int]) -> Tensor:
+        """CDAM [B, T, gh, gw] from a no-grad forward's last-block record (``BlockTap``: x, t, qkv, q, k, v)
+        and the last block's output [B, P+N, D]; lets another method share that forward."""
+        if self._use_fast_path():
+            scores = self._cdam_fast(rec, final_tokens, target_idx)
         else:
             t, grad = last_block_token_grads(self, rec["x"], target_idx)
             scores = (t.unsqueeze(0) * grad).sum(-1)
