@@ -132,9 +132,10 @@ def list_methods_cmd(as_json: bool) -> None:
 
 
 def _add_commands() -> None:
+    from .commands.batch import batch
     from .commands.run import explain, predict, train
 
-    for command in (predict, train, explain):
+    for command in (predict, train, explain, batch):
         cli.add_command(command)
 
 
