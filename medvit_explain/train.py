@@ -44,12 +44,14 @@ class Study:
 @dataclass
 class SliceSet:
     """Preprocessed slices and their targets: ``images`` [N, C, H, W], ``targets`` [N, K] (NaN = no
-    label), ``study`` [N] study index, ``has_nodule`` [N] bool."""
+    label), ``study`` [N] study index, ``has_nodule`` [N] bool, ``token_targets`` [N, 2, gh, gw]
+    (share of each patch inside a nodule / inside a malignant nodule: the token labels)."""
 
     images: torch.Tensor
     targets: torch.Tensor
     study: np.ndarray
     has_nodule: np.ndarray
+    token_targets: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.images)
@@ -129,7 +131,8 @@ def load_slices(studies: Sequence[Study], model, *, min_area_mm2: float = 10.0, 
     from .io import load_volume
 
     rng = np.random.default_rng(seed)
-    images, targets, study_idx, nodule_flags = [], [], [], []
+    images, targets, study_idx, nodule_flags, token_targets = [], [], [], [], []
+    grid = tuple(model.backbone.patch_embed.grid_size)
     for s, study in enumerate(tqdm(studies, desc="loading", unit="study", disable=not progress)):
         volume = load_volume(study.image)
         mask = load_volume(study.nodule_mask)
@@ -151,12 +154,40 @@ def load_slices(studies: Sequence[Study], model, *, min_area_mm2: float = 10.0, 
         if len(chosen) == 0:
             continue
         images.append(inputs.images(chosen))
+        malignant_ids = [int(n["id"]) for n in nodules if int(n.get("malignancy", 0)) == 1]
+        labels = inputs.label_images(mask.array, chosen)
+        maps = torch.stack([(labels > 0).float(), torch.isin(labels, torch.tensor(malignant_ids + [-1.0])).float()], 1)
+        token_targets.append(F.adaptive_avg_pool2d(maps, grid))
         targets.append(torch.from_numpy(t[chosen]))
         study_idx.append(np.full(len(chosen), s))
         nodule_flags.append(has_nodule[chosen])
     if not images:
         raise MedvitInputError("no labelled slices found in the training data")
-    return SliceSet(torch.cat(images), torch.cat(targets), np.concatenate(study_idx), np.concatenate(nodule_flags))
+    return SliceSet(torch.cat(images), torch.cat(targets), np.concatenate(study_idx), np.concatenate(nodule_flags),
+                    torch.cat(token_targets))
+
+
+class TokenLabelHead(torch.nn.Module):
+    """Training-only auxiliary head: each patch token predicts whether its patch lies in a nodule and
+    in a malignant nodule (token labelling, Jiang et al., "All Tokens Matter", NeurIPS 2021). It teaches
+    a small ViT trained from scratch where lesions are; it is not part of the saved model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.prefix = int(model.backbone.num_prefix_tokens)
+        self.grid = tuple(model.backbone.patch_embed.grid_size)
+        self.linear = torch.nn.Linear(model.backbone.embed_dim, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, P+N, D] final-norm tokens → [B, 2, gh, gw] logits."""
+        logits = self.linear(tokens[:, self.prefix:])
+        return logits.transpose(1, 2).reshape(len(tokens), 2, *self.grid)
+
+
+def forward_with_tokens(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's outputs and its final-norm tokens from one pass (same maths as ``model(x)``)."""
+    tokens = model.backbone.forward_features(x)
+    return model.head(model.backbone.forward_head(tokens, pre_logits=True)), tokens
 
 
 def task_loss(outputs: torch.Tensor, targets: torch.Tensor, kinds: Sequence[str],
@@ -247,6 +278,8 @@ def train(config: dict, data: str | os.PathLike, out: str | os.PathLike, *, val_
     else:
         train_studies, val_studies = split_studies(studies, float(recipe.get("val_fraction", 0.2)), seed)
     model = build_model(config).to(dev)
+    token_head = TokenLabelHead(model).to(dev)
+    token_weight = float(recipe.get("token_label_weight", 0.0))
     min_area = float(recipe.get("min_area_mm2", 10.0))
     train_set = load_slices(train_studies, model, min_area_mm2=min_area, seed=seed, progress=progress,
                             background_ratio=float(recipe.get("background_ratio", 1.0)))
@@ -254,7 +287,7 @@ def train(config: dict, data: str | os.PathLike, out: str | os.PathLike, *, val_
                           progress=progress)
     batch_size = int(recipe.get("batch_size", 64))
     steps_per_epoch = math.ceil(len(train_set) / batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(recipe.get("lr", 1e-3)),
+    optimizer = torch.optim.AdamW([*model.parameters(), *token_head.parameters()], lr=float(recipe.get("lr", 1e-3)),
                                   weight_decay=float(recipe.get("weight_decay", 0.05)))
     warmup = int(recipe.get("warmup_epochs", 2)) * steps_per_epoch
     total = epochs * steps_per_epoch
@@ -288,10 +321,15 @@ def train(config: dict, data: str | os.PathLike, out: str | os.PathLike, *, val_
             idx = order[step * batch_size:(step + 1) * batch_size]
             x = train_set.images[idx].to(dev)
             y = train_set.targets[idx].to(dev)
+            tok = train_set.token_targets[idx].to(dev)
             if flip:  # left-right mirror: lungs are near-symmetric and labels do not change
-                mirror = torch.rand(len(x), device=dev) < 0.5
-                x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
-            loss = task_loss(model(x), y, kinds, weights)
+                mirror = (torch.rand(len(x), device=dev) < 0.5)[:, None, None, None]
+                x = torch.where(mirror, x.flip(-1), x)
+                tok = torch.where(mirror, tok.flip(-1), tok)
+            outputs, tokens = forward_with_tokens(model, x)
+            loss = task_loss(outputs, y, kinds, weights)
+            if token_weight:
+                loss = loss + token_weight * F.binary_cross_entropy_with_logits(token_head(tokens), tok)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,0 +1,143 @@
+"""evaluate / audit end to end on the sample phantoms with a tiny model, through CliRunner."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from medvit_explain.cli import MedvitGroup
+from medvit_explain.commands.evaluate import audit, evaluate
+from medvit_explain.errors import MedvitInputError
+from medvit_explain.evaluate import evaluate_explanations
+from medvit_explain.metrics import explain_func
+
+from .models import tiny_checkpoint, tiny_model
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Two sample phantoms (the 160 × 160 × 40 ones) in a folder of their own."""
+    out = tmp_path_factory.mktemp("phantoms")
+    for name in ("phantom_001", "phantom_002"):
+        for suffix in (".nii.gz", "_nodules.nii.gz", "_lungs.nii.gz", ".json"):
+            shutil.copy(SAMPLE / f"{name}{suffix}", out / f"{name}{suffix}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    tiny_checkpoint(path, crop_body=True)
+    return path
+
+
+def _cli():
+    return MedvitGroup(commands={"evaluate": evaluate, "audit": audit})
+
+
+def test_evaluate_cli_writes_metrics_and_report(data, checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(_cli(), [
+        "evaluate", str(data), "--model", str(checkpoint), "--device", "cpu", "--method", "cdam",
+        "--method", "agcam", "--method", "attention", "--target", "malignancy", "--target", "spiculation",
+        "--max-slices", "4", "--batch-size", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "cdam" in result.output and "agcam" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("localization", "abpc", "compactness", "class_sensitivity", "randomization", "model", "n_slices",
+                "n_nodules", "seed"):
+        assert key in metrics, key
+    assert metrics["n_slices"] == 4
+    assert set(metrics["abpc"]["cdam"]) == {"malignancy", "spiculation"}
+    assert set(metrics["localization"]["agcam"]) >= {"pixel_accuracy", "iou", "dice", "precision", "recall",
+                                                     "box_iou", "pointing_game", "evidence_in_nodule",
+                                                     "evidence_in_lungs"}
+    assert metrics["class_sensitivity"]["attention"] == pytest.approx(0.0, abs=1e-9)  # class-agnostic
+    assert set(metrics["model"]["biomarker_mae"]) == {"spiculation", "subtlety", "calcification", "margin",
+                                                      "lobulation", "texture", "sphericity", "diameter"}
+    html = (out / "evaluation.html").read_text()
+    assert html.count("data:image/png;base64") >= 3
+    assert not list(out.glob(".*"))  # no temporary files left
+
+
+def test_evaluate_bad_input_exit_2_and_writes_nothing(data, checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    runner = CliRunner()
+    for args in ([str(tmp_path / "missing")], [str(data), "--target", "nonsense"],
+                 [str(data), "--method", "nonsense"]):
+        result = runner.invoke(_cli(), ["evaluate", *args, "--model", str(checkpoint), "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1
+        assert not out.exists()
+    manifest = tmp_path / "bad.csv"
+    manifest.write_text("image,labels\na.nii.gz,a.json\n")
+    result = runner.invoke(_cli(), ["evaluate", str(manifest), "--model", str(checkpoint), "--out", str(out)])
+    assert result.exit_code == 2 and "nodule_mask" in result.output
+    assert not out.exists()
+
+
+def test_evaluate_manifest_and_determinism(data):
+    manifest = data / "manifest.csv"
+    with open(manifest, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["image", "nodule_mask", "labels"])
+        writer.writerow(["phantom_002.nii.gz", "phantom_002_nodules.nii.gz", "phantom_002.json"])
+    model = tiny_model(crop_body=True)
+    kwargs = dict(methods=["cdam", "rollout"], targets=["malignancy", "margin"], max_slices=3, batch_size=2,
+                  randomize_blocks=2, progress=False)
+    a = evaluate_explanations(model, manifest, **kwargs).metrics
+    b = evaluate_explanations(model, manifest, **kwargs).metrics
+    assert a["abpc"] == b["abpc"] and a["localization"] == b["localization"]
+    assert set(a["randomization_cascade"]["cdam"]) == {"1", "2"}
+    assert a["n_studies"] == 1
+    with pytest.raises(MedvitInputError):
+        evaluate_explanations(model, data / "nothing_here", progress=False)
+
+
+def test_audit_cli(data, checkpoint, tmp_path):
+    out = tmp_path / "audit"
+    # a broken study is reported and skipped, never aborting the audit
+    (data / "broken.json").write_text('{"nodules": []}')
+    (data / "broken.nii.gz").write_bytes(b"not an image")
+    (data / "broken_nodules.nii.gz").write_bytes(b"not an image")
+    try:
+        result = CliRunner().invoke(_cli(), ["audit", str(data), "--model", str(checkpoint), "--device", "cpu",
+                                             "--out", str(out)])
+    finally:
+        for f in ("broken.json", "broken.nii.gz", "broken_nodules.nii.gz"):
+            (data / f).unlink()
+    assert result.exit_code == 0, result.output
+    assert "broken" in result.output and "failed" in result.output
+    summary = json.loads((out / "audit.json").read_text())
+    assert summary["summary"]["n_studies"] == 2 and len(summary["summary"]["failures"]) == 1
+    rows = list(csv.DictReader(open(out / "audit.csv")))
+    assert {r["study"] for r in rows} == {"phantom_001", "phantom_002"}
+    for r in rows:
+        for key in ("cdam_in_nodule", "cdam_in_lungs", "cdam_outside_body", "agcam_in_nodule"):
+            assert 0.0 <= float(r[key]) <= 1.0
+    shares = [np.mean([float(r["cdam_in_nodule"]), float(r["agcam_in_nodule"])]) for r in rows]
+    assert shares == sorted(shares)  # least evidence on the lesion first
+    html = (out / "audit.html").read_text()
+    assert html.count("data:image/png;base64") >= 4  # ROC/PR, reliability, one picture per study
+
+
+def test_explain_func_shapes_and_quantus():
+    model = tiny_model()
+    x = torch.rand(3, 1, 32, 32).numpy()
+    y = np.array([0, 5, 0])
+    a = explain_func(model, x, y, method="cdam")
+    assert a.shape == (3, 1, 32, 32) and a.dtype == np.float32
+    quantus = pytest.importorskip("quantus", reason="quantus is an optional dev extra")
+    metric = quantus.Sparseness(disable_warnings=True)
+    scores = metric(model=model, x_batch=x, y_batch=y, a_batch=None, explain_func=explain_func,
+                    explain_func_kwargs={"method": "cdam"}, device="cpu")
+    assert len(scores) == 3 and np.all(np.isfinite(scores))
