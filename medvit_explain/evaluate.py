@@ -9,7 +9,7 @@ for every target and the maps are measured (DESIGN.md, "Evaluation definitions")
   of the malignancy logit where the model says malignant, the map of the benign logit (the same model
   with that output negated) where it says benign; class-agnostic methods have one map for both;
 * faithfulness (ABPC, deletion and insertion AUCs) of each target's map on that target's probability
-  (binary) or value on its scale (regression), pixels removed to ``fill`` (0.5 = the centre of the HU
+  (binary) or value on its scale (regression), pixels removed to ``fill`` (default: the centre of the HU
   window in model input units);
 * compactness of the raw token-grid maps, class sensitivity between the targets' maps, and the
   Spearman correlation with the maps of the model whose top ``k`` blocks are re-initialised.
@@ -177,7 +177,7 @@ def _mean(values) -> float:
 def evaluate_explanations(model, data, methods: Sequence[str] | None = None, targets=None, *,
                           batch_size: int = 16, seed: int = 0, max_slices: int | None = None,
                           randomize_blocks: int = 1, min_area_mm2: float = 40.0, threshold: float = 0.5,
-                          fill: float = 0.5, steps: int = 11, method_options: dict[str, dict] | None = None,
+                          fill: float | None = None, steps: int = 11, method_options: dict[str, dict] | None = None,
                           progress: bool = True, n_examples: int = 3) -> EvaluationResult:
     """Measure every method's maps on the nodule slices of ``data`` (see the module docstring).
 
@@ -198,6 +198,10 @@ def evaluate_explanations(model, data, methods: Sequence[str] | None = None, tar
 
     from .explain import explain, upsample
     from .registry import METHODS, method_names
+    from .transforms import window_mean
+
+    if fill is None:  # the window's mean intensity in model-input units
+        fill = window_mean(model.preprocessing)
     from .train import find_studies
 
     methods = list(methods) if methods else method_names()

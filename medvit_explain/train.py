@@ -280,6 +280,7 @@ def train(config: dict, data: str | os.PathLike, out: str | os.PathLike, *, val_
     model = build_model(config).to(dev)
     token_head = TokenLabelHead(model).to(dev)
     token_weight = float(recipe.get("token_label_weight", 0.0))
+    token_pos_weight = torch.tensor(float(recipe.get("token_label_pos_weight", 1.0)), device=dev)
     min_area = float(recipe.get("min_area_mm2", 10.0))
     train_set = load_slices(train_studies, model, min_area_mm2=min_area, seed=seed, progress=progress,
                             background_ratio=float(recipe.get("background_ratio", 1.0)))
@@ -329,7 +330,8 @@ def train(config: dict, data: str | os.PathLike, out: str | os.PathLike, *, val_
             outputs, tokens = forward_with_tokens(model, x)
             loss = task_loss(outputs, y, kinds, weights)
             if token_weight:
-                loss = loss + token_weight * F.binary_cross_entropy_with_logits(token_head(tokens), tok)
+                loss = loss + token_weight * F.binary_cross_entropy_with_logits(token_head(tokens), tok,
+                                                                                pos_weight=token_pos_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

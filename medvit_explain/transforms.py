@@ -6,7 +6,7 @@ Two input modes (DESIGN.md, "Input modes"):
 * **slice** – the volume is reoriented to LPS axis codes (i → patient left, j → posterior,
   k → superior) so each k-slice is an axial image shown the radiological way (rows run anterior →
   posterior, columns patient right → left), optionally cropped to the body, HU-windowed and scaled to
-  [0, 1] (MONAI ``ScaleIntensityRange``) and resized to the model input (MONAI ``Resize``).
+  ``scale_to`` (default [0, 1]; MONAI ``ScaleIntensityRange``) and resized to the model input (MONAI ``Resize``).
 * **roi** – nodule-centred cubes (``size_mm`` at ``spacing_mm``, trilinear) on the reoriented axes,
   HU-windowed, cut through the centre in axial / coronal / sagittal views and resized.
 
@@ -53,8 +53,16 @@ def reoriented_view(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
 
 
 def window(preprocessing: dict) -> ScaleIntensityRange:
+    """HU clamp to ``hu_window`` and linear scaling to ``scale_to`` (default [0, 1])."""
     lo, hi = preprocessing["hu_window"]
-    return ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+    a, b = preprocessing.get("scale_to", (0.0, 1.0))
+    return ScaleIntensityRange(a_min=lo, a_max=hi, b_min=float(a), b_max=float(b), clip=True)
+
+
+def window_mean(preprocessing: dict) -> float:
+    """The model-input value of the window's centre (what a 'removed' pixel is set to)."""
+    a, b = preprocessing.get("scale_to", (0.0, 1.0))
+    return (float(a) + float(b)) / 2.0
 
 
 @dataclass

@@ -39,8 +39,10 @@ def main() -> None:
     recipe = config["training"]
     work = Path(args.work)
     t0 = time.perf_counter()
-    generate(recipe["phantoms"]["groups"], recipe["phantoms"]["train_seed"], work / "train")
-    generate(recipe["phantoms"]["test_groups"], recipe["phantoms"]["test_seed"], work / "test")
+    if not (work / "train").exists():
+        generate(recipe["phantoms"]["groups"], recipe["phantoms"]["train_seed"], work / "train")
+    if not (work / "test").exists():
+        generate(recipe["phantoms"]["test_groups"], recipe["phantoms"]["test_seed"], work / "test")
     t_data = time.perf_counter() - t0
     result = train(config, work / "train", args.out, epochs=args.epochs, device="cpu")
     model = load_model(args.out, device="cpu")
@@ -60,13 +62,16 @@ def main() -> None:
     (out / "model_card.json").write_text(json.dumps(card, indent=2))
     (out / "MODEL_CARD.md").write_text(model_card_markdown(config, card))
     print(json.dumps(card, indent=2))
+    import shutil
+
+    shutil.rmtree(out.parent / f".{out.name}.train_state", ignore_errors=True)  # resume state, not shipped
 
 
 def model_card_markdown(config: dict, card: dict) -> str:
     held = card["held_out"]
     lines = [
         f"# {config['name']}", "",
-        "A small timm ViT (patch 8, 128 px, 4 blocks, 96 dims, 0.48 M parameters) trained from scratch on "
+        "A small timm ViT (patch 16, 256 px, 4 blocks, 96 dims, 0.5 M parameters) trained from scratch on "
         "synthetic chest-CT phantoms (`medvit_explain.phantom`). **It has never seen a real CT: it is a demo "
         "and test model, not a clinical one.**", "",
         "Re-create: `.venv/bin/python scripts/make_sample_model.py` (recipe and seeds in "

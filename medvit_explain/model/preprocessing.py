@@ -5,7 +5,8 @@ Schema (every key has a default)::
     {"mode": "slice" | "roi",          # every axial slice, or nodule-centred crops
      "image_size": [H, W],             # model input size (must equal the backbone's)
      "in_chans": C,                    # model input channels (must equal the backbone's)
-     "hu_window": [lo, hi],            # HU clamp, then scaled to [0, 1]
+     "hu_window": [lo, hi],            # HU clamp, then scaled linearly to scale_to
+     "scale_to": [a, b],               # model input range of the window (default [0, 1])
      "crop_body": bool,                # slice mode: crop each slice to the body first
      "body_threshold_hu": -500,        # HU threshold that separates body from air
      "roi": {"size_mm": 32, "spacing_mm": 1.0, "views": ["axial", "coronal", "sagittal"]}}
@@ -28,6 +29,7 @@ DEFAULT_PREPROCESSING: dict[str, Any] = {
     "image_size": None,  # filled from the model
     "in_chans": None,  # filled from the model
     "hu_window": [-1000.0, 400.0],
+    "scale_to": [0.0, 1.0],
     "crop_body": True,
     "body_threshold_hu": -500.0,
     "roi": {"size_mm": 32.0, "spacing_mm": 1.0, "views": list(VIEWS)},
@@ -96,6 +98,13 @@ def validate_preprocessing(
     if not lo < hi:
         raise CheckpointError(f"preprocessing: expected hu_window lo < hi, got {window!r}")
     out["hu_window"] = [lo, hi]
+    scale = out["scale_to"]
+    if not isinstance(scale, Sequence) or isinstance(scale, str) or len(scale) != 2:
+        raise CheckpointError(f"preprocessing: expected scale_to [a, b], got {scale!r}")
+    a, b = (_finite(v, "scale_to") for v in scale)
+    if not a < b:
+        raise CheckpointError(f"preprocessing: expected scale_to a < b, got {scale!r}")
+    out["scale_to"] = [a, b]
     if not isinstance(out["crop_body"], bool):
         raise CheckpointError(f"preprocessing: expected crop_body true/false, got {out['crop_body']!r}")
     out["body_threshold_hu"] = _finite(out["body_threshold_hu"], "body_threshold_hu")
