@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MedvitInputError
+from .metrics.masks import slice_masks
 from .transforms import SliceInputs, reoriented_view
 
 BIOMARKER_KEYS = {"diameter": "diameter_mm"}  # target name -> label key where they differ
@@ -155,7 +156,7 @@ def load_slices(studies: Sequence[Study], model, *, min_area_mm2: float = 10.0, 
             continue
         images.append(inputs.images(chosen))
         malignant_ids = [int(n["id"]) for n in nodules if int(n.get("malignancy", 0)) == 1]
-        labels = inputs.label_images(mask.array, chosen)
+        labels = torch.from_numpy(slice_masks(mask.array, inputs, chosen).astype(np.float32))
         maps = torch.stack([(labels > 0).float(), torch.isin(labels, torch.tensor(malignant_ids + [-1.0])).float()], 1)
         token_targets.append(F.adaptive_avg_pool2d(maps, grid))
         targets.append(torch.from_numpy(t[chosen]))

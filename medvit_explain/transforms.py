@@ -129,15 +129,6 @@ class SliceInputs:
         images = torch.as_tensor(images).float().unsqueeze(1)
         return images.expand(-1, self.in_chans, -1, -1).contiguous()
 
-    def label_images(self, labels: np.ndarray, slices: Sequence[int] | np.ndarray) -> torch.Tensor:
-        """A label array on the source grid (e.g. a nodule mask) as model-input images [B, H, W]:
-        the same reorientation and crop as :meth:`images`, resized with nearest neighbour."""
-        x0, x1, y0, y1 = self.box
-        idx = np.asarray(slices, dtype=np.int64)
-        block = reoriented_view(labels, self.ornt)[x0:x1, y0:y1][:, :, idx]
-        block = torch.from_numpy(np.ascontiguousarray(block.transpose(2, 1, 0), dtype=np.float32))
-        return F.interpolate(block[:, None], size=self.image_size, mode="nearest-exact")[:, 0]
-
     def batches(self, batch_size: int, slices: Sequence[int] | None = None) -> Iterator[SliceBatch]:
         order = np.arange(self.n_slices) if slices is None else np.asarray(slices, dtype=np.int64)
         for start in range(0, len(order), batch_size):
