@@ -242,6 +242,7 @@ def test_preprocessing_defaults_and_validation():
         ({"roi": {"views": ["axial", "oblique"]}}, "views"),
         ({"roi": {"size_mm": 0}}, "size_mm"),
         ({"spacing": 1}, "unknown keys"),
+        ({"scale_to": [1, 1]}, "scale_to"),
     ]:
         with pytest.raises(CheckpointError, match=match):
             validate_preprocessing(bad, (1, 32, 32))
@@ -251,7 +252,8 @@ def test_sample_model_config_builds():
     cfg = load_config(ROOT / "configs" / "sample_model.yaml")
     model = build_model(cfg, base_dir=ROOT / "configs")
     assert isinstance(model, MedViT)
-    assert model.input_size == (1, 128, 128) and model.grid_size == (16, 16)
+    assert model.input_size == (1, 256, 256) and model.grid_size == (16, 16)
+    assert model.preprocessing["scale_to"] == [-2.0, 2.0]
     assert model.targets == LIDC_NAMES
     training = model.config["training"]
     for key in (
@@ -260,11 +262,12 @@ def test_sample_model_config_builds():
         "lr",
         "weight_decay",
         "seed",
-        "n_train_phantoms",
-        "n_val_phantoms",
-        "phantom",
+        "val_fraction",
+        "min_area_mm2",
+        "phantoms",
     ):
         assert key in training
+    assert {"train_seed", "test_seed", "groups", "test_groups"} <= set(training["phantoms"])
 
 
 # -- devices ----------------------------------------------------------------------------------------
