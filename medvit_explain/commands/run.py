@@ -157,10 +157,12 @@ def explain(input_path, model_path, model_config, methods, targets, out_dir, dev
                                 precision=precision, roi_centers=centres, roi_mask=mask, progress=bar.update)
     written = result.save(out, stem=stem, report=not no_report, dicom=dicom)
     summary = result.predictions.summary()
-    where = f"report: {written['report']}" if "report" in written else f"outputs in {out}"
+    where = f"{len(written)} files in {out}" + (f"; report: {written['report']}" if "report" in written else "")
     if "max_malignancy_slice" in summary:
         click.echo(f"top {result.predictions.primary}: slice {summary['max_malignancy_slice']} "
                    f"(source index {summary['max_malignancy_source_index']}) p = "
-                   f"{summary['max_malignancy_prob']:.3f}; {len(written)} outputs in {out}; {where}")
+                   f"{summary['max_malignancy_prob']:.3f}; {where}")
     else:
-        click.echo(f"{len(summary.get('nodules', []))} ROI(s) explained; {len(written)} outputs in {out}; {where}")
+        best = summary.get("max_malignancy_roi")
+        click.echo(f"{len(summary.get('nodules', []))} ROI(s) explained (top {result.predictions.primary}: "
+                   f"ROI {best}, p = {summary.get('max_malignancy_prob', float('nan')):.3f}); {where}")
