@@ -133,10 +133,11 @@ def list_methods_cmd(as_json: bool) -> None:
 
 def _add_commands() -> None:
     from .commands.batch import batch
+    from .commands.bench import bench
     from .commands.evaluate import audit, evaluate
     from .commands.run import explain, predict, train
 
-    for command in (predict, train, explain, evaluate, audit, batch):
+    for command in (predict, train, explain, evaluate, audit, batch, bench):
         cli.add_command(command)
 
 

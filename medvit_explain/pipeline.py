@@ -206,7 +206,7 @@ def explain_volume(
     timings = {"preprocess": 0.0, "predict": 0.0, **{"explain_" + "+".join(g): 0.0 for g in groups}}
 
     def run(images: torch.Tensor) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
-        images = images.to(device)
+        images = _plain(images).to(device)
         t0 = time.perf_counter()
         with torch.no_grad(), _autocast(device, PRECISIONS[precision]):
             raw = model(images).float().cpu().numpy()
@@ -257,6 +257,12 @@ def explain_volume(
                          str(device), info)
 
 
+def _plain(images: torch.Tensor) -> torch.Tensor:
+    """A plain tensor view of MONAI's MetaTensor: every op on a MetaTensor goes through its
+    ``__torch_function__`` (and the model's outputs would become MetaTensors too), which costs time."""
+    return images.as_subclass(torch.Tensor) if type(images) is not torch.Tensor else images
+
+
 def _prefetched(batches, device: torch.device):
     """On a GPU, prepare the next batch (CPU preprocessing, pinned copy) while the current one runs;
     on the CPU the same work would only compete for the cores, so batches come one after the other."""
@@ -268,7 +274,7 @@ def _prefetched(batches, device: torch.device):
     def prepare():
         batch = next(batches, None)
         if batch is not None:
-            batch.images = batch.images.pin_memory().to(device, non_blocking=True)
+            batch.images = _plain(batch.images).pin_memory().to(device, non_blocking=True)
         return batch
 
     with ThreadPoolExecutor(max_workers=1) as pool:

@@ -5,12 +5,13 @@ Methods and their options are listed by :func:`medvit_explain.registry.list_meth
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 from medvit_explain.errors import MethodError
-from medvit_explain.explain.agcam import AGCAM
+from medvit_explain.explain.agcam import AGCAM, agcam_with_cdam
 from medvit_explain.explain.attention_maps import Attention, Chefer, Rollout
 from medvit_explain.explain.base import Explainer, ImageShapeError, ViTSpec, check_images, inspect_model
 from medvit_explain.explain.cdam import CDAM, IntegratedCDAM, SmoothCDAM
@@ -25,6 +26,7 @@ __all__ = [
     "ImageShapeError",
     "ViTSpec",
     "explain",
+    "explain_many",
     "inspect_model",
     "list_methods",
     "normalize_for_display",
@@ -83,3 +85,43 @@ def explain(model: nn.Module, images: Tensor, method: str, targets: Any = None, 
     spec = inspect_model(model)
     check_images(images, spec)
     return EXPLAINERS[method](model, spec, opts)(images, targets)
+
+
+def explain_many(
+    model: nn.Module, images: Tensor, methods: Sequence[str], targets: Any = None,
+    options: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Tensor]:
+    """Several methods on the same images: ``{method: [B, T, gh, gw]}``, each equal to
+    ``explain(model, images, method, targets, **options[method])``.
+
+    CDAM and AG-CAM share one no-grad forward when both are asked for (and neither explains a concept
+    or uses a different autocast): the cost of both is then about one forward plus their two small
+    backward passes. Every other method runs on its own.
+    """
+    options = options or {}
+    for m in methods:
+        if m not in METHODS:
+            raise MethodError(f"unknown method {m!r}; expected one of: {', '.join(METHODS)}")
+    unknown = sorted(set(options) - set(methods))
+    if unknown:
+        raise MethodError(f"options given for method(s) not asked for: {', '.join(unknown)}")
+    opts = {m: _check_options(m, dict(options.get(m, {}))) for m in methods}
+    spec = inspect_model(model)
+    check_images(images, spec)
+    out: dict[str, Tensor] = {}
+    if _can_share(opts):
+        agcam, cdam = AGCAM(model, spec, opts["agcam"]), EXPLAINERS["cdam"](model, spec, opts["cdam"])
+        with agcam.session(images, targets) as (x, target_idx):
+            a_map, c_map = agcam_with_cdam(agcam, cdam, x, target_idx)
+        out["agcam"], out["cdam"] = a_map.detach().to(x.dtype), c_map.detach().to(x.dtype)
+    for m in methods:
+        if m not in out:
+            out[m] = EXPLAINERS[m](model, spec, opts[m])(images, targets)
+    return {m: out[m] for m in methods}
+
+
+def _can_share(opts: dict[str, dict[str, Any]]) -> bool:
+    if "cdam" not in opts or "agcam" not in opts:
+        return False
+    c, a = opts["cdam"], opts["agcam"]
+    return c.get("concept") is None and a.get("concept") is None and c["autocast_dtype"] == a["autocast_dtype"]

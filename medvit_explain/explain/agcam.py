@@ -28,7 +28,7 @@ from medvit_explain.explain.base import (
     tokens_to_grid,
 )
 
-__all__ = ["AGCAM"]
+__all__ = ["AGCAM", "agcam_with_cdam", "forward_with_taps"]
 
 
 class AGCAM(Explainer):
@@ -37,28 +37,34 @@ class AGCAM(Explainer):
     name = "agcam"
 
     def attribute(self, images: Tensor, target_idx: list[int]) -> Tensor:
-        backbone = self.backbone
-        blocks = backbone.blocks
-        depth = len(blocks)
-        recs: list[dict[str, Tensor]] = [{} for _ in range(depth)]
+        blocks = self.backbone.blocks
+        recs: list[dict[str, Tensor]] = [{} for _ in blocks]
 
         def reduce(i: int, rec: dict[str, Tensor]) -> None:
-            attn = blocks[i].attn
-            s = (rec["q"][:, :, :1] * attn.scale) @ rec["k"].transpose(-2, -1)  # [B, H, 1, N]
-            heads = s.softmax(-1) @ rec["v"]  # [B, H, 1, dh]
-            gate = attention_gate(attn, rec["t"][:, :1])
-            recs[i] = {"s": s[:, :, 0], "v": rec["v"], "heads": heads, "gate": gate}
-            if i == 0:
-                recs[i]["x0"] = rec["x"][:, :1]
+            recs[i] = self.reduce_block(i, rec)
 
-        final: list[Tensor] = []
-        with torch.no_grad(), BlockTap(blocks, range(depth), reduce), HookSet() as h:
-            h.forward(blocks[-1], lambda module, args, output: final.append(output))
-            backbone.forward_features(images)
+        final = forward_with_taps(self.backbone, images, reduce)
+        return self.from_records(recs, final, target_idx)
 
+    def reduce_block(self, i: int, rec: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What AG-CAM keeps of block i's ``BlockTap`` record: S[CLS] [B, H, N], V, o = A[CLS]·V, gate."""
+        attn = self.backbone.blocks[i].attn
+        s = (rec["q"][:, :, :1] * attn.scale) @ rec["k"].transpose(-2, -1)  # [B, H, 1, N]
+        v = rec["v"].contiguous()  # one copy, used here and for α (a strided view would be copied twice)
+        heads = s.softmax(-1) @ v  # [B, H, 1, dh]
+        gate = attention_gate(attn, rec["t"][:, :1])
+        out = {"s": s[:, :, 0], "v": v, "heads": heads, "gate": gate}
+        if i == 0:
+            out["x0"] = rec["x"][:, :1]
+        return out
+
+    def from_records(self, recs: list[dict[str, Tensor]], final_tokens: Tensor, target_idx: list[int]) -> Tensor:
+        """AG-CAM [B, T, gh, gw] from every block's reduced record and the last block's output."""
+        blocks = self.backbone.blocks
         leaves = [r["heads"].requires_grad_(True) for r in recs]
-        outs = [attention_output(blocks[i].attn, leaves[i], recs[i]["gate"]) for i in range(depth)]
-        pooled = run_prefix_chain(backbone, 0, recs[0]["x0"], outs, final[-1], (0,))
+        outs = [attention_output(blocks[i].attn, leaves[i], recs[i]["gate"]) for i in range(len(blocks))]
+        pooled = run_prefix_chain(self.backbone, 0, recs[0]["x0"], outs, final_tokens, (0,),
+                                  self.spec.read_rows)
         grads = target_grads(self.scorer(pooled), leaves, target_idx)  # each [T, B, H, 1, dh]
 
         total = None
@@ -67,3 +73,34 @@ class AGCAM(Explainer):
             term = (alpha.clamp_min(0) * rec["s"].sigmoid().unsqueeze(0)).sum(2)  # [T, B, N]
             total = term if total is None else total + term
         return tokens_to_grid(total.transpose(0, 1), self.spec)
+
+
+def forward_with_taps(backbone, images: Tensor, on_block) -> Tensor:
+    """One no-grad forward with a ``BlockTap`` on every block; returns the last block's output (pre-norm)."""
+    blocks = backbone.blocks
+    final: list[Tensor] = []
+    with torch.no_grad(), BlockTap(blocks, range(len(blocks)), on_block), HookSet() as h:
+        h.forward(blocks[-1], lambda module, args, output: final.append(output))
+        backbone.forward_features(images)
+    return final[-1]
+
+
+def agcam_with_cdam(agcam: AGCAM, cdam, images: Tensor, target_idx: list[int]) -> tuple[Tensor, Tensor]:
+    """AG-CAM and CDAM maps sharing one no-grad forward: (agcam [B, T, gh, gw], cdam [B, T, gh, gw]).
+
+    Same maths, same operations as the two separate calls (so the same maps, bit for bit); only the
+    forward pass is run once. Call inside ``agcam.session`` (both explainers must use the same scorer).
+    """
+    blocks = agcam.backbone.blocks
+    last = len(blocks) - 1
+    recs: list[dict[str, Tensor]] = [{} for _ in blocks]
+    last_rec: dict[str, Tensor] = {}
+
+    def reduce(i: int, rec: dict[str, Tensor]) -> None:
+        if i == last:
+            last_rec.update(rec)
+        recs[i] = agcam.reduce_block(i, rec)
+
+    final = forward_with_taps(agcam.backbone, images, reduce)
+    cdam.scorer = agcam.scorer
+    return agcam.from_records(recs, final, target_idx), cdam.from_record(last_rec, final, target_idx)

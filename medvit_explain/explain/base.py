@@ -327,13 +327,16 @@ def replace_attention_output(hooks: HookSet, blk: nn.Module, output: Tensor) -> 
 
 
 def run_prefix_chain(backbone: nn.Module, start: int, rows_in: Tensor, attn_outputs: Sequence[Tensor],
-                     final_tokens: Tensor, rows: Sequence[int]) -> Tensor:
+                     final_tokens: Tensor, rows: Sequence[int], read_rows: Sequence[int] | None = None) -> Tensor:
     """Re-run blocks ``start..L-1`` on the token rows ``rows`` only, each attention replaced by the given
     output (constants or graph leaves): the residual stream and MLPs of those rows, nothing else.
 
     rows_in [B, R, D] (block ``start`` input at those rows); attn_outputs[j] [B, R, D] for block
     ``start + j``; final_tokens [B, P+N, D] the last block's output (pre-norm) for the other rows.
     Returns pooled pre-logits computed with the chained rows put back into the final tokens.
+    ``read_rows`` (``ViTSpec.read_rows``): when the pooling reads only these leading rows, the final norm
+    and pooling run on rows ``0..max(read_rows)`` alone (the norm is per token; the rest is never read),
+    which keeps the batched backward from touching every patch token.
     """
     x = rows_in
     for j, k in enumerate(range(start, len(backbone.blocks))):
@@ -343,7 +346,8 @@ def run_prefix_chain(backbone: nn.Module, start: int, rows_in: Tensor, attn_outp
             x = blk(x)
     r = len(rows)
     assert tuple(rows) == tuple(range(r)), "prefix chain rows must be the leading rows"
-    tokens = torch.cat([x, final_tokens[:, r:]], dim=1)
+    keep = final_tokens.shape[1] if read_rows is None else max(max(read_rows) + 1, r)
+    tokens = torch.cat([x, final_tokens[:, r:keep]], dim=1) if keep > r else x
     return pooled_from_tokens(backbone, tokens)
 
 
@@ -367,6 +371,14 @@ class Explainer:
         self.scorer = Scorer(model)
 
     def __call__(self, images: Tensor, targets: Any = None) -> Tensor:
+        with self.session(images, targets) as (images, target_idx):
+            maps = self.attribute(images, target_idx)
+        return maps.detach().to(images.dtype)
+
+    @contextlib.contextmanager
+    def session(self, images: Tensor, targets: Any = None) -> Iterator[tuple[Tensor, list[int]]]:
+        """The state one call runs in: yields (images on the model's device and dtype, target indices)
+        inside :func:`captured` and the autocast asked for, with the scorer set (class or concept)."""
         param = next(self.model.parameters(), None)
         device = param.device if param is not None else images.device
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -378,8 +390,7 @@ class Explainer:
                 target_idx = resolve_targets(["concept"], targets if targets is not None else None)
             else:
                 target_idx = resolve_targets(list(self.model.targets), targets)
-            maps = self.attribute(images, target_idx)
-        return maps.detach().to(dtype)
+            yield images, target_idx
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         dtype = self.options.get("autocast_dtype")

@@ -8,7 +8,8 @@ last attention's rows R that the pooling reads, so with o_R the per-head attenti
   ∂f/∂v_j = Σ_r A_rj g_r,  ∂f/∂k_j = scale Σ_r dS_rj q_r,  dS = A ⊙ (g·Vᵀ − Σ A (g·Vᵀ)),
 where g = ∂f/∂o_R comes from re-running only rows R through the rest of the block, final norm, pooling
 and head. Since k = W_k T + b_k and v = W_v T + b_v, Σ_j T_ij ∂f/∂T_ij = (k_i − b_k)·∂f/∂k_i +
-(v_i − b_v)·∂f/∂v_i for patch tokens i: no backward through the qkv projection, all targets at once.
+(v_i − b_v)·∂f/∂v_i for patch tokens i: no backward through the qkv projection, all targets at once;
+without a k norm the head dimension is contracted first, so nothing of size targets × tokens × dim is formed.
 General path (any other pooling, gated attention): autograd on the last block, batched over targets.
 """
 
@@ -95,7 +96,8 @@ class CDAM(Explainer):
         r = len(rows)
         q, k, v, qkv = rec["q"], rec["k"], rec["v"], rec["qkv"]
         q_r = q[:, :, :r] * attn.scale  # [B, H, R, dh]
-        a = (q_r @ k.transpose(-2, -1)).softmax(-1)  # [B, H, R, N]
+        logits = q_r @ k.transpose(-2, -1)  # [B, H, R, N]
+        a = logits.softmax(-1)
         heads = (a @ v).requires_grad_(True)  # [B, H, R, dh], graph leaf
         with torch.enable_grad():
             pooled = run_prefix_chain(
@@ -104,6 +106,8 @@ class CDAM(Explainer):
             )
             scores = self.scorer(pooled)
         (g,) = target_grads(scores, [heads], target_idx)  # [T, B, H, R, dh]
+        if isinstance(attn.k_norm, nn.Identity):
+            return self._contracted(attn, g, a, logits, q_r, v)
         d_a = torch.einsum("tbhrd,bhnd->tbhrn", g, v)
         d_s = a * (d_a - (a * d_a).sum(-1, keepdim=True))
         d_v = torch.einsum("bhrn,tbhrd->tbhnd", a, g)
@@ -128,6 +132,27 @@ class CDAM(Explainer):
         return (
             torch.einsum("bhnd,tbhnd->tbn", k_raw, d_k) + torch.einsum("bhnd,tbhnd->tbn", v_raw, d_v)
         )
+
+    @staticmethod
+    def _contracted(attn: nn.Module, g: Tensor, a: Tensor, logits: Tensor, q_r: Tensor, v: Tensor) -> Tensor:
+        """The fast path's last step with the head dimension contracted first (k not normalised).
+
+        With k = W_k T + b_k: Σ_d (k_i − b_k)_d ∂f/∂k_id = Σ_r dS_ri (L_ri − q_r·b_k), L = q_r·kᵀ (scaled
+        logits); and Σ_d (v_i − b_v)_d ∂f/∂v_id = Σ_r A_ri (g_r·v_i − g_r·b_v). So S_i = Σ_h Σ_r [dS ⊙ (L −
+        q·b_k) + A ⊙ (g·Vᵀ − g·b_v)]: only [T, B, H, R, N] tensors, never [T, B, H, N, dh]. Returns [T, B, N].
+        """
+        t, b, h, r, d = g.shape
+        g_bh = g.permute(1, 2, 0, 3, 4).reshape(b, h, t * r, d)  # [B, H, T·R, dh]
+        d_a = (g_bh @ v.transpose(-2, -1)).reshape(b, h, t, r, -1)  # g·Vᵀ  [B, H, T, R, N]
+        a_t = a.unsqueeze(2)  # [B, H, 1, R, N]
+        d_s = a_t * (d_a - (a_t * d_a).sum(-1, keepdim=True))
+        bias = attn.qkv.bias
+        if bias is not None:
+            bias = bias.detach().reshape(3, h, 1, d)
+            logits = logits - (q_r * bias[1]).sum(-1, keepdim=True)
+            d_a = d_a - (g_bh * bias[2]).sum(-1).reshape(b, h, t, r, 1)
+        scores = (d_s * logits.unsqueeze(2) + a_t * d_a).sum((1, 3))  # [B, T, N]
+        return scores.transpose(0, 1)
 
     # method ----------------------------------------------------------------------------------------
 
