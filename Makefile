@@ -20,8 +20,8 @@ demo: $(STAMP)
 	$(BIN)/medvit-explain explain sample_data/phantom_000.nii.gz --out demo_output
 
 lint: $(STAMP)
-	$(BIN)/ruff check medvit_explain tests plugins
-	$(BIN)/ruff format --check medvit_explain tests plugins
+	$(BIN)/ruff check medvit_explain tests plugins scripts
+	$(BIN)/ruff format --check medvit_explain tests plugins scripts
 
 bench: $(STAMP)
 	$(BIN)/medvit-explain bench

@@ -93,9 +93,19 @@ def _share(pos: np.ndarray, region: np.ndarray | None, total: float) -> float | 
     return float((pos * region).sum() / total) if total > 0 else 0.0
 
 
-def audit(model, data, *, methods: Sequence[str] = ("cdam", "agcam"), batch_size: int = 16, top_slices: int = 3,
-          min_area_mm2: float = 40.0, threshold: float = 0.5, pictures: int = 6, progress: bool = True,
-          on_failure=None) -> AuditResult:
+def audit(
+    model,
+    data,
+    *,
+    methods: Sequence[str] = ("cdam", "agcam"),
+    batch_size: int = 16,
+    top_slices: int = 3,
+    min_area_mm2: float = 40.0,
+    threshold: float = 0.5,
+    pictures: int = 6,
+    progress: bool = True,
+    on_failure=None,
+) -> AuditResult:
     """Audit ``model`` on the studies of ``data`` (a phantom folder or a manifest CSV); see the module doc.
 
     ``on_failure(study_name, message)`` is called for each study that fails (it is then skipped).
@@ -152,9 +162,14 @@ def audit(model, data, *, methods: Sequence[str] = ("cdam", "agcam"), batch_size
             nod_canon = mask_canon[:, :, top] > 0
             lung_canon = reoriented_view(lungs, ornt)[:, :, top] if lungs is not None else None
             label = int(any(int(n.get("malignancy", 0)) == 1 for n in nodules))
-            row: dict[str, Any] = {"study": study.name, "label": label, "score": float(probs.max()),
-                                   "predicted": int(probs.max() >= threshold), "n_nodules": len(nodules),
-                                   "top_slice": int(top[0])}
+            row: dict[str, Any] = {
+                "study": study.name,
+                "label": label,
+                "score": float(probs.max()),
+                "predicted": int(probs.max() >= threshold),
+                "n_nodules": len(nodules),
+                "top_slice": int(top[0]),
+            }
             has_nodule = bool((mask_canon > 0).any())  # a lesion the top slices miss scores 0
             for m in methods:
                 pos = np.clip(reoriented_view(result.maps[m][0], ornt)[:, :, top], 0, None)
@@ -165,10 +180,14 @@ def audit(model, data, *, methods: Sequence[str] = ("cdam", "agcam"), batch_size
             rows.append(row)
             k0 = int(top[0])
             shown = {m: result.display_slice(k0, m, "malignancy") for m in methods}
-            png = study_figure(result.display_slice(k0), shown, mask_canon[:, :, k0].T > 0,
-                               reoriented_view(body_mask(volume.array, ornt), ornt)[:, :, k0].T,
-                               aspect=result.display_aspect(),
-                               title=f"{study.name}: slice {k0}, P(malignancy) = {probs.max():.3f}, label {label}")
+            png = study_figure(
+                result.display_slice(k0),
+                shown,
+                mask_canon[:, :, k0].T > 0,
+                reoriented_view(body_mask(volume.array, ornt), ornt)[:, :, k0].T,
+                aspect=result.display_aspect(),
+                title=f"{study.name}: slice {k0}, P(malignancy) = {probs.max():.3f}, label {label}",
+            )
             figs[study.name] = png
         except Exception as exc:  # a failing study is reported and skipped, never aborting the audit
             message = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
@@ -180,8 +199,12 @@ def audit(model, data, *, methods: Sequence[str] = ("cdam", "agcam"), batch_size
         shares = [r[f"{m}_in_nodule"] for m in methods if r[f"{m}_in_nodule"] is not None]
         r["mostly_outside_lesion"] = bool(shares) and float(np.mean(shares)) < 0.5
     summary = {
-        "data": str(data), "n_studies": len(rows), "methods": list(methods), "threshold": threshold,
-        "top_slices": top_slices, "min_area_mm2": min_area_mm2,
+        "data": str(data),
+        "n_studies": len(rows),
+        "methods": list(methods),
+        "threshold": threshold,
+        "top_slices": top_slices,
+        "min_area_mm2": min_area_mm2,
         "study_label": "malignant if any nodule in the study's JSON is malignant",
         "study_score": "max over slices of P(malignancy)",
         "study": curves([r["label"] for r in rows], [r["score"] for r in rows], threshold) if rows else None,

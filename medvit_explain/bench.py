@@ -51,8 +51,13 @@ DEFAULT_VOLUME = (192, 192, 32)
 # ----------------------------------------------------------------------------------------- model
 
 
-def bench_model(model_path: str | None = None, arch: str | None = None, device: str = "auto",
-                image_size: int | None = None, seed: int = 0) -> nn.Module:
+def bench_model(
+    model_path: str | None = None,
+    arch: str | None = None,
+    device: str = "auto",
+    image_size: int | None = None,
+    seed: int = 0,
+) -> nn.Module:
     """The model to benchmark: a checkpoint (default: the shipped sample model) or a timm architecture
     with random weights (``in_chans=1``, the 9 LIDC targets, ``image_size`` or the variant's default)."""
     from .model import build_model, load_model, resolve_device
@@ -98,11 +103,13 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, long_s:
     return {"seconds": statistics.median(times), "runs": len(times)}
 
 
-def time_paired(fn: Callable[[], Any], forward: Callable[[], Any], device: torch.device, repeats: int,
-                long_s: float) -> dict[str, Any]:
+def time_paired(
+    fn: Callable[[], Any], forward: Callable[[], Any], device: torch.device, repeats: int, long_s: float
+) -> dict[str, Any]:
     """``fn`` timed as :func:`time_call`, each run right after a plain forward on the same slices;
     ``ratio_to_forward`` is the median of the per-run ratios, so a load change on a shared machine
     between the measurements does not skew it."""
+
     def timed(f: Callable[[], Any]) -> float:
         _sync(device)
         t0 = time.perf_counter()
@@ -121,9 +128,12 @@ def time_paired(fn: Callable[[], Any], forward: Callable[[], Any], device: torch
             runs.append((timed(forward), timed(fn)))
             if sum(t for _, t in runs) > 2 * long_s:
                 break
-    out = {"seconds": statistics.median(t for _, t in runs),
-           "ratio_to_forward": statistics.median(t / f for f, t in runs), "runs": len(runs),
-           "best_ratio_to_forward": min(t for _, t in runs) / min(f for f, _ in runs)}
+    out = {
+        "seconds": statistics.median(t for _, t in runs),
+        "ratio_to_forward": statistics.median(t / f for f, t in runs),
+        "runs": len(runs),
+        "best_ratio_to_forward": min(t for _, t in runs) / min(f for f, _ in runs),
+    }
     return {**out, "note": note} if note else out
 
 
@@ -164,7 +174,7 @@ def loop_cdam(model: nn.Module, images: Tensor, target_idx: Sequence[int]) -> Te
 
                 with HookSet() as hooks:
                     hooks.forward(norm1, keep)
-                    score = model(images[b:b + 1].detach().requires_grad_(True))[0, c]
+                    score = model(images[b : b + 1].detach().requires_grad_(True))[0, c]
                 model.zero_grad(set_to_none=True)
                 score.backward()
                 out[b, j] = tokens_to_grid((store["t"] * store["grad"]).sum(-1)[0].detach(), spec)
@@ -204,7 +214,7 @@ def loop_agcam(model: nn.Module, images: Tensor, target_idx: Sequence[int]) -> T
 
                         hooks.forward(attn.attn_drop, grab)
                         hooks.forward(attn.qkv, s_cls)
-                    score = model(images[b:b + 1].detach())[0, c]
+                    score = model(images[b : b + 1].detach())[0, c]
                 model.zero_grad(set_to_none=True)
                 score.backward()
                 total = sum((grads[i][:, :, 0].clamp_min(0) * s.sigmoid()).sum(1) for i, s in enumerate(scores))
@@ -239,13 +249,14 @@ def run_pytorch_gradcam(model: nn.Module, images: Tensor, target_idx: Sequence[i
     gh, gw = spec.grid
 
     def reshape_transform(tokens: Tensor) -> Tensor:
-        t = tokens[:, spec.num_prefix:]
+        t = tokens[:, spec.num_prefix :]
         return t.reshape(t.shape[0], gh, gw, t.shape[-1]).permute(0, 3, 1, 2)
 
     maps = []
     try:
-        with GradCAM(model=model, target_layers=[model.backbone.blocks[-1].norm1],
-                     reshape_transform=reshape_transform) as cam:
+        with GradCAM(
+            model=model, target_layers=[model.backbone.blocks[-1].norm1], reshape_transform=reshape_transform
+        ) as cam:
             for c in target_idx:
                 maps.append(cam(input_tensor=images, targets=[ClassifierOutputTarget(c)] * images.shape[0]))
     finally:
@@ -345,8 +356,15 @@ def run_bench(
     result: dict[str, Any] = {
         "machine": machine_info(device),
         "model": model_info(model),
-        "workload": {"slices": slices, "targets": k, "repeats": repeats, "loop_slices": min(loop_slices, slices),
-                     "volume": list(volume), "batch_size": batch_size, "precision": precision},
+        "workload": {
+            "slices": slices,
+            "targets": k,
+            "repeats": repeats,
+            "loop_slices": min(loop_slices, slices),
+            "volume": list(volume),
+            "batch_size": batch_size,
+            "precision": precision,
+        },
     }
 
     def forward() -> None:
@@ -371,8 +389,10 @@ def run_bench(
         result["methods"][m] = paired(lambda m=m, o=opts: explain(model, images, m, targets, **o))
     if {"cdam", "agcam"} <= set(methods):
         say("cdam+agcam (shared forward)")
-        result["together"] = {"methods": ["cdam", "agcam"],
-                              **paired(lambda: explain_many(model, images, ["cdam", "agcam"], targets))}
+        result["together"] = {
+            "methods": ["cdam", "agcam"],
+            **paired(lambda: explain_many(model, images, ["cdam", "agcam"], targets)),
+        }
 
     n_loop = min(loop_slices, slices)
     result["loop"] = {}
@@ -382,17 +402,28 @@ def run_bench(
         say(f"loop {m}")
         t = paired(lambda m=m: LOOPS[m](model, images[:n_loop], targets))
         scale = slices / n_loop
-        result["loop"][m] = {"seconds_measured": t["seconds"], "slices_measured": n_loop, "runs": t["runs"],
-                             "seconds": t["seconds"] * scale, "ratio_to_forward": t["ratio_to_forward"] * scale,
-                             "speedup": t["ratio_to_forward"] * scale / result["methods"][m]["ratio_to_forward"]}
+        result["loop"][m] = {
+            "seconds_measured": t["seconds"],
+            "slices_measured": n_loop,
+            "runs": t["runs"],
+            "seconds": t["seconds"] * scale,
+            "ratio_to_forward": t["ratio_to_forward"] * scale,
+            "speedup": t["ratio_to_forward"] * scale / result["methods"][m]["ratio_to_forward"],
+        }
 
     if gradcam_available():
         say("pytorch-grad-cam")
-        result["gradcam"] = {"available": True, "library": "pytorch-grad-cam " + _version("grad-cam"),
-                             **paired(lambda: run_pytorch_gradcam(model, images, targets))}
+        result["gradcam"] = {
+            "available": True,
+            "library": "pytorch-grad-cam " + _version("grad-cam"),
+            **paired(lambda: run_pytorch_gradcam(model, images, targets)),
+        }
     else:
-        result["gradcam"] = {"available": False, "ratio_to_forward": None,
-                             "note": "pytorch-grad-cam not installed (pip install 'medvit-explain[gradcam]')"}
+        result["gradcam"] = {
+            "available": False,
+            "ratio_to_forward": None,
+            "note": "pytorch-grad-cam not installed (pip install 'medvit-explain[gradcam]')",
+        }
 
     with tempfile.TemporaryDirectory(prefix="medvit-bench-") as tmp:
         tmp_path = Path(tmp)
@@ -437,13 +468,25 @@ def _explain_file(model: nn.Module, path: Path, out_dir: Path, batch_size: int, 
     load_s = time.perf_counter() - t0
     result = explain_volume(model, volume, methods=["cdam", "agcam"], batch_size=batch_size, precision=precision)
     written = result.save(out_dir, report=False)
-    return {"load": load_s, **result.timings, "files": len(written),
-            "input_bytes": int(volume.array.nbytes),
-            "output_bytes": int(sum(a.nbytes for a in result.maps.values()))}
+    return {
+        "load": load_s,
+        **result.timings,
+        "files": len(written),
+        "input_bytes": int(volume.array.nbytes),
+        "output_bytes": int(sum(a.nbytes for a in result.maps.values())),
+    }
 
 
-def _end_to_end(model, tmp: Path, volume: Sequence[int], batch_size: int, precision: str, repeats: int,
-                device: torch.device, long_s: float) -> dict[str, Any]:
+def _end_to_end(
+    model,
+    tmp: Path,
+    volume: Sequence[int],
+    batch_size: int,
+    precision: str,
+    repeats: int,
+    device: torch.device,
+    long_s: float,
+) -> dict[str, Any]:
     path = _write_phantom(tmp / "e2e.nii.gz", volume)
     parts: dict[str, Any] = {}
 
@@ -454,27 +497,51 @@ def _end_to_end(model, tmp: Path, volume: Sequence[int], batch_size: int, precis
 
     t = time_call(once, device, min(repeats, 3), long_s)
     n = int(volume[2])
-    return {"seconds": t["seconds"], "runs": t["runs"], "slices": n, "slices_per_s": n / t["seconds"],
-            "methods": ["cdam", "agcam"], "volume": list(volume),
-            "breakdown_s": {k: round(v, 4) for k, v in parts.items() if isinstance(v, float)},
-            "files_written": parts.get("files")}
+    return {
+        "seconds": t["seconds"],
+        "runs": t["runs"],
+        "slices": n,
+        "slices_per_s": n / t["seconds"],
+        "methods": ["cdam", "agcam"],
+        "volume": list(volume),
+        "breakdown_s": {k: round(v, 4) for k, v in parts.items() if isinstance(v, float)},
+        "files_written": parts.get("files"),
+    }
 
 
 # ----------------------------------------------------------------------------------------- memory
 
 
-def _memory(source: dict[str, Any], device: str, tmp: Path, volume: Sequence[int], batch_size: int,
-            precision: str, say: Callable[[str], None]) -> dict[str, Any]:
+def _memory(
+    source: dict[str, Any],
+    device: str,
+    tmp: Path,
+    volume: Sequence[int],
+    batch_size: int,
+    precision: str,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
     """Peak memory of separate processes explaining N and 4·N slices of the same in-plane size."""
     runs = []
     for factor in (1, 4):
         shape = (int(volume[0]), int(volume[1]), int(volume[2]) * factor)
         say(f"memory {shape[2]} slices")
         path = _write_phantom(tmp / f"mem_{shape[2]}.nii.gz", shape)
-        job = {**source, "device": device, "path": str(path), "out": str(tmp / f"mem_out_{shape[2]}"),
-               "batch_size": batch_size, "precision": precision, "threads": torch.get_num_threads()}
-        proc = subprocess.run([sys.executable, "-m", "medvit_explain.bench", "--memory-worker", json.dumps(job)],
-                              capture_output=True, text=True, check=False)
+        job = {
+            **source,
+            "device": device,
+            "path": str(path),
+            "out": str(tmp / f"mem_out_{shape[2]}"),
+            "batch_size": batch_size,
+            "precision": precision,
+            "threads": torch.get_num_threads(),
+        }
+        proc = subprocess.run(
+            [sys.executable, "-m", "medvit_explain.bench", "--memory-worker", json.dumps(job)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
             raise RuntimeError(f"memory worker for {shape[2]} slices failed: {tail[0]}")
@@ -490,7 +557,9 @@ def _memory(source: dict[str, Any], device: str, tmp: Path, volume: Sequence[int
             io_growth = 0  # the volumes stay on the host
         excess = growth - io_growth
         out[key.replace("_bytes", "")] = {
-            "growth_bytes": growth, "volumes_growth_bytes": io_growth, "excess_bytes": excess,
+            "growth_bytes": growth,
+            "volumes_growth_bytes": io_growth,
+            "excess_bytes": excess,
             "excess_fraction": excess / small[key] if small[key] else 0.0,
         }
     return out
@@ -547,8 +616,9 @@ def _current_rss_bytes() -> int | None:
 
 def _memory_worker(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(job.get("threads") or torch.get_num_threads()))
-    model = bench_model(job.get("model_path"), job.get("arch"), job["device"], job.get("image_size"),
-                        int(job.get("seed", 0)))
+    model = bench_model(
+        job.get("model_path"), job.get("arch"), job["device"], job.get("image_size"), int(job.get("seed", 0))
+    )
     device = next(model.parameters()).device
     baseline = _current_rss_bytes()
     reset = _reset_peak_rss()
@@ -605,7 +675,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"machine   {m['host']} | {m['platform']} | {m['cpu_count']} CPUs, {m['torch_threads']} torch threads"
         + (f" | load avg {m['load_average_1m']}" if "load_average_1m" in m else ""),
-        f"device    {m['device']}" + (f" ({m['gpu']}, CUDA {m['cuda']})" if "gpu" in m else "")
+        f"device    {m['device']}"
+        + (f" ({m['gpu']}, CUDA {m['cuda']})" if "gpu" in m else "")
         + f" | torch {m['torch']} | timm {m['timm']} | python {m['python']}",
         f"model     {mod['name']}: {mod['image_size']} px, grid {mod['patch_grid']}, depth {mod['depth']}, "
         f"dim {mod['embed_dim']}, {mod['num_heads']} heads, {mod['targets']} targets, "
@@ -620,41 +691,59 @@ def format_table(result: dict[str, Any]) -> str:
         f"{result['forward_runs']:5d}",
     ]
     for name, row in result["methods"].items():
-        lines.append(f"{name + ' (all targets)':34s} {row['seconds']:10.4f} {row['ratio_to_forward']:10.2f} "
-                     f"{row['best_ratio_to_forward']:7.2f} {row['runs']:5d}")
+        lines.append(
+            f"{name + ' (all targets)':34s} {row['seconds']:10.4f} {row['ratio_to_forward']:10.2f} "
+            f"{row['best_ratio_to_forward']:7.2f} {row['runs']:5d}"
+        )
     if result.get("together"):
         row = result["together"]
-        lines.append(f"{'cdam + agcam (shared forward)':34s} {row['seconds']:10.4f} "
-                     f"{row['ratio_to_forward']:10.2f} {row['best_ratio_to_forward']:7.2f} {row['runs']:5d}")
+        lines.append(
+            f"{'cdam + agcam (shared forward)':34s} {row['seconds']:10.4f} "
+            f"{row['ratio_to_forward']:10.2f} {row['best_ratio_to_forward']:7.2f} {row['runs']:5d}"
+        )
     for name, row in result.get("loop", {}).items():
-        lines.append(f"{'loop ' + name + ' (1 slice, 1 target)':34s} {row['seconds']:10.4f} "
-                     f"{row['ratio_to_forward']:10.2f} {'':7s} {row['runs']:5d}   "
-                     f"batched is {row['speedup']:.1f}x faster")
+        lines.append(
+            f"{'loop ' + name + ' (1 slice, 1 target)':34s} {row['seconds']:10.4f} "
+            f"{row['ratio_to_forward']:10.2f} {'':7s} {row['runs']:5d}   "
+            f"batched is {row['speedup']:.1f}x faster"
+        )
     g = result["gradcam"]
     if g.get("available"):
-        lines.append(f"{'pytorch-grad-cam GradCAM':34s} {g['seconds']:10.4f} {g['ratio_to_forward']:10.2f} "
-                     f"{g['best_ratio_to_forward']:7.2f} {g['runs']:5d}   ({g['library']}, one call per target)")
+        lines.append(
+            f"{'pytorch-grad-cam GradCAM':34s} {g['seconds']:10.4f} {g['ratio_to_forward']:10.2f} "
+            f"{g['best_ratio_to_forward']:7.2f} {g['runs']:5d}   ({g['library']}, one call per target)"
+        )
     else:
         lines.append(f"{'pytorch-grad-cam GradCAM':34s} {'unavailable':>10s}   {g['note']}")
     e = result["end_to_end"]
-    lines += ["", f"end to end (load -> cdam + agcam -> {e['files_written']} files written), "
-                  f"{e['slices']} slices: {e['seconds']:.2f} s, {e['slices_per_s']:.1f} slices/s  "
-                  f"[{', '.join(f'{k} {v:.2f}' for k, v in e['breakdown_s'].items())}]"]
+    lines += [
+        "",
+        f"end to end (load -> cdam + agcam -> {e['files_written']} files written), "
+        f"{e['slices']} slices: {e['seconds']:.2f} s, {e['slices_per_s']:.1f} slices/s  "
+        f"[{', '.join(f'{k} {v:.2f}' for k, v in e['breakdown_s'].items())}]",
+    ]
     mem = result.get("memory")
     if mem:
         for run in mem["runs"]:
-            lines.append(f"memory    {run['slices']:4d} slices: peak RSS ({run['peak_scope']}) "
-                         f"{_mib(run['peak_rss_bytes'])} "
-                         f"(after model load {_mib(run['rss_after_model_bytes'])}), input {_mib(run['input_bytes'])}, "
-                         f"output maps {_mib(run['output_bytes'])}"
-                         + (f", CUDA max allocated {_mib(run['cuda_max_allocated_bytes'])}"
-                            if run.get("cuda_max_allocated_bytes") is not None else ""))
+            lines.append(
+                f"memory    {run['slices']:4d} slices: peak RSS ({run['peak_scope']}) "
+                f"{_mib(run['peak_rss_bytes'])} "
+                f"(after model load {_mib(run['rss_after_model_bytes'])}), input {_mib(run['input_bytes'])}, "
+                f"output maps {_mib(run['output_bytes'])}"
+                + (
+                    f", CUDA max allocated {_mib(run['cuda_max_allocated_bytes'])}"
+                    if run.get("cuda_max_allocated_bytes") is not None
+                    else ""
+                )
+            )
         for key in ("peak_rss", "cuda_max_allocated"):
             if key in mem:
                 r = mem[key]
-                lines.append(f"          {key}: 4x slices grew {_mib(r['growth_bytes'])}, volumes "
-                             f"{_mib(r['volumes_growth_bytes'])}, excess {_mib(r['excess_bytes'])} = "
-                             f"{100 * r['excess_fraction']:.1f} % of the smaller run's peak")
+                lines.append(
+                    f"          {key}: 4x slices grew {_mib(r['growth_bytes'])}, volumes "
+                    f"{_mib(r['volumes_growth_bytes'])}, excess {_mib(r['excess_bytes'])} = "
+                    f"{100 * r['excess_fraction']:.1f} % of the smaller run's peak"
+                )
     lines += ["", "targets"]
     for name, c in result["targets_check"].items():
         lines.append(f"  {name:40s} {c['value']:10.3f}  {c['target']:8s} {'met' if c['met'] else 'NOT MET'}")

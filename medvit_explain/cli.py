@@ -88,11 +88,18 @@ def inspect(path: str, as_json: bool, series_uid: str | None, allow_modality: bo
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
 @click.option("--seed", type=int, required=True, help="Random seed (same seed, same files).")
 @click.option("--count", type=click.IntRange(min=1), default=1, show_default=True, help="Number of phantoms.")
-@click.option("--format", "fmt", type=click.Choice(["nifti", "dicom"]), default="nifti", show_default=True,
-              help="dicom also writes a CT DICOM series folder per phantom.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["nifti", "dicom"]),
+    default="nifti",
+    show_default=True,
+    help="dicom also writes a CT DICOM series folder per phantom.",
+)
 @click.option("--size", type=(int, int, int), default=None, help="Voxels along x, y, z [default: 256 256 64].")
-@click.option("--spacing", type=(float, float, float), default=None,
-              help="Voxel size in mm along x, y, z [default: 1.4 1.4 2.5].")
+@click.option(
+    "--spacing", type=(float, float, float), default=None, help="Voxel size in mm along x, y, z [default: 1.4 1.4 2.5]."
+)
 def make_phantom(out_dir: str, seed: int, count: int, fmt: str, size, spacing) -> None:
     """Generate synthetic chest-CT phantoms with nodules, masks and labels.
 

@@ -40,12 +40,30 @@ from .metrics import (
 )
 from .metrics.faithfulness import auc
 
-__all__ = ["EvalSlices", "EvaluationResult", "evaluate_explanations", "load_eval_slices", "lung_mask_path",
-           "write_evaluation"]
+__all__ = [
+    "EvalSlices",
+    "EvaluationResult",
+    "evaluate_explanations",
+    "load_eval_slices",
+    "lung_mask_path",
+    "write_evaluation",
+]
 
-LOCALIZATION_KEYS = ("pixel_accuracy", "iou", "dice", "precision", "recall", "box_pixel_accuracy", "box_iou",
-                     "box_dice", "box_precision", "box_recall", "pointing_game", "evidence_in_nodule",
-                     "evidence_in_lungs")
+LOCALIZATION_KEYS = (
+    "pixel_accuracy",
+    "iou",
+    "dice",
+    "precision",
+    "recall",
+    "box_pixel_accuracy",
+    "box_iou",
+    "box_dice",
+    "box_precision",
+    "box_recall",
+    "pointing_game",
+    "evidence_in_nodule",
+    "evidence_in_lungs",
+)
 RANDOMIZATION_FLAG = 0.5  # mean Spearman ρ above this after randomisation: the maps did not change enough
 
 
@@ -83,8 +101,9 @@ def lung_mask_path(image: str | Path) -> Path | None:
     return path if path.exists() else None
 
 
-def load_eval_slices(studies, model, *, min_area_mm2: float = 40.0, max_slices: int | None = None, seed: int = 0,
-                     progress: bool = True) -> EvalSlices:
+def load_eval_slices(
+    studies, model, *, min_area_mm2: float = 40.0, max_slices: int | None = None, seed: int = 0, progress: bool = True
+) -> EvalSlices:
     """Preprocess every labelled slice of ``studies`` and the masks of the nodule slices to explain."""
     from tqdm.auto import tqdm
 
@@ -137,9 +156,17 @@ def load_eval_slices(studies, model, *, min_area_mm2: float = 40.0, max_slices: 
                 lung.append(slice_masks(lungs, inputs, ks) > 0)
             explained.extend(offset + i for i in sel)
         offset += len(chosen)
-    return EvalSlices(torch.cat(images), torch.cat(targets), np.concatenate(study_idx), np.concatenate(flags),
-                      np.asarray(explained, dtype=np.int64), np.concatenate(nod),
-                      np.concatenate(lung) if any_lungs else None, ids, [st.name for st in studies])
+    return EvalSlices(
+        torch.cat(images),
+        torch.cat(targets),
+        np.concatenate(study_idx),
+        np.concatenate(flags),
+        np.asarray(explained, dtype=np.int64),
+        np.concatenate(nod),
+        np.concatenate(lung) if any_lungs else None,
+        ids,
+        [st.name for st in studies],
+    )
 
 
 def _negated_output(model, k: int):
@@ -174,11 +201,24 @@ def _mean(values) -> float:
     return float(np.nanmean(values)) if values.size and np.isfinite(values).any() else float("nan")
 
 
-def evaluate_explanations(model, data, methods: Sequence[str] | None = None, targets=None, *,
-                          batch_size: int = 16, seed: int = 0, max_slices: int | None = None,
-                          randomize_blocks: int = 1, min_area_mm2: float = 40.0, threshold: float = 0.5,
-                          fill: float | None = None, steps: int = 11, method_options: dict[str, dict] | None = None,
-                          progress: bool = True, n_examples: int = 3) -> EvaluationResult:
+def evaluate_explanations(
+    model,
+    data,
+    methods: Sequence[str] | None = None,
+    targets=None,
+    *,
+    batch_size: int = 16,
+    seed: int = 0,
+    max_slices: int | None = None,
+    randomize_blocks: int = 1,
+    min_area_mm2: float = 40.0,
+    threshold: float = 0.5,
+    fill: float | None = None,
+    steps: int = 11,
+    method_options: dict[str, dict] | None = None,
+    progress: bool = True,
+    n_examples: int = 3,
+) -> EvaluationResult:
     """Measure every method's maps on the nodule slices of ``data`` (see the module docstring).
 
     Args:
@@ -219,16 +259,16 @@ def evaluate_explanations(model, data, methods: Sequence[str] | None = None, tar
     model.eval()
     device = next(model.parameters()).device
     t0 = time.perf_counter()
-    sl = load_eval_slices(studies, model, min_area_mm2=min_area_mm2, max_slices=max_slices, seed=seed,
-                          progress=progress)
+    sl = load_eval_slices(
+        studies, model, min_area_mm2=min_area_mm2, max_slices=max_slices, seed=seed, progress=progress
+    )
     overall = model_metrics(model, sl.images, sl.targets, sl.has_nodule)
     images = sl.images[sl.explained]
     h, w = images.shape[-2:]
     primary = _primary(spec)
     with torch.no_grad():
-        logits = torch.cat([model(images[i:i + 128].to(device)).float().cpu() for i in range(0, len(images), 128)])
-    benign = (logits[:, primary] < 0).numpy() if spec.targets[primary].kind == "binary" else np.zeros(len(images),
-                                                                                                        bool)
+        logits = torch.cat([model(images[i : i + 128].to(device)).float().cpu() for i in range(0, len(images), 128)])
+    benign = (logits[:, primary] < 0).numpy() if spec.targets[primary].kind == "binary" else np.zeros(len(images), bool)
     negated = _negated_output(model, primary) if benign.any() else None
     depth = len(model.backbone.blocks)
     randomized = {k: randomize_top_blocks(model, k, seed=seed + k) for k in range(1, min(randomize_blocks, depth) + 1)}
@@ -236,9 +276,23 @@ def evaluate_explanations(model, data, methods: Sequence[str] | None = None, tar
     def forward(x: torch.Tensor) -> torch.Tensor:
         return score_outputs(model(x.to(device)), spec, target_idx)
 
-    metrics: dict[str, Any] = {key: {} for key in (
-        "localization", "localization_sweep", "abpc", "deletion_auc", "insertion_auc", "curves", "compactness",
-        "class_sensitivity", "class_sensitivity_pairs", "randomization", "randomization_cascade", "timings_s")}
+    metrics: dict[str, Any] = {
+        key: {}
+        for key in (
+            "localization",
+            "localization_sweep",
+            "abpc",
+            "deletion_auc",
+            "insertion_auc",
+            "curves",
+            "compactness",
+            "class_sensitivity",
+            "class_sensitivity_pairs",
+            "randomization",
+            "randomization_cascade",
+            "timings_s",
+        )
+    }
     examples: dict[str, Any] = {}
     ex_idx = _example_indices(sl, n_examples)
     examples["images"] = images[ex_idx, 0].numpy()
@@ -257,13 +311,17 @@ def evaluate_explanations(model, data, methods: Sequence[str] | None = None, tar
             x = images[rows].to(device)
             m = explain(model, x, method, targets=target_idx, **opts).float()  # [b, T, gh, gw]
             maps.append(m.cpu())
-            loc = (m[:, target_idx.index(primary)] if primary in target_idx
-                   else explain(model, x, method, targets=[primary], **opts).float()[:, 0])
+            loc = (
+                m[:, target_idx.index(primary)]
+                if primary in target_idx
+                else explain(model, x, method, targets=[primary], **opts).float()[:, 0]
+            )
             flip = torch.from_numpy(benign[rows])
             if sensitive and negated is not None and flip.any():
                 loc = loc.clone()
-                loc[flip.to(loc.device)] = explain(negated, x[flip.to(x.device)], method, targets=[primary],
-                                                   **opts).float()[:, 0]
+                loc[flip.to(loc.device)] = explain(
+                    negated, x[flip.to(x.device)], method, targets=[primary], **opts
+                ).float()[:, 0]
             loc_maps.append(loc.cpu())
             up = upsample(m, (h, w))
             mo, le = perturbation_curves(forward, x, up, steps=steps, fill=fill, batch_size=256)
@@ -274,21 +332,28 @@ def evaluate_explanations(model, data, methods: Sequence[str] | None = None, tar
             bar.update(1)
         maps_t = torch.cat(maps)
         loc_t = torch.cat(loc_maps)
-        scores = localization_scores(upsample(loc_t[:, None], (h, w))[:, 0], torch.from_numpy(sl.nodule),
-                                     threshold=threshold, lungs=None if sl.lungs is None else
-                                     torch.from_numpy(sl.lungs))
+        scores = localization_scores(
+            upsample(loc_t[:, None], (h, w))[:, 0],
+            torch.from_numpy(sl.nodule),
+            threshold=threshold,
+            lungs=None if sl.lungs is None else torch.from_numpy(sl.lungs),
+        )
         metrics["localization"][method] = {k: _mean(scores[k].numpy()) for k in LOCALIZATION_KEYS if k in scores}
         sweep = sorted({float(k.split("@")[1]) for k in scores if "@" in k})
         metrics["localization_sweep"][method] = {
-            "thresholds": sweep, "dice": [_mean(scores[f"dice@{t:g}"].numpy()) for t in sweep],
-            "iou": [_mean(scores[f"iou@{t:g}"].numpy()) for t in sweep]}
+            "thresholds": sweep,
+            "dice": [_mean(scores[f"dice@{t:g}"].numpy()) for t in sweep],
+            "iou": [_mean(scores[f"iou@{t:g}"].numpy()) for t in sweep],
+        }
         morf_a, lerf_a = np.concatenate(morf), np.concatenate(lerf)  # [M, T, S]
         abpc_v = auc(lerf_a) - auc(morf_a)
         metrics["abpc"][method] = {n: _mean(abpc_v[:, i]) for i, n in enumerate(names)}
         metrics["deletion_auc"][method] = {n: _mean(auc(morf_a[:, i])) for i, n in enumerate(names)}
         metrics["insertion_auc"][method] = {n: _mean(auc(lerf_a[:, i])) for i, n in enumerate(names)}
-        metrics["curves"][method] = {n: {"morf": morf_a[:, i].mean(0).tolist(), "lerf": lerf_a[:, i].mean(0).tolist()}
-                                     for i, n in enumerate(names)}
+        metrics["curves"][method] = {
+            n: {"morf": morf_a[:, i].mean(0).tolist(), "lerf": lerf_a[:, i].mean(0).tolist()}
+            for i, n in enumerate(names)
+        }
         metrics["compactness"][method] = _mean(compactness(maps_t).numpy())
         per_image, pairs = class_sensitivity(maps_t, names)
         metrics["class_sensitivity"][method] = _mean(per_image.numpy())
@@ -299,24 +364,36 @@ def evaluate_explanations(model, data, methods: Sequence[str] | None = None, tar
         metrics["timings_s"][method] = round(time.perf_counter() - t_method, 2)
         examples["maps"][method] = upsample(loc_t[ex_idx][:, None], (h, w))[:, 0].numpy()
     bar.close()
-    metrics["randomization_flagged"] = [m for m, r in metrics["randomization"].items()
-                                        if np.isfinite(r) and r > RANDOMIZATION_FLAG]
+    metrics["randomization_flagged"] = [
+        m for m, r in metrics["randomization"].items() if np.isfinite(r) and r > RANDOMIZATION_FLAG
+    ]
     metrics["model"] = _model_block(overall, spec)
-    metrics.update({
-        "n_slices": int(len(images)),
-        "n_nodules": int(len(set().union(*sl.nodule_ids))) if sl.nodule_ids else 0,
-        "n_studies": len(studies),
-        "n_model_slices": int(len(sl.images)),
-        "seed": int(seed),
-        "methods": methods,
-        "targets": names,
-        "settings": {"min_area_mm2": min_area_mm2, "max_slices": max_slices, "threshold": threshold,
-                     "fill": fill, "steps": steps, "randomize_blocks": int(min(randomize_blocks, depth)),
-                     "randomization_flag_above": RANDOMIZATION_FLAG, "localization_target": spec.names[primary],
-                     "localization_class": "predicted", "batch_size": batch_size,
-                     "device": str(device), "data": str(data)},
-        "total_seconds": round(time.perf_counter() - t0, 1),
-    })
+    metrics.update(
+        {
+            "n_slices": int(len(images)),
+            "n_nodules": int(len(set().union(*sl.nodule_ids))) if sl.nodule_ids else 0,
+            "n_studies": len(studies),
+            "n_model_slices": int(len(sl.images)),
+            "seed": int(seed),
+            "methods": methods,
+            "targets": names,
+            "settings": {
+                "min_area_mm2": min_area_mm2,
+                "max_slices": max_slices,
+                "threshold": threshold,
+                "fill": fill,
+                "steps": steps,
+                "randomize_blocks": int(min(randomize_blocks, depth)),
+                "randomization_flag_above": RANDOMIZATION_FLAG,
+                "localization_target": spec.names[primary],
+                "localization_class": "predicted",
+                "batch_size": batch_size,
+                "device": str(device),
+                "data": str(data),
+            },
+            "total_seconds": round(time.perf_counter() - t0, 1),
+        }
+    )
     return EvaluationResult(metrics, examples)
 
 
@@ -336,15 +413,17 @@ def _example_indices(sl: EvalSlices, n: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def model_metrics(model, images: torch.Tensor, targets: torch.Tensor, has_nodule: np.ndarray,
-                  batch_size: int = 128) -> dict[str, Any]:
+def model_metrics(
+    model, images: torch.Tensor, targets: torch.Tensor, has_nodule: np.ndarray, batch_size: int = 128
+) -> dict[str, Any]:
     """Slice-level ROC AUC and accuracy at 0.5 of each binary target (also on nodule slices only), and
     the MAE on the target's scale of each regression target (labelled slices only)."""
     from .train import roc_auc
 
     device = next(model.parameters()).device
-    outputs = torch.cat([model(images[i:i + batch_size].to(device)).float().cpu()
-                         for i in range(0, len(images), batch_size)])
+    outputs = torch.cat(
+        [model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+    )
     spec = model.task_spec
     values = np.asarray(spec.to_values(outputs.numpy()))
     truth = np.asarray(spec.denormalize(targets.numpy()))
@@ -429,19 +508,21 @@ def table_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     for m in metrics["methods"]:
         loc = metrics["localization"][m]
         abpc_m = metrics["abpc"][m]
-        rows.append({
-            "method": m,
-            "dice": loc.get("dice", float("nan")),
-            "iou": loc.get("iou", float("nan")),
-            "box_iou": loc.get("box_iou", float("nan")),
-            "pointing": loc.get("pointing_game", float("nan")),
-            "ev_nodule": loc.get("evidence_in_nodule", float("nan")),
-            "ev_lungs": loc.get("evidence_in_lungs", float("nan")),
-            f"abpc_{primary}": abpc_m.get(primary, float("nan")),
-            "compact": metrics["compactness"][m],
-            "class_sens": metrics["class_sensitivity"][m],
-            "rand_rho": metrics["randomization"][m],
-        })
+        rows.append(
+            {
+                "method": m,
+                "dice": loc.get("dice", float("nan")),
+                "iou": loc.get("iou", float("nan")),
+                "box_iou": loc.get("box_iou", float("nan")),
+                "pointing": loc.get("pointing_game", float("nan")),
+                "ev_nodule": loc.get("evidence_in_nodule", float("nan")),
+                "ev_lungs": loc.get("evidence_in_lungs", float("nan")),
+                f"abpc_{primary}": abpc_m.get(primary, float("nan")),
+                "compact": metrics["compactness"][m],
+                "class_sens": metrics["class_sensitivity"][m],
+                "rand_rho": metrics["randomization"][m],
+            }
+        )
     return rows
 
 

@@ -64,10 +64,29 @@ __all__ = [
 ]
 
 GENERATOR_VERSION = "1.0"
-NODULE_KEYS = ("id", "center_mm", "diameter_mm", "malignancy", "subtlety", "calcification", "margin",
-               "lobulation", "spiculation", "texture", "sphericity")
-BIOMARKER_KEYS = ("subtlety", "calcification", "margin", "lobulation", "spiculation", "texture",
-                  "sphericity", "diameter_mm")
+NODULE_KEYS = (
+    "id",
+    "center_mm",
+    "diameter_mm",
+    "malignancy",
+    "subtlety",
+    "calcification",
+    "margin",
+    "lobulation",
+    "spiculation",
+    "texture",
+    "sphericity",
+)
+BIOMARKER_KEYS = (
+    "subtlety",
+    "calcification",
+    "margin",
+    "lobulation",
+    "spiculation",
+    "texture",
+    "sphericity",
+    "diameter_mm",
+)
 DEFAULT_SIZE = (256, 256, 64)
 DEFAULT_SPACING = (1.4, 1.4, 2.5)
 
@@ -83,12 +102,12 @@ def malignancy_score(attrs: Mapping[str, Any]) -> float:
     """Risk score of a nodule from its attributes (higher = more suspicious); see ``malignancy_rule``."""
     d = float(attrs["diameter_mm"])
     score = float(np.clip((d - 10.0) / 5.0, -1.5, 3.0))  # Fleischner-like size bands
-    score += 0.75 * (int(attrs["spiculation"]) - 1)      # 0 … 3
-    score += 0.5 * (int(attrs["lobulation"]) - 1)        # 0 … 2
-    score += 0.3 * (5 - int(attrs["margin"]))            # poorly defined margin: 0 … 1.2
-    score += 0.2 * (5 - int(attrs["sphericity"]))        # irregular shape: 0 … 0.8
+    score += 0.75 * (int(attrs["spiculation"]) - 1)  # 0 … 3
+    score += 0.5 * (int(attrs["lobulation"]) - 1)  # 0 … 2
+    score += 0.3 * (5 - int(attrs["margin"]))  # poorly defined margin: 0 … 1.2
+    score += 0.2 * (5 - int(attrs["sphericity"]))  # irregular shape: 0 … 0.8
     score += {1: 0.0, 2: 0.75, 3: 1.5, 4: 0.75, 5: 0.0}[int(attrs["texture"])]  # part-solid
-    if int(attrs["calcification"]) != 6:                 # benign calcification pattern
+    if int(attrs["calcification"]) != 6:  # benign calcification pattern
         score -= 4.0
     return score
 
@@ -195,8 +214,9 @@ class _Grid:
 
     def box_clipped(self, lo_mm: np.ndarray, hi_mm: np.ndarray) -> tuple[slice, slice, slice] | None:
         """Index box of the mm box ``[lo_mm, hi_mm]`` (relative coords), clipped to the grid."""
-        corners = np.array([[a, b, c] for a in (lo_mm[0], hi_mm[0]) for b in (lo_mm[1], hi_mm[1])
-                            for c in (lo_mm[2], hi_mm[2])])
+        corners = np.array(
+            [[a, b, c] for a in (lo_mm[0], hi_mm[0]) for b in (lo_mm[1], hi_mm[1]) for c in (lo_mm[2], hi_mm[2])]
+        )
         idx = self.to_index(corners)
         lo = np.maximum(np.floor(idx.min(0)).astype(int), 0)
         hi = np.minimum(np.ceil(idx.max(0)).astype(int) + 1, np.asarray(self.shape))
@@ -216,7 +236,7 @@ class _Grid:
 def _fibonacci_sphere(n: int) -> np.ndarray:
     i = np.arange(n) + 0.5
     phi = np.arccos(1 - 2 * i / n)
-    theta = np.pi * (1 + 5 ** 0.5) * i
+    theta = np.pi * (1 + 5**0.5) * i
     return np.stack([np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)], -1)
 
 
@@ -275,10 +295,12 @@ def _anatomy(grid: _Grid, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
     # the heart sits low: present in the inferior part, shrinking superiorly
     hz0 = np.float32(-0.35 * hz + u(-10, 10))
     hg = np.sqrt(np.clip(1.0 - ((z - hz0) / np.float32(0.9 * hz + 30.0)) ** 2, 0.0, 1.0))
-    heart = ((x - heart_c[0]) / (heart_ax[0] * hg + 1e-3)) ** 2 + \
-            ((y - yc - heart_c[1]) / (heart_ax[1] * hg + 1e-3)) ** 2 <= 1.0
-    heart_pad = ((x - heart_c[0]) / (heart_ax[0] * hg + 8 * s)) ** 2 + \
-                ((y - yc - heart_c[1]) / (heart_ax[1] * hg + 8 * s)) ** 2 <= 1.0
+    heart = ((x - heart_c[0]) / (heart_ax[0] * hg + 1e-3)) ** 2 + (
+        (y - yc - heart_c[1]) / (heart_ax[1] * hg + 1e-3)
+    ) ** 2 <= 1.0
+    heart_pad = ((x - heart_c[0]) / (heart_ax[0] * hg + 8 * s)) ** 2 + (
+        (y - yc - heart_c[1]) / (heart_ax[1] * hg + 8 * s)
+    ) ** 2 <= 1.0
     spine_c = np.array([0.0, 0.66 * B0])
     vert_r = 19.0 * s * u(0.9, 1.1)
     lung_params = []
@@ -287,8 +309,9 @@ def _anatomy(grid: _Grid, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
         cy = -0.02 * B0 + u(-4, 4) * s
         lx = 0.35 * A0 * u(0.93, 1.05)
         ly = 0.70 * B0 * u(0.93, 1.05)
-        ell = ((x - np.float32(cx)) / (np.float32(lx) * g + 1e-3)) ** 2 + \
-              ((y - yc - np.float32(cy)) / (np.float32(ly) * g + 1e-3)) ** 2 <= 1.0
+        ell = ((x - np.float32(cx)) / (np.float32(lx) * g + 1e-3)) ** 2 + (
+            (y - yc - np.float32(cy)) / (np.float32(ly) * g + 1e-3)
+        ) ** 2 <= 1.0
         lungs |= ell
         lung_params.append((cx, cy, lx, ly))
     mediast = np.abs(x - np.float32(0.02 * A0)) < np.float32(0.10 * A0)
@@ -302,7 +325,7 @@ def _anatomy(grid: _Grid, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
     hu[grid.full(heart)] = BLOOD + 8.0
     ao_c = (0.17 * A0 + u(-4, 4) * s, 0.42 * B0 + u(-4, 4) * s)
     ao_r = 12.0 * s * u(0.85, 1.15)
-    aorta = (x - np.float32(ao_c[0])) ** 2 + (y - yc - np.float32(ao_c[1])) ** 2 <= ao_r ** 2
+    aorta = (x - np.float32(ao_c[0])) ** 2 + (y - yc - np.float32(ao_c[1])) ** 2 <= ao_r**2
     hu[grid.full(aorta)] = BLOOD
     # trachea above a carina level, a soft-tissue wall around air
     carina = np.float32(u(0.1, 0.45) * hz)
@@ -320,16 +343,20 @@ def _anatomy(grid: _Grid, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
     sd2 = (x - spine_c[0]) ** 2 + (y - yc - np.float32(spine_c[1])) ** 2
     vpitch, vphase = u(26, 30), u(0, 30)
     disc = np.mod(z + np.float32(vphase), np.float32(vpitch)) < np.float32(5.0)
-    vb = sd2 <= vert_r ** 2
+    vb = sd2 <= vert_r**2
     hu[grid.full(vb & ~disc)] = BONE_CORTEX
     hu[grid.full((sd2 <= (vert_r - 3.0 * s) ** 2) & ~disc)] = BONE_MARROW
     hu[grid.full(vb & disc)] = 85.0
     canal_y = spine_c[1] + vert_r + 9.0 * s
-    cd2 = x ** 2 + (y - yc - np.float32(canal_y)) ** 2
+    cd2 = x**2 + (y - yc - np.float32(canal_y)) ** 2
     hu[grid.full(cd2 <= (14.0 * s) ** 2)] = BONE_CORTEX * 0.85
     hu[grid.full(cd2 <= (8.0 * s) ** 2)] = 25.0
-    spinous = (np.abs(x) < np.float32(4.0 * s)) & (y - yc > np.float32(canal_y + 12 * s)) & \
-              (y - yc < np.float32(canal_y + 34 * s)) & ~disc
+    spinous = (
+        (np.abs(x) < np.float32(4.0 * s))
+        & (y - yc > np.float32(canal_y + 12 * s))
+        & (y - yc < np.float32(canal_y + 34 * s))
+        & ~disc
+    )
     hu[grid.full(spinous & body)] = BONE_CORTEX * 0.8
 
     # ribs: inclined bands in a shell inside the chest wall, dropping anteriorly; costal cartilage
@@ -343,12 +370,10 @@ def _anatomy(grid: _Grid, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
     cart = theta > 2.3
     hu[grid.full(ribs & ~cart)] = BONE_CORTEX * 0.9
     hu[grid.full(ribs & cart)] = CARTILAGE
-    sternum = (np.abs(x) < np.float32(13 * s)) & (rho_body >= rib_in) & (rho_body <= rib_out + 0.02) & \
-              (theta > 2.95)
+    sternum = (np.abs(x) < np.float32(13 * s)) & (rho_body >= rib_in) & (rho_body <= rib_out + 0.02) & (theta > 2.95)
     hu[grid.full(sternum)] = BONE_MARROW + 150.0
 
-    info = {"scale": s, "A0": A0, "B0": B0, "yc": float(yc), "lungs": lung_params,
-            "hilum_z": float(zc_l) + u(-10, 10)}
+    info = {"scale": s, "A0": A0, "B0": B0, "yc": float(yc), "lungs": lung_params, "hilum_z": float(zc_l) + u(-10, 10)}
     return hu, grid.full(lungs).copy(), info
 
 
@@ -372,9 +397,13 @@ def _vessels(grid: _Grid, lungs: np.ndarray, info: dict, rng: np.random.Generato
     for cx, cy, lx, _ly in info["lungs"]:
         side = np.sign(cx)
         hilum = np.array([cx - side * 0.55 * lx, info["yc"] + cy + 5 * s, info["hilum_z"]])
-        roots = [np.array([side * 0.7, 0.0, 0.7]), np.array([side * 1.0, -0.3, 0.0]),
-                 np.array([side * 0.6, 0.5, -0.6]), np.array([side * 0.6, -0.6, -0.5]),
-                 np.array([side * 0.8, 0.5, 0.3])]
+        roots = [
+            np.array([side * 0.7, 0.0, 0.7]),
+            np.array([side * 1.0, -0.3, 0.0]),
+            np.array([side * 0.6, 0.5, -0.6]),
+            np.array([side * 0.6, -0.6, -0.5]),
+            np.array([side * 0.8, 0.5, 0.3]),
+        ]
         stack = [(hilum, v / np.linalg.norm(v), 40.0 * s, 4.0 * s, 0) for v in roots]
         while stack:
             p0, v, length, r, gen = stack.pop()
@@ -411,21 +440,30 @@ _SOLID_HU = 30.0
 
 def _sample_attributes(rng: np.random.Generator) -> dict[str, int | float]:
     """Attributes from one of two overlapping profiles (suspicious / benign-looking)."""
+
     def pick(p):
         return int(rng.choice(np.arange(1, len(p) + 1), p=np.asarray(p) / np.sum(p)))
 
     if rng.random() < 0.5:  # suspicious profile
         d = 8.0 + 21.0 * rng.beta(1.4, 1.4)
-        a = {"spiculation": pick([.15, .2, .25, .2, .2]), "lobulation": pick([.15, .2, .25, .2, .2]),
-             "margin": pick([.2, .3, .25, .15, .1]), "texture": pick([.05, .15, .25, .2, .35]),
-             "sphericity": pick([.1, .25, .3, .25, .1]),
-             "calcification": 6 if rng.random() < 0.95 else int(rng.choice([4, 5]))}
+        a = {
+            "spiculation": pick([0.15, 0.2, 0.25, 0.2, 0.2]),
+            "lobulation": pick([0.15, 0.2, 0.25, 0.2, 0.2]),
+            "margin": pick([0.2, 0.3, 0.25, 0.15, 0.1]),
+            "texture": pick([0.05, 0.15, 0.25, 0.2, 0.35]),
+            "sphericity": pick([0.1, 0.25, 0.3, 0.25, 0.1]),
+            "calcification": 6 if rng.random() < 0.95 else int(rng.choice([4, 5])),
+        }
     else:  # benign-looking profile
         d = 4.5 + 14.0 * rng.beta(1.2, 2.5)
-        a = {"spiculation": pick([.6, .25, .1, .05, 0]), "lobulation": pick([.5, .3, .15, .05, 0]),
-             "margin": pick([.05, .1, .2, .3, .35]), "texture": pick([.1, .05, .05, .15, .65]),
-             "sphericity": pick([0, .05, .2, .35, .4]),
-             "calcification": 6 if rng.random() < 0.55 else pick([.15, .15, .35, .1, .25])}
+        a = {
+            "spiculation": pick([0.6, 0.25, 0.1, 0.05, 0]),
+            "lobulation": pick([0.5, 0.3, 0.15, 0.05, 0]),
+            "margin": pick([0.05, 0.1, 0.2, 0.3, 0.35]),
+            "texture": pick([0.1, 0.05, 0.05, 0.15, 0.65]),
+            "sphericity": pick([0, 0.05, 0.2, 0.35, 0.4]),
+            "calcification": 6 if rng.random() < 0.55 else pick([0.15, 0.15, 0.35, 0.1, 0.25]),
+        }
     if a["calcification"] != 6:  # calcified nodules are solid and well defined
         a["texture"] = 5
         a["margin"] = max(a["margin"], 3)
@@ -457,7 +495,7 @@ class _Shape:
             r += (np.exp((u @ self.bump_dirs.T - 1.0) / 0.12) @ self.bump_amp).astype(np.float32)
         if len(self.spike_dirs):
             c = np.clip((u @ self.spike_dirs.T - self.spike_cos) / (1.0 - self.spike_cos), 0.0, 1.0)
-            r += ((c ** 1.5) @ self.spike_amp).astype(np.float32)
+            r += ((c**1.5) @ self.spike_amp).astype(np.float32)
         return r / np.float32(self.norm)
 
 
@@ -503,7 +541,7 @@ def _place_nodules(grid, hu, lungs, n_nodules, rng, info) -> tuple[np.ndarray, l
     nodules: list[dict] = []
     voxel_mm3 = float(np.prod(grid.spacing))
     soft_vox = float(min(grid.spacing.min(), 1.0))
-    lung_idx = np.argwhere(lungs[:: 4, :: 4, :: 2]) * np.array([4, 4, 2])
+    lung_idx = np.argwhere(lungs[::4, ::4, ::2]) * np.array([4, 4, 2])
     if len(lung_idx) == 0:
         return mask, nodules
     for _ in range(n_nodules):
@@ -524,11 +562,10 @@ def _place_nodules(grid, hu, lungs, n_nodules, rng, info) -> tuple[np.ndarray, l
             if box is None:
                 continue
             px, py, pz = grid.sub(box)
-            ball = (px - center[0]) ** 2 + (py - center[1]) ** 2 + (pz - center[2]) ** 2 <= reach ** 2
+            ball = (px - center[0]) ** 2 + (py - center[1]) ** 2 + (pz - center[2]) ** 2 <= reach**2
             if not lungs[box][ball].all() or mask[box][ball].any():
                 continue
-            occ, inside, val = _draw_nodule(px, py, pz, center, radius, rot, elong, shape, attrs, rng,
-                                            soft_vox)
+            occ, inside, val = _draw_nodule(px, py, pz, center, radius, rot, elong, shape, attrs, rng, soft_vox)
             if not inside.any():
                 continue
             placed = True
@@ -563,7 +600,7 @@ def _filtered_noise_std(sigma: float, truncate: float, ndim: int) -> float:
     radius = int(truncate * sigma + 0.5)
     w = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     w /= w.sum()
-    return float(np.sum(w ** 2)) ** (ndim / 2.0)
+    return float(np.sum(w**2)) ** (ndim / 2.0)
 
 
 # --------------------------------------------------------------------------- public API
@@ -679,8 +716,7 @@ def _labels_json(phantom: Phantom) -> dict[str, Any]:
     }
 
 
-def write_phantom(phantom: Phantom, out_dir: str | os.PathLike, name: str,
-                  format: str = "nifti") -> dict[str, Path]:
+def write_phantom(phantom: Phantom, out_dir: str | os.PathLike, name: str, format: str = "nifti") -> dict[str, Path]:
     """Write a phantom as files; returns ``{"ct", "nodule_mask", "lung_mask", "json"[, "dicom"]}`` paths.
 
     ``<name>.nii.gz`` (CT, int16 HU), ``<name>_nodules.nii.gz`` (int16 ids), ``<name>_lungs.nii.gz``
@@ -705,9 +741,14 @@ def write_phantom(phantom: Phantom, out_dir: str | os.PathLike, name: str,
         final = out / f"{name}_dicom"
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}_dicom.", dir=out))
         try:
-            write_ct_series(phantom.ct, tmp, series_description=f"medvit-explain phantom {name}",
-                            uid_seed=f"phantom:{phantom.generator_version}:{phantom.seed}:{name}",
-                            patient_id=name, window=(-600.0, 1500.0))
+            write_ct_series(
+                phantom.ct,
+                tmp,
+                series_description=f"medvit-explain phantom {name}",
+                uid_seed=f"phantom:{phantom.generator_version}:{phantom.seed}:{name}",
+                patient_id=name,
+                window=(-600.0, 1500.0),
+            )
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -822,8 +863,11 @@ def slice_labels(
     out: list[dict[str, Any] | None] = []
     for k in range(mask.shape[2]):
         counts = np.bincount(mask[:, :, k].ravel().astype(np.int64), minlength=n_ids)
-        present = [(i, counts[i] * pixel_mm2) for i in range(1, len(counts))
-                   if counts[i] > 0 and counts[i] * pixel_mm2 >= min_area_mm2 and i in by_id]
+        present = [
+            (i, counts[i] * pixel_mm2)
+            for i in range(1, len(counts))
+            if counts[i] > 0 and counts[i] * pixel_mm2 >= min_area_mm2 and i in by_id
+        ]
         if not present:
             out.append(None)
             continue

@@ -73,9 +73,13 @@ class ExplainResult:
         path = self.volume.metadata.get("path")
         self.input_checksum()
         return {
-            "input": {"path": path, "sha256": self.volume.metadata.get("sha256"),
-                      "shape": list(self.volume.shape), "spacing": [float(s) for s in self.volume.spacing],
-                      "format": self.volume.metadata.get("format")},
+            "input": {
+                "path": path,
+                "sha256": self.volume.metadata.get("sha256"),
+                "shape": list(self.volume.shape),
+                "spacing": [float(s) for s in self.volume.spacing],
+                "format": self.volume.metadata.get("format"),
+            },
             "model": self.model_info,
             "methods": self.methods,
             "targets": self.targets,
@@ -85,8 +89,9 @@ class ExplainResult:
             "results": self.predictions.summary(),
         }
 
-    def save(self, out_dir: str | os.PathLike, *, stem: str | None = None, report: bool = True,
-             dicom: bool = False) -> dict[str, Path]:
+    def save(
+        self, out_dir: str | os.PathLike, *, stem: str | None = None, report: bool = True, dicom: bool = False
+    ) -> dict[str, Path]:
         """Write overlays, predictions.csv, summary.json (and report.html / DICOM) into ``out_dir``.
 
         Every file is written under a temporary name and renamed when complete."""
@@ -216,8 +221,9 @@ def explain_volume(
             t0 = time.perf_counter()
             m = group[0]
             if len(group) > 1:
-                out.update(explain_many(model, images, group, targets=target_idx,
-                                        options={g: options[g] for g in group}))
+                out.update(
+                    explain_many(model, images, group, targets=target_idx, options={g: options[g] for g in group})
+                )
             elif m in custom:
                 out[m] = custom[m](model, images, target_idx, **options[m])
             else:
@@ -231,7 +237,7 @@ def explain_volume(
         timings["preprocess"] += time.perf_counter() - t0
         raws, per_method = [], {m: [] for m in methods}
         for i in range(0, len(images), batch_size):
-            raw, batch_maps = run(images[i:i + batch_size])
+            raw, batch_maps = run(images[i : i + batch_size])
             raws.append(raw)
             for m in methods:
                 per_method[m].append(batch_maps[m].cpu())
@@ -253,8 +259,7 @@ def explain_volume(
             t_pre = time.perf_counter()
     info = {"name": model.config.get("name", type(model).__name__) if hasattr(model, "config") else "model"}
     info.update(getattr(model, "source_info", {}) or {})
-    return ExplainResult(volume, list(methods), target_names, maps, builder.table, inputs, timings,
-                         str(device), info)
+    return ExplainResult(volume, list(methods), target_names, maps, builder.table, inputs, timings, str(device), info)
 
 
 def _plain(images: torch.Tensor) -> torch.Tensor:

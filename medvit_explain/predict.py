@@ -20,8 +20,9 @@ from .volume import Volume
 PRIMARY_TARGET = "malignancy"
 
 
-def model_inputs(model, volume: Volume, roi_centers: np.ndarray | None = None,
-                 roi_labels: Sequence[int] | None = None) -> SliceInputs | RoiInputs:
+def model_inputs(
+    model, volume: Volume, roi_centers: np.ndarray | None = None, roi_labels: Sequence[int] | None = None
+) -> SliceInputs | RoiInputs:
     """The preprocessing the model expects for this volume: slices, or ROIs when centres are given."""
     pre = model.preprocessing
     if roi_centers is not None:
@@ -95,15 +96,21 @@ class PredictionTable:
         if self.mode == "slice":
             prob = self.column(key)
             order = np.argsort(-prob, kind="stable")[:top]
-            out.update({
-                "max_malignancy_prob": float(prob[order[0]]),
-                "max_malignancy_slice": int(self.rows[order[0]]["slice"]),
-                "max_malignancy_source_index": int(self.rows[order[0]]["source_index"]),
-                "top_slices": [
-                    {"slice": int(self.rows[i]["slice"]), "source_index": int(self.rows[i]["source_index"]),
-                     "prob": float(prob[i])} for i in order
-                ],
-            })
+            out.update(
+                {
+                    "max_malignancy_prob": float(prob[order[0]]),
+                    "max_malignancy_slice": int(self.rows[order[0]]["slice"]),
+                    "max_malignancy_source_index": int(self.rows[order[0]]["source_index"]),
+                    "top_slices": [
+                        {
+                            "slice": int(self.rows[i]["slice"]),
+                            "source_index": int(self.rows[i]["source_index"]),
+                            "prob": float(prob[i]),
+                        }
+                        for i in order
+                    ],
+                }
+            )
         else:
             nodules = [row for row in self.rows if row["view"] == "mean"]
             out["nodules"] = nodules
@@ -131,11 +138,15 @@ class PredictionBuilder:
         self.task_spec = model.task_spec
         self.inputs = inputs
         self.mode = "slice" if isinstance(inputs, SliceInputs) else "roi"
-        meta = ["slice", "source_index", "z_mm"] if self.mode == "slice" else [
-            "roi", "label", "view", "center_x_mm", "center_y_mm", "center_z_mm"]
+        meta = (
+            ["slice", "source_index", "z_mm"]
+            if self.mode == "slice"
+            else ["roi", "label", "view", "center_x_mm", "center_y_mm", "center_z_mm"]
+        )
         targets, kinds = list(self.task_spec.names), list(self.task_spec.kinds)
-        self.table = PredictionTable(meta + output_columns(self.task_spec), mode=self.mode,
-                                     primary=targets[primary_target(targets, kinds)])
+        self.table = PredictionTable(
+            meta + output_columns(self.task_spec), mode=self.mode, primary=targets[primary_target(targets, kinds)]
+        )
         self._roi_raw: list[np.ndarray] = []
 
     def add_slices(self, raw: np.ndarray, slices: np.ndarray, source_k: np.ndarray) -> None:
@@ -147,19 +158,31 @@ class PredictionBuilder:
         roi: RoiInputs = self.inputs  # type: ignore[assignment]
         V = len(roi.views)
         for r, centre in enumerate(roi.centers_mm):
-            base = {"roi": r, "label": int(roi.labels[r]), "center_x_mm": float(centre[0]),
-                    "center_y_mm": float(centre[1]), "center_z_mm": float(centre[2])}
+            base = {
+                "roi": r,
+                "label": int(roi.labels[r]),
+                "center_x_mm": float(centre[0]),
+                "center_y_mm": float(centre[1]),
+                "center_z_mm": float(centre[2]),
+            }
             for v, view in enumerate(roi.views):
                 self.table.rows.append({**base, "view": view, **output_row(self.task_spec, raw[r * V + v])})
             # "view outputs averaged": the mean of the raw outputs (logits) over views
-            self.table.rows.append({**base, "view": "mean",
-                                    **output_row(self.task_spec, raw[r * V:(r + 1) * V].mean(axis=0))})
+            self.table.rows.append(
+                {**base, "view": "mean", **output_row(self.task_spec, raw[r * V : (r + 1) * V].mean(axis=0))}
+            )
 
 
 @torch.no_grad()
-def predict(model, volume: Volume, *, batch_size: int = 32, roi_centers: np.ndarray | None = None,
-            roi_mask: Volume | None = None,
-            progress: Callable[[int], None] | None = None) -> PredictionTable:
+def predict(
+    model,
+    volume: Volume,
+    *,
+    batch_size: int = 32,
+    roi_centers: np.ndarray | None = None,
+    roi_mask: Volume | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> PredictionTable:
     """Score every slice (or every ROI view) of ``volume``.
 
     Returns:
@@ -174,8 +197,13 @@ def predict(model, volume: Volume, *, batch_size: int = 32, roi_centers: np.ndar
     device = next(model.parameters()).device
     if isinstance(inputs, RoiInputs):
         images = inputs.images()
-        raw = torch.cat([model(images[i:i + batch_size].to(device)).float().cpu()
-                         for i in range(0, len(images), batch_size)]) if len(images) else torch.zeros(0, 1)
+        raw = (
+            torch.cat(
+                [model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+            )
+            if len(images)
+            else torch.zeros(0, 1)
+        )
         builder.add_rois(raw.numpy())
         if progress:
             progress(len(images))

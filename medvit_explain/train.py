@@ -80,8 +80,10 @@ def find_studies(data: str | os.PathLike) -> list[Study]:
         raise MedvitInputError(f"manifest {data} needs the columns {', '.join(sorted(need))}")
     studies = []
     for i, row in enumerate(rows):
-        paths = [(data.parent / row[k]).resolve() if not os.path.isabs(row[k]) else Path(row[k])
-                 for k in ("image", "nodule_mask", "labels")]
+        paths = [
+            (data.parent / row[k]).resolve() if not os.path.isabs(row[k]) else Path(row[k])
+            for k in ("image", "nodule_mask", "labels")
+        ]
         for p in paths:
             if not p.exists():
                 raise MedvitInputError(f"manifest {data} row {i + 1}: file not found: {p}")
@@ -89,8 +91,9 @@ def find_studies(data: str | os.PathLike) -> list[Study]:
     return studies
 
 
-def slice_targets(task_spec, nodules: list[dict], mask_canon: np.ndarray, pixel_area_mm2: float,
-                  min_area_mm2: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def slice_targets(
+    task_spec, nodules: list[dict], mask_canon: np.ndarray, pixel_area_mm2: float, min_area_mm2: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per canonical slice: targets [Z, K] (normalised, NaN = unlabelled), labelled [Z] bool,
     has_nodule [Z] bool."""
     by_id = {int(n["id"]): n for n in nodules}
@@ -123,8 +126,16 @@ def slice_targets(task_spec, nodules: list[dict], mask_canon: np.ndarray, pixel_
     return targets, labelled, has_nodule
 
 
-def load_slices(studies: Sequence[Study], model, *, min_area_mm2: float = 10.0, background_ratio: float = 1.0,
-                all_slices: bool = False, seed: int = 0, progress: bool = True) -> SliceSet:
+def load_slices(
+    studies: Sequence[Study],
+    model,
+    *,
+    min_area_mm2: float = 10.0,
+    background_ratio: float = 1.0,
+    all_slices: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> SliceSet:
     """Preprocess the labelled slices of ``studies``: every nodule slice plus ``background_ratio`` as
     many random nodule-free slices (or every labelled slice with ``all_slices``)."""
     from tqdm.auto import tqdm
@@ -164,8 +175,13 @@ def load_slices(studies: Sequence[Study], model, *, min_area_mm2: float = 10.0, 
         nodule_flags.append(has_nodule[chosen])
     if not images:
         raise MedvitInputError("no labelled slices found in the training data")
-    return SliceSet(torch.cat(images), torch.cat(targets), np.concatenate(study_idx), np.concatenate(nodule_flags),
-                    torch.cat(token_targets))
+    return SliceSet(
+        torch.cat(images),
+        torch.cat(targets),
+        np.concatenate(study_idx),
+        np.concatenate(nodule_flags),
+        torch.cat(token_targets),
+    )
 
 
 class TokenLabelHead(torch.nn.Module):
@@ -181,7 +197,7 @@ class TokenLabelHead(torch.nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, P+N, D] final-norm tokens → [B, 2, gh, gw] logits."""
-        logits = self.linear(tokens[:, self.prefix:])
+        logits = self.linear(tokens[:, self.prefix :])
         return logits.transpose(1, 2).reshape(len(tokens), 2, *self.grid)
 
 
@@ -191,8 +207,9 @@ def forward_with_tokens(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return model.head(model.backbone.forward_head(tokens, pre_logits=True)), tokens
 
 
-def task_loss(outputs: torch.Tensor, targets: torch.Tensor, kinds: Sequence[str],
-              weights: dict[str, float] | None = None) -> torch.Tensor:
+def task_loss(
+    outputs: torch.Tensor, targets: torch.Tensor, kinds: Sequence[str], weights: dict[str, float] | None = None
+) -> torch.Tensor:
     """BCE-with-logits on binary targets + MSE on normalised regression targets; NaN targets masked."""
     weights = weights or {"binary": 1.0, "regression": 1.0}
     binary = torch.tensor([k == "binary" for k in kinds], device=outputs.device)
@@ -224,8 +241,9 @@ def evaluate(model, data: SliceSet, batch_size: int = 128) -> dict[str, Any]:
     """Slice-level malignancy ROC AUC and accuracy at 0.5, and biomarker MAE (LIDC scale) per target."""
     model.eval()
     device = next(model.parameters()).device
-    outputs = torch.cat([model(data.images[i:i + batch_size].to(device)).float().cpu()
-                         for i in range(0, len(data), batch_size)])
+    outputs = torch.cat(
+        [model(data.images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(data), batch_size)]
+    )
     spec = model.task_spec
     values = spec.to_values(outputs.numpy())
     truth = spec.denormalize(data.targets.numpy())
@@ -251,9 +269,18 @@ def split_studies(studies: Sequence[Study], val_fraction: float, seed: int) -> t
     return train, val
 
 
-def train(config: dict, data: str | os.PathLike, out: str | os.PathLike, *, val_data: str | None = None,
-          resume: bool = False, epochs: int | None = None, seed: int | None = None, device: str = "auto",
-          progress: bool = True) -> dict[str, Any]:
+def train(
+    config: dict,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    val_data: str | None = None,
+    resume: bool = False,
+    epochs: int | None = None,
+    seed: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train a model from ``config`` (architecture, task_spec, preprocessing, training) on ``data``.
 
     Writes the best checkpoint (by validation loss) to ``out`` and the resumable state to
@@ -283,14 +310,22 @@ def train(config: dict, data: str | os.PathLike, out: str | os.PathLike, *, val_
     token_weight = float(recipe.get("token_label_weight", 0.0))
     token_pos_weight = torch.tensor(float(recipe.get("token_label_pos_weight", 1.0)), device=dev)
     min_area = float(recipe.get("min_area_mm2", 10.0))
-    train_set = load_slices(train_studies, model, min_area_mm2=min_area, seed=seed, progress=progress,
-                            background_ratio=float(recipe.get("background_ratio", 1.0)))
-    val_set = load_slices(val_studies, model, min_area_mm2=min_area, seed=seed + 1, all_slices=True,
-                          progress=progress)
+    train_set = load_slices(
+        train_studies,
+        model,
+        min_area_mm2=min_area,
+        seed=seed,
+        progress=progress,
+        background_ratio=float(recipe.get("background_ratio", 1.0)),
+    )
+    val_set = load_slices(val_studies, model, min_area_mm2=min_area, seed=seed + 1, all_slices=True, progress=progress)
     batch_size = int(recipe.get("batch_size", 64))
     steps_per_epoch = math.ceil(len(train_set) / batch_size)
-    optimizer = torch.optim.AdamW([*model.parameters(), *token_head.parameters()], lr=float(recipe.get("lr", 1e-3)),
-                                  weight_decay=float(recipe.get("weight_decay", 0.05)))
+    optimizer = torch.optim.AdamW(
+        [*model.parameters(), *token_head.parameters()],
+        lr=float(recipe.get("lr", 1e-3)),
+        weight_decay=float(recipe.get("weight_decay", 0.05)),
+    )
     warmup = int(recipe.get("warmup_epochs", 2)) * steps_per_epoch
     total = epochs * steps_per_epoch
 
@@ -320,7 +355,7 @@ def train(config: dict, data: str | os.PathLike, out: str | os.PathLike, *, val_
         running = 0.0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress)
         for step in bar:
-            idx = order[step * batch_size:(step + 1) * batch_size]
+            idx = order[step * batch_size : (step + 1) * batch_size]
             x = train_set.images[idx].to(dev)
             y = train_set.targets[idx].to(dev)
             tok = train_set.token_targets[idx].to(dev)
@@ -331,8 +366,9 @@ def train(config: dict, data: str | os.PathLike, out: str | os.PathLike, *, val_
             outputs, tokens = forward_with_tokens(model, x)
             loss = task_loss(outputs, y, kinds, weights)
             if token_weight:
-                loss = loss + token_weight * F.binary_cross_entropy_with_logits(token_head(tokens), tok,
-                                                                                pos_weight=token_pos_weight)
+                loss = loss + token_weight * F.binary_cross_entropy_with_logits(
+                    token_head(tokens), tok, pos_weight=token_pos_weight
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -341,30 +377,66 @@ def train(config: dict, data: str | os.PathLike, out: str | os.PathLike, *, val_
             bar.set_postfix(loss=f"{running / (step + 1):.4f}")
         model.eval()
         with torch.no_grad():
-            val_loss = float(np.mean([
-                float(task_loss(model(val_set.images[i:i + 256].to(dev)), val_set.targets[i:i + 256].to(dev),
-                                kinds, weights)) for i in range(0, len(val_set), 256)]))
+            val_loss = float(
+                np.mean(
+                    [
+                        float(
+                            task_loss(
+                                model(val_set.images[i : i + 256].to(dev)),
+                                val_set.targets[i : i + 256].to(dev),
+                                kinds,
+                                weights,
+                            )
+                        )
+                        for i in range(0, len(val_set), 256)
+                    ]
+                )
+            )
         metrics = evaluate(model, val_set)
-        history.append({"epoch": epoch + 1, "train_loss": running / steps_per_epoch, "val_loss": val_loss,
-                        "val_malignancy_auc": metrics.get("malignancy_auc")})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": running / steps_per_epoch,
+                "val_loss": val_loss,
+                "val_malignancy_auc": metrics.get("malignancy_auc"),
+            }
+        )
         if val_loss < best_loss:
             best_loss, best_metrics = val_loss, metrics
             provenance = {
-                "recipe": config.get("training", {}), "seed": seed, "epoch": epoch + 1,
-                "train_data": str(data), "val_data": str(val_data or f"{len(val_studies)} held-out studies of {data}"),
-                "n_train_slices": len(train_set), "n_val_slices": len(val_set),
+                "recipe": config.get("training", {}),
+                "seed": seed,
+                "epoch": epoch + 1,
+                "train_data": str(data),
+                "val_data": str(val_data or f"{len(val_studies)} held-out studies of {data}"),
+                "n_train_slices": len(train_set),
+                "n_val_slices": len(val_set),
                 "validation": metrics,
             }
             save_checkpoint(model, out, provenance=provenance)
         state_dir.mkdir(parents=True, exist_ok=True)
         save_checkpoint(model, state_dir / "model")
-        torch.save({"epoch": epoch, "best_loss": best_loss, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
-                   state_dir / "state.tmp")
+        torch.save(
+            {
+                "epoch": epoch,
+                "best_loss": best_loss,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+            },
+            state_dir / "state.tmp",
+        )
         os.replace(state_dir / "state.tmp", state_dir / "state.pt")
         (state_dir / "history.json").write_text(json.dumps(history, indent=1))
         if progress:
-            print(f"epoch {epoch + 1}: train {history[-1]['train_loss']:.4f} val {val_loss:.4f} "
-                  f"auc {metrics.get('malignancy_auc', float('nan')):.3f}", flush=True)
-    return {"best_val_loss": best_loss, "validation": best_metrics, "history": history,
-            "seconds": time.perf_counter() - t_start}
+            print(
+                f"epoch {epoch + 1}: train {history[-1]['train_loss']:.4f} val {val_loss:.4f} "
+                f"auc {metrics.get('malignancy_auc', float('nan')):.3f}",
+                flush=True,
+            )
+    return {
+        "best_val_loss": best_loss,
+        "validation": best_metrics,
+        "history": history,
+        "seconds": time.perf_counter() - t_start,
+    }

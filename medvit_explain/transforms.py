@@ -89,11 +89,13 @@ class SliceInputs:
         nx, ny, _ = canon.shape
         self.box = (0, nx, 0, ny)
         if self.preprocessing.get("crop_body", False):
-            self.box = body_box(canon, float(self.preprocessing.get("body_threshold_hu", -500.0)),
-                                aspect=self.image_size[0] / self.image_size[1])
+            self.box = body_box(
+                canon,
+                float(self.preprocessing.get("body_threshold_hu", -500.0)),
+                aspect=self.image_size[0] / self.image_size[1],
+            )
         self._window = window(self.preprocessing)
-        self._resize = Resize(spatial_size=self.image_size, mode="bilinear", align_corners=False,
-                              anti_aliasing=False)
+        self._resize = Resize(spatial_size=self.image_size, mode="bilinear", align_corners=False, anti_aliasing=False)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -132,7 +134,7 @@ class SliceInputs:
     def batches(self, batch_size: int, slices: Sequence[int] | None = None) -> Iterator[SliceBatch]:
         order = np.arange(self.n_slices) if slices is None else np.asarray(slices, dtype=np.int64)
         for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+            chunk = order[start : start + batch_size]
             yield SliceBatch(self.images(chunk), chunk, self.canonical_to_source_k(chunk))
 
     def canonical_to_source_k(self, slices: np.ndarray) -> np.ndarray:
@@ -261,8 +263,7 @@ class RoiInputs:
         h, w = self.preprocessing["image_size"]
         self.image_size = (int(h), int(w))
         self.in_chans = int(self.preprocessing.get("in_chans", 1))
-        self._resize = Resize(spatial_size=self.image_size, mode="bilinear", align_corners=False,
-                              anti_aliasing=False)
+        self._resize = Resize(spatial_size=self.image_size, mode="bilinear", align_corners=False, anti_aliasing=False)
         # canonical index step (voxels per cube sample) along each canonical axis
         src_axis_of = np.argsort(self.ornt[:, 0])  # canonical axis -> source axis
         self._step = self.spacing_mm / self.volume.spacing[src_axis_of]
@@ -278,7 +279,7 @@ class RoiInputs:
 
     def _cube_coords(self, r: int) -> np.ndarray:
         """[3, n, n, n] source voxel indices of the cube samples of ROI ``r``."""
-        t = (np.arange(self.n) - (self.n - 1) / 2.0)
+        t = np.arange(self.n) - (self.n - 1) / 2.0
         centre = self._center_canonical(r)
         axes = [centre[a] + t * self._step[a] for a in range(3)]
         grid = np.stack(np.meshgrid(*axes, indexing="ij"))  # canonical [3, n, n, n]

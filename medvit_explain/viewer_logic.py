@@ -96,11 +96,9 @@ def build_explain_command(
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(names)}")
     if device not in DEVICES and not re.fullmatch(r"cuda:\d+", device):
         raise ValueError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)} or cuda:N")
-    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size
-                                   or batch_size < 1):
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
         raise ValueError(f"expected a positive integer batch size, got {batch_size!r}")
-    cmd = [os.fspath(python_exe), "-m", "medvit_explain", "explain", os.fspath(input_path),
-           "--out", os.fspath(out_dir)]
+    cmd = [os.fspath(python_exe), "-m", "medvit_explain", "explain", os.fspath(input_path), "--out", os.fspath(out_dir)]
     if model is not None and str(model).strip():
         cmd += ["--model", os.fspath(model)]
     for method in methods:
@@ -133,8 +131,15 @@ def run_command(
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     lines: list[str] = []
     with subprocess.Popen(
-        list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
-        errors="replace", env=full_env, cwd=cwd, shell=False,
+        list(cmd),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        env=full_env,
+        cwd=cwd,
+        shell=False,
     ) as proc:
         assert proc.stdout is not None
         for raw in proc.stdout:
@@ -188,7 +193,7 @@ def cli_error_message(stderr_text: str) -> str | None:
     lines = [ln.strip() for ln in stderr_text.replace("\r", "\n").splitlines() if ln.strip()]
     for line in reversed(lines):
         if line.startswith("error:"):
-            return line[len("error:"):].strip()
+            return line[len("error:") :].strip()
     if any(ln.startswith("Traceback (most recent call last)") for ln in lines):
         return lines[-1]
     return None
@@ -230,10 +235,10 @@ def parse_overlay_name(
     if stem is not None:
         if not core.startswith(stem + "_"):
             return None
-        rest = core[len(stem) + 1:]
+        rest = core[len(stem) + 1 :]
         for method in method_list:
             if rest.startswith(method + "_"):
-                target = rest[len(method) + 1:]
+                target = rest[len(method) + 1 :]
                 if target and (target_set is None or target in target_set):
                     return stem, method, target
         return None
@@ -242,7 +247,7 @@ def parse_overlay_name(
         token = f"_{method}_"
         at = core.rfind(token)
         while at > 0:
-            target = core[at + len(token):]
+            target = core[at + len(token) :]
             if target and (target_set is None or target in target_set):
                 if best is None or at > best[0]:
                     best = (at, core[:at], method, target)

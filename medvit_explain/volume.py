@@ -80,8 +80,9 @@ class Volume:
         array = np.asarray(array)
         if array.shape[:3] != self.shape:
             raise ValueError(f"expected an array of shape {self.shape}, got {array.shape}")
-        return Volume(array, self.origin.copy(), self.spacing.copy(), self.direction.copy(),
-                      {**self.metadata, **metadata})
+        return Volume(
+            array, self.origin.copy(), self.spacing.copy(), self.direction.copy(), {**self.metadata, **metadata}
+        )
 
     def same_grid(self, other: Volume, atol: float = 1e-4) -> bool:
         return (

@@ -33,8 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def generate(groups, seed: int, out: Path, prefix: str) -> None:
     for g, group in enumerate(groups):
-        make_phantoms(out, seed=seed + 100 * g, count=group["count"], size=tuple(group["size"]),
-                      spacing=tuple(group["spacing"]), name_prefix=f"{prefix}{g}")
+        make_phantoms(
+            out,
+            seed=seed + 100 * g,
+            count=group["count"],
+            size=tuple(group["size"]),
+            spacing=tuple(group["spacing"]),
+            name_prefix=f"{prefix}{g}",
+        )
 
 
 def main() -> None:
@@ -44,8 +50,9 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / "runs" / "evaluation"))
     parser.add_argument("--data", default=None, help="held-out phantom folder (default: WORK/phantoms)")
     parser.add_argument("--method", action="append", default=None, help="method (repeat); default: all")
-    parser.add_argument("--target", action="append", default=None,
-                        help="target (repeat); default: malignancy and spiculation")
+    parser.add_argument(
+        "--target", action="append", default=None, help="target (repeat); default: malignancy and spiculation"
+    )
     parser.add_argument("--max-slices", type=int, default=None)
     parser.add_argument("--randomize-blocks", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -62,14 +69,23 @@ def main() -> None:
         generate(recipe["test_groups"], recipe["test_seed"] + 500, data, "extra")
     model = load_model(args.model, device="cpu")
     methods = args.method or method_names()
-    result = evaluate_explanations(model, data, methods, args.target or ["malignancy", "spiculation"],
-                                   batch_size=args.batch_size, seed=args.seed, max_slices=args.max_slices,
-                                   randomize_blocks=args.randomize_blocks)
+    result = evaluate_explanations(
+        model,
+        data,
+        methods,
+        args.target or ["malignancy", "spiculation"],
+        batch_size=args.batch_size,
+        seed=args.seed,
+        max_slices=args.max_slices,
+        randomize_blocks=args.randomize_blocks,
+    )
     written = write_evaluation(result, work)
     m = result.metrics
-    print(f"{m['n_slices']} held-out nodule slices ({m['n_nodules']} nodules, {m['n_studies']} phantoms); "
-          f"model: malignancy AUC {m['model']['malignancy_auc']:.3f} on {m['n_model_slices']} slices; "
-          f"{time.perf_counter() - t0:.0f} s")
+    print(
+        f"{m['n_slices']} held-out nodule slices ({m['n_nodules']} nodules, {m['n_studies']} phantoms); "
+        f"model: malignancy AUC {m['model']['malignancy_auc']:.3f} on {m['n_model_slices']} slices; "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     print(markdown_table(m))
     print(json.dumps({"flagged by the randomisation check": m["randomization_flagged"]}))
     print(f"wrote {written['metrics']} and {written['report']}")

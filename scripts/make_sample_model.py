@@ -24,8 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def generate(groups, seed: int, out: Path) -> None:
     for g, group in enumerate(groups):
-        make_phantoms(out, seed=seed + 100 * g, count=group["count"], size=tuple(group["size"]),
-                      spacing=tuple(group["spacing"]), name_prefix=f"grid{g}")
+        make_phantoms(
+            out,
+            seed=seed + 100 * g,
+            count=group["count"],
+            size=tuple(group["size"]),
+            spacing=tuple(group["spacing"]),
+            name_prefix=f"grid{g}",
+        )
 
 
 def main() -> None:
@@ -46,17 +52,20 @@ def main() -> None:
     t_data = time.perf_counter() - t0
     result = train(config, work / "train", args.out, epochs=args.epochs, device="cpu")
     model = load_model(args.out, device="cpu")
-    test = load_slices(find_studies(work / "test"), model, all_slices=True,
-                       min_area_mm2=float(recipe.get("min_area_mm2", 10.0)))
+    test = load_slices(
+        find_studies(work / "test"), model, all_slices=True, min_area_mm2=float(recipe.get("min_area_mm2", 10.0))
+    )
     metrics = evaluate(model, test)
     total = time.perf_counter() - t0
     card = {
         "name": config["name"],
-        "held_out": {"phantoms": sum(g["count"] for g in recipe["phantoms"]["test_groups"]),
-                     "seed": recipe["phantoms"]["test_seed"], **metrics},
+        "held_out": {
+            "phantoms": sum(g["count"] for g in recipe["phantoms"]["test_groups"]),
+            "seed": recipe["phantoms"]["test_seed"],
+            **metrics,
+        },
         "validation": result["validation"],
-        "timings_s": {"phantoms": round(t_data, 1), "training": round(result["seconds"], 1),
-                      "total": round(total, 1)},
+        "timings_s": {"phantoms": round(t_data, 1), "training": round(result["seconds"], 1), "total": round(total, 1)},
     }
     out = Path(args.out)
     (out / "model_card.json").write_text(json.dumps(card, indent=2))
@@ -70,22 +79,29 @@ def main() -> None:
 def model_card_markdown(config: dict, card: dict) -> str:
     held = card["held_out"]
     lines = [
-        f"# {config['name']}", "",
+        f"# {config['name']}",
+        "",
         "A small timm ViT (patch 16, 256 px, 4 blocks, 96 dims, 0.5 M parameters) trained from scratch on "
         "synthetic chest-CT phantoms (`medvit_explain.phantom`). **It has never seen a real CT: it is a demo "
-        "and test model, not a clinical one.**", "",
-        "Re-create: `.venv/bin/python scripts/make_sample_model.py` (recipe and seeds in "
-        "`configs/sample_model.yaml`).", "",
-        f"## Held-out phantoms (seed {held['seed']}, {held['phantoms']} phantoms, never used in training)", "",
+        "and test model, not a clinical one.**",
+        "",
+        "Re-create: `.venv/bin/python scripts/make_sample_model.py` (recipe and seeds in `configs/sample_model.yaml`).",
+        "",
+        f"## Held-out phantoms (seed {held['seed']}, {held['phantoms']} phantoms, never used in training)",
+        "",
         f"- slices: {held['n_slices']} ({held['n_nodule_slices']} through a nodule)",
         f"- slice-level malignancy ROC AUC: **{held['malignancy_auc']:.3f}** "
         f"(accuracy at 0.5: {held['malignancy_accuracy']:.3f})",
         f"- malignancy ROC AUC on nodule slices only (malignant vs benign nodule): "
-        f"{held['malignancy_auc_nodule_slices']:.3f}", "",
-        "| biomarker | MAE (LIDC scale) |", "|---|---|",
-        *[f"| {k} | {v:.3f} |" for k, v in held["mae"].items()], "",
+        f"{held['malignancy_auc_nodule_slices']:.3f}",
+        "",
+        "| biomarker | MAE (LIDC scale) |",
+        "|---|---|",
+        *[f"| {k} | {v:.3f} |" for k, v in held["mae"].items()],
+        "",
         f"Time to re-create on this machine: {card['timings_s']['total'] / 60:.1f} min "
-        f"(phantoms {card['timings_s']['phantoms']:.0f} s, training {card['timings_s']['training']:.0f} s).", "",
+        f"(phantoms {card['timings_s']['phantoms']:.0f} s, training {card['timings_s']['training']:.0f} s).",
+        "",
     ]
     return "\n".join(lines)
 

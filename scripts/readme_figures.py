@@ -1,6 +1,6 @@
 """The README pictures: the API figure (CT slice + CDAM / AG-CAM maps) and a screenshot of the report.
 
-    .venv/bin/python scripts/readme_figures.py [--input sample_data/phantom_000.nii.gz]
+.venv/bin/python scripts/readme_figures.py [--input sample_data/phantom_000.nii.gz]
 """
 
 from __future__ import annotations
@@ -49,10 +49,21 @@ def api_figure(input_path: Path, out: Path) -> None:
 
 def report_screenshot(input_path: Path, out: Path) -> None:
     work = ROOT / "runs" / "readme_demo"
-    subprocess.run([sys.executable, "-m", "medvit_explain", "explain", str(input_path), "--out", str(work),
-                    "--device", "cpu"], check=True)
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot_report.py"), str(work / "report.html"),
-                    str(out), "--height", "1500"], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "medvit_explain", "explain", str(input_path), "--out", str(work), "--device", "cpu"],
+        check=True,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "screenshot_report.py"),
+            str(work / "report.html"),
+            str(out),
+            "--height",
+            "1500",
+        ],
+        check=True,
+    )
     print(f"wrote {out}")
 
 

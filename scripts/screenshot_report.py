@@ -18,15 +18,27 @@ DEFAULT_CHROMIUM = "/usr/bin/chromium"
 
 
 def find_chromium(explicit: str | None = None) -> str | None:
-    for candidate in (explicit, DEFAULT_CHROMIUM, shutil.which("chromium"), shutil.which("chromium-browser"),
-                      shutil.which("google-chrome")):
+    for candidate in (
+        explicit,
+        DEFAULT_CHROMIUM,
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+        shutil.which("google-chrome"),
+    ):
         if candidate and Path(candidate).exists():
             return candidate
     return None
 
 
-def screenshot(report: Path, out: Path, *, width: int = 1280, height: int = 2400, chromium: str | None = None,
-               timeout: float = 120.0) -> Path:
+def screenshot(
+    report: Path,
+    out: Path,
+    *,
+    width: int = 1280,
+    height: int = 2400,
+    chromium: str | None = None,
+    timeout: float = 120.0,
+) -> Path:
     """Render ``report`` into ``out`` (PNG); raises ``RuntimeError`` when Chromium fails."""
     exe = find_chromium(chromium)
     if exe is None:
@@ -36,10 +48,22 @@ def screenshot(report: Path, out: Path, *, width: int = 1280, height: int = 2400
         raise RuntimeError(f"expected an HTML file, got {report} (not a file)")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="medvit-chromium-") as profile:
-        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={out}",
-               f"--window-size={width},{height}", report.as_uri()]
+        cmd = [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            f"--screenshot={out}",
+            f"--window-size={width},{height}",
+            report.as_uri(),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not out.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]

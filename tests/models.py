@@ -10,13 +10,26 @@ from medvit_explain.model import build_model, save_checkpoint
 def tiny_config(image_size=(32, 32), patch=8, window=(-1000.0, 400.0), crop_body=False, mode="slice"):
     return {
         "name": "tiny-test-vit",
-        "architecture": {"timm_name": "vit_tiny_patch16_224",
-                         "kwargs": {"img_size": list(image_size), "patch_size": patch, "in_chans": 1,
-                                    "embed_dim": 32, "depth": 2, "num_heads": 2}},
+        "architecture": {
+            "timm_name": "vit_tiny_patch16_224",
+            "kwargs": {
+                "img_size": list(image_size),
+                "patch_size": patch,
+                "in_chans": 1,
+                "embed_dim": 32,
+                "depth": 2,
+                "num_heads": 2,
+            },
+        },
         "task_spec": "lidc",
-        "preprocessing": {"mode": mode, "image_size": list(image_size), "in_chans": 1, "hu_window": list(window),
-                          "crop_body": crop_body,
-                          "roi": {"size_mm": 16.0, "spacing_mm": 1.0, "views": ["axial", "coronal", "sagittal"]}},
+        "preprocessing": {
+            "mode": mode,
+            "image_size": list(image_size),
+            "in_chans": 1,
+            "hu_window": list(window),
+            "crop_body": crop_body,
+            "roi": {"size_mm": 16.0, "spacing_mm": 1.0, "views": ["axial", "coronal", "sagittal"]},
+        },
     }
 
 

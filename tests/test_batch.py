@@ -42,8 +42,19 @@ def data(tmp_path_factory):
 
 
 def options(data, *extra, audit=False):
-    return ["--model", str(data["ckpt"]), "--method", "cdam", "--target", "malignancy", "--device", "cpu",
-            "--no-report", *([] if audit else ["--no-audit"]), *extra]
+    return [
+        "--model",
+        str(data["ckpt"]),
+        "--method",
+        "cdam",
+        "--target",
+        "malignancy",
+        "--device",
+        "cpu",
+        "--no-report",
+        *([] if audit else ["--no-audit"]),
+        *extra,
+    ]
 
 
 def write_manifest(path: Path, rows: list[dict], columns=("study_id", "path", "labels", "nodule_mask")) -> Path:
@@ -55,8 +66,15 @@ def write_manifest(path: Path, rows: list[dict], columns=("study_id", "path", "l
 
 
 def phantom_rows(folder: Path, names) -> list[dict]:
-    return [{"study_id": n, "path": str(folder / f"{n}.nii.gz"), "labels": str(folder / f"{n}.json"),
-             "nodule_mask": str(folder / f"{n}_nodules.nii.gz")} for n in names]
+    return [
+        {
+            "study_id": n,
+            "path": str(folder / f"{n}.nii.gz"),
+            "labels": str(folder / f"{n}.json"),
+            "nodule_mask": str(folder / f"{n}_nodules.nii.gz"),
+        }
+        for n in names
+    ]
 
 
 def results(out: Path) -> dict[str, dict]:
@@ -91,16 +109,19 @@ def test_manifest_folder_scan_and_csv(data, tmp_path):
         assert studies[name].nodule_mask.endswith("phantom_000_nodules.nii.gz")
         assert studies[name].malignancy in (0, 1)
     # a CSV: relative paths from the CSV's folder; malignancy column wins over labels
-    manifest = write_manifest(data["ph"] / "m.csv", [{"study_id": "a", "path": "phantom_000.nii.gz",
-                                                      "labels": "phantom_000.json", "malignancy": "1"}],
-                              columns=("study_id", "path", "labels", "malignancy"))
+    manifest = write_manifest(
+        data["ph"] / "m.csv",
+        [{"study_id": "a", "path": "phantom_000.nii.gz", "labels": "phantom_000.json", "malignancy": "1"}],
+        columns=("study_id", "path", "labels", "malignancy"),
+    )
     try:
         (study,) = read_manifest(manifest)
         assert study.path == str(data["ph"] / "phantom_000.nii.gz") and study.malignancy == 1
     finally:
         manifest.unlink()
-    bad_id = write_manifest(tmp_path / "bad.csv",
-                            [{"study_id": "../x", "path": str(data["ph"] / "phantom_000.nii.gz")}])
+    bad_id = write_manifest(
+        tmp_path / "bad.csv", [{"study_id": "../x", "path": str(data["ph"] / "phantom_000.nii.gz")}]
+    )
     with pytest.raises(MedvitInputError, match="study_id"):
         read_manifest(bad_id)
 
@@ -131,8 +152,9 @@ def test_bad_manifest_one_line_exit_2(data, tmp_path, case):
 
 
 def test_engine_options_need_ray_engine(data, tmp_path):
-    result = CliRunner().invoke(cli, ["batch", str(data["more"]), "--out", str(tmp_path / "o"), "--workers", "2",
-                                      *options(data)])
+    result = CliRunner().invoke(
+        cli, ["batch", str(data["more"]), "--out", str(tmp_path / "o"), "--workers", "2", *options(data)]
+    )
     assert result.exit_code == 2 and "--engine ray" in result.output
 
 
@@ -216,15 +238,23 @@ def test_corrupt_study_is_recorded_and_retried(data, tmp_path):
 def test_kill_9_then_rerun_finishes_each_study_once(data, tmp_path):
     names = ["extra_000", "extra_001", "extra_002"]
     rows = phantom_rows(data["more"], names) + [
-        {"study_id": f"ph{i}", "path": str(data["ph"] / f"phantom_00{i}.nii.gz")} for i in range(2)]
+        {"study_id": f"ph{i}", "path": str(data["ph"] / f"phantom_00{i}.nii.gz")} for i in range(2)
+    ]
     manifest = write_manifest(tmp_path / "m.csv", rows)
     out = tmp_path / "out"
     args = ["batch", str(manifest), "--out", str(out), *options(data)]
-    script = ("import sys; from medvit_explain.cli import cli; from medvit_explain.commands.batch import batch; "
-              "cli.add_command(batch) if 'batch' not in cli.commands else None; "
-              "cli(sys.argv[1:], prog_name='medvit-explain')")
-    proc = subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    script = (
+        "import sys; from medvit_explain.cli import cli; from medvit_explain.commands.batch import batch; "
+        "cli.add_command(batch) if 'batch' not in cli.commands else None; "
+        "cli(sys.argv[1:], prog_name='medvit-explain')"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.monotonic() + 90
         while not list(out.glob("*/.done.json")):
@@ -259,13 +289,15 @@ def test_kill_9_then_rerun_finishes_each_study_once(data, tmp_path):
 def test_ray_engine_end_to_end_on_two_cpu_workers(data, tmp_path):
     ray = pytest.importorskip("ray", reason="the Ray engine needs the 'ray' extra")
     rows = phantom_rows(data["more"], ["extra_000", "extra_001"]) + [
-        {"study_id": "ph0", "path": str(data["ph"] / "phantom_000.nii.gz")}]
+        {"study_id": "ph0", "path": str(data["ph"] / "phantom_000.nii.gz")}
+    ]
     manifest = write_manifest(tmp_path / "m.csv", rows)
     out, local_out = tmp_path / "out", tmp_path / "local"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        result = CliRunner().invoke(cli, ["batch", str(manifest), "--out", str(out), "--engine", "ray",
-                                          "--workers", "2", *options(data)])
+        result = CliRunner().invoke(
+            cli, ["batch", str(manifest), "--out", str(out), "--engine", "ray", "--workers", "2", *options(data)]
+        )
         assert result.exit_code == 0, result.output
         assert "2 worker(s)" in result.output
     finally:
@@ -280,8 +312,9 @@ def test_ray_engine_end_to_end_on_two_cpu_workers(data, tmp_path):
     assert result.exit_code == 0, result.output
     local = results(local_out)
     for study_id, row in table.items():
-        assert float(row["max_malignancy_prob"]) == pytest.approx(float(local[study_id]["max_malignancy_prob"]),
-                                                                  abs=1e-5)
+        assert float(row["max_malignancy_prob"]) == pytest.approx(
+            float(local[study_id]["max_malignancy_prob"]), abs=1e-5
+        )
         ray_pred = np.loadtxt(out / study_id / "predictions.csv", delimiter=",", skiprows=1)
         local_pred = np.loadtxt(local_out / study_id / "predictions.csv", delimiter=",", skiprows=1)
         np.testing.assert_allclose(ray_pred, local_pred, atol=1e-4)

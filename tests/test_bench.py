@@ -116,9 +116,28 @@ def test_run_bench_reports_positive_finite_ratios():
 def test_cli_bench_json(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_mod, "gradcam_available", lambda: False)
     ckpt = tiny_checkpoint(tmp_path / "ckpt")
-    args = ["--model", str(ckpt), "--slices", "2", "--repeats", "1", "--loop-slices", "1",
-            "--volume", "40", "40", "3", "--no-memory", "--method", "cdam", "--method", "agcam",
-            "--device", "cpu", "--json"]
+    args = [
+        "--model",
+        str(ckpt),
+        "--slices",
+        "2",
+        "--repeats",
+        "1",
+        "--loop-slices",
+        "1",
+        "--volume",
+        "40",
+        "40",
+        "3",
+        "--no-memory",
+        "--method",
+        "cdam",
+        "--method",
+        "agcam",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     res = CliRunner().invoke(bench, args)
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
@@ -134,19 +153,41 @@ def test_cli_bench_json(tmp_path, monkeypatch):
     assert out["memory"] is None
     assert out["machine"]["torch"] == torch.__version__ and out["machine"]["device"] == "cpu"
 
-    res = CliRunner().invoke(bench, ["--model", str(ckpt), "--slices", "2", "--repeats", "1", "--loop-slices", "1",
-                                     "--volume", "40", "40", "3", "--no-memory", "--method", "attention",
-                                     "--device", "cpu"])
+    res = CliRunner().invoke(
+        bench,
+        [
+            "--model",
+            str(ckpt),
+            "--slices",
+            "2",
+            "--repeats",
+            "1",
+            "--loop-slices",
+            "1",
+            "--volume",
+            "40",
+            "40",
+            "3",
+            "--no-memory",
+            "--method",
+            "attention",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "unavailable" in res.stdout and "forward" in res.stdout
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--arch", "vit_tiny_patch16_224", "--model", "x"], "got both"),
-    (["--image-size", "64"], "needs --arch"),
-    (["--method", "nope"], "unknown method"),
-    (["--volume", "8", "8", "2"], "at least 32"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--arch", "vit_tiny_patch16_224", "--model", "x"], "got both"),
+        (["--image-size", "64"], "needs --arch"),
+        (["--method", "nope"], "unknown method"),
+        (["--volume", "8", "8", "2"], "at least 32"),
+    ],
+)
 def test_cli_bench_bad_options(args, match):
     res = CliRunner().invoke(bench, args)
     assert res.exit_code == 2

@@ -25,13 +25,17 @@ TARGETS = ["malignancy", "subtlety"]
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return build_model({
-        "name": "tiny",
-        "architecture": {"timm_name": "vit_tiny_patch16_224",
-                         "kwargs": dict(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=2)},
-        "task_spec": "lidc",
-        "preprocessing": {"mode": "slice", "image_size": [32, 32], "hu_window": [-1000, 400]},
-    }).eval()
+    return build_model(
+        {
+            "name": "tiny",
+            "architecture": {
+                "timm_name": "vit_tiny_patch16_224",
+                "kwargs": dict(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=2),
+            },
+            "task_spec": "lidc",
+            "preprocessing": {"mode": "slice", "image_size": [32, 32], "hu_window": [-1000, 400]},
+        }
+    ).eval()
 
 
 def _ct(direction) -> Volume:
@@ -43,8 +47,9 @@ def _ct(direction) -> Volume:
 
 # flipped: the written k axis runs against the slice normal, so the reader returns the slices in the
 # reverse order of the files' instance numbers; oblique: a rotated grid
-@pytest.mark.parametrize("direction", [np.diag([-1.0, 1.0, -1.0]), rotation(0.3, -0.2, 0.5)],
-                         ids=["flipped", "oblique"])
+@pytest.mark.parametrize(
+    "direction", [np.diag([-1.0, 1.0, -1.0]), rotation(0.3, -0.2, 0.5)], ids=["flipped", "oblique"]
+)
 def test_parametric_maps_reference_source(model, tmp_path, direction):
     files = write_ct_series(_ct(direction), tmp_path / "ct", uid_seed=3)
     source = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(f) for f in files)}
@@ -71,8 +76,11 @@ def test_parametric_maps_reference_source(model, tmp_path, direction):
             assert ds.SeriesDescription == {"cdam": "CDAM", "attention": "Attention"}[method] + f" {target}"
             assert ds.PatientID == next(iter(source.values())).PatientID
             # every source instance is referenced, nothing else
-            refs = {item.ReferencedSOPInstanceUID
-                    for series in ds.ReferencedSeriesSequence for item in series.ReferencedInstanceSequence}
+            refs = {
+                item.ReferencedSOPInstanceUID
+                for series in ds.ReferencedSeriesSequence
+                for item in series.ReferencedInstanceSequence
+            }
             assert refs == set(source)
             # real-world value mapping: identity, unitless, labelled with the method
             rwvm = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]

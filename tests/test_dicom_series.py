@@ -35,12 +35,15 @@ def _read_series(folder):
     return img, arr, names
 
 
-@pytest.mark.parametrize("name, direction", [
-    ("identity", np.eye(3)),
-    ("oblique", _rotation(10, -20, 30)),
-    ("flipped_xy", np.diag([-1.0, -1.0, 1.0])),
-    ("permuted", np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])),  # sagittal-like
-])
+@pytest.mark.parametrize(
+    "name, direction",
+    [
+        ("identity", np.eye(3)),
+        ("oblique", _rotation(10, -20, 30)),
+        ("flipped_xy", np.diag([-1.0, -1.0, 1.0])),
+        ("permuted", np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])),  # sagittal-like
+    ],
+)
 def test_series_roundtrip_sitk(tmp_path, name, direction):
     vol = _volume(direction)
     paths = write_ct_series(vol, tmp_path / name)
@@ -81,8 +84,9 @@ def test_pydicom_reads_every_file(tmp_path):
         assert (ds.Rows, ds.Columns) == (vol.shape[1], vol.shape[0])
         assert ds.PhotometricInterpretation == "MONOCHROME2" and ds.PixelRepresentation == 1
         np.testing.assert_allclose([float(v) for v in ds.PixelSpacing], [0.8, 0.65])
-        np.testing.assert_allclose([float(v) for v in ds.ImagePositionPatient],
-                                   vol.index_to_physical(np.array([0, 0, k])), atol=1e-6)
+        np.testing.assert_allclose(
+            [float(v) for v in ds.ImagePositionPatient], vol.index_to_physical(np.array([0, 0, k])), atol=1e-6
+        )
         hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
         np.testing.assert_array_equal(hu, vol.array[:, :, k].T)  # DICOM [rows, cols] = [j, i]
         uids.add(ds.SOPInstanceUID)
@@ -104,8 +108,9 @@ def test_deterministic_uids_and_bytes(tmp_path):
 
 
 def test_explicit_uids(tmp_path):
-    paths = write_ct_series(_volume(), tmp_path, study_uid="1.2.3", series_uid="1.2.3.4",
-                            frame_of_reference_uid="1.2.3.5")
+    paths = write_ct_series(
+        _volume(), tmp_path, study_uid="1.2.3", series_uid="1.2.3.4", frame_of_reference_uid="1.2.3.5"
+    )
     ds = pydicom.dcmread(paths[0])
     uids = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID)
     assert uids == ("1.2.3", "1.2.3.4", "1.2.3.5")

@@ -46,24 +46,72 @@ def _cli():
 
 def test_evaluate_cli_writes_metrics_and_report(data, checkpoint, tmp_path):
     out = tmp_path / "eval"
-    result = CliRunner().invoke(_cli(), [
-        "evaluate", str(data), "--model", str(checkpoint), "--device", "cpu", "--method", "cdam",
-        "--method", "agcam", "--method", "attention", "--target", "malignancy", "--target", "spiculation",
-        "--max-slices", "4", "--batch-size", "4", "--out", str(out)])
+    result = CliRunner().invoke(
+        _cli(),
+        [
+            "evaluate",
+            str(data),
+            "--model",
+            str(checkpoint),
+            "--device",
+            "cpu",
+            "--method",
+            "cdam",
+            "--method",
+            "agcam",
+            "--method",
+            "attention",
+            "--target",
+            "malignancy",
+            "--target",
+            "spiculation",
+            "--max-slices",
+            "4",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "cdam" in result.output and "agcam" in result.output
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("localization", "abpc", "compactness", "class_sensitivity", "randomization", "model", "n_slices",
-                "n_nodules", "seed"):
+    for key in (
+        "localization",
+        "abpc",
+        "compactness",
+        "class_sensitivity",
+        "randomization",
+        "model",
+        "n_slices",
+        "n_nodules",
+        "seed",
+    ):
         assert key in metrics, key
     assert metrics["n_slices"] == 4
     assert set(metrics["abpc"]["cdam"]) == {"malignancy", "spiculation"}
-    assert set(metrics["localization"]["agcam"]) >= {"pixel_accuracy", "iou", "dice", "precision", "recall",
-                                                     "box_iou", "pointing_game", "evidence_in_nodule",
-                                                     "evidence_in_lungs"}
+    assert set(metrics["localization"]["agcam"]) >= {
+        "pixel_accuracy",
+        "iou",
+        "dice",
+        "precision",
+        "recall",
+        "box_iou",
+        "pointing_game",
+        "evidence_in_nodule",
+        "evidence_in_lungs",
+    }
     assert metrics["class_sensitivity"]["attention"] == pytest.approx(0.0, abs=1e-9)  # class-agnostic
-    assert set(metrics["model"]["biomarker_mae"]) == {"spiculation", "subtlety", "calcification", "margin",
-                                                      "lobulation", "texture", "sphericity", "diameter"}
+    assert set(metrics["model"]["biomarker_mae"]) == {
+        "spiculation",
+        "subtlety",
+        "calcification",
+        "margin",
+        "lobulation",
+        "texture",
+        "sphericity",
+        "diameter",
+    }
     html = (out / "evaluation.html").read_text()
     assert html.count("data:image/png;base64") >= 3
     assert not list(out.glob(".*"))  # no temporary files left
@@ -72,8 +120,7 @@ def test_evaluate_cli_writes_metrics_and_report(data, checkpoint, tmp_path):
 def test_evaluate_bad_input_exit_2_and_writes_nothing(data, checkpoint, tmp_path):
     out = tmp_path / "eval"
     runner = CliRunner()
-    for args in ([str(tmp_path / "missing")], [str(data), "--target", "nonsense"],
-                 [str(data), "--method", "nonsense"]):
+    for args in ([str(tmp_path / "missing")], [str(data), "--target", "nonsense"], [str(data), "--method", "nonsense"]):
         result = runner.invoke(_cli(), ["evaluate", *args, "--model", str(checkpoint), "--out", str(out)])
         assert result.exit_code == 2, result.output
         assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1
@@ -92,8 +139,14 @@ def test_evaluate_manifest_and_determinism(data):
         writer.writerow(["image", "nodule_mask", "labels"])
         writer.writerow(["phantom_002.nii.gz", "phantom_002_nodules.nii.gz", "phantom_002.json"])
     model = tiny_model(crop_body=True)
-    kwargs = dict(methods=["cdam", "rollout"], targets=["malignancy", "margin"], max_slices=3, batch_size=2,
-                  randomize_blocks=2, progress=False)
+    kwargs = dict(
+        methods=["cdam", "rollout"],
+        targets=["malignancy", "margin"],
+        max_slices=3,
+        batch_size=2,
+        randomize_blocks=2,
+        progress=False,
+    )
     a = evaluate_explanations(model, manifest, **kwargs).metrics
     b = evaluate_explanations(model, manifest, **kwargs).metrics
     assert a["abpc"] == b["abpc"] and a["localization"] == b["localization"]
@@ -110,8 +163,9 @@ def test_audit_cli(data, checkpoint, tmp_path):
     (data / "broken.nii.gz").write_bytes(b"not an image")
     (data / "broken_nodules.nii.gz").write_bytes(b"not an image")
     try:
-        result = CliRunner().invoke(_cli(), ["audit", str(data), "--model", str(checkpoint), "--device", "cpu",
-                                             "--out", str(out)])
+        result = CliRunner().invoke(
+            _cli(), ["audit", str(data), "--model", str(checkpoint), "--device", "cpu", "--out", str(out)]
+        )
     finally:
         for f in ("broken.json", "broken.nii.gz", "broken_nodules.nii.gz"):
             (data / f).unlink()
@@ -138,6 +192,13 @@ def test_explain_func_shapes_and_quantus():
     assert a.shape == (3, 1, 32, 32) and a.dtype == np.float32
     quantus = pytest.importorskip("quantus", reason="quantus is an optional dev extra")
     metric = quantus.Sparseness(disable_warnings=True)
-    scores = metric(model=model, x_batch=x, y_batch=y, a_batch=None, explain_func=explain_func,
-                    explain_func_kwargs={"method": "cdam"}, device="cpu")
+    scores = metric(
+        model=model,
+        x_batch=x,
+        y_batch=y,
+        a_batch=None,
+        explain_func=explain_func,
+        explain_func_kwargs={"method": "cdam"},
+        device="cpu",
+    )
     assert len(scores) == 3 and np.all(np.isfinite(scores))

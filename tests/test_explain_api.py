@@ -14,8 +14,12 @@ from medvit_explain.explain import ImageShapeError, explain, normalize_for_displ
 from medvit_explain.registry import METHODS, list_methods
 from tests.vit_models import TinyViTClassifier, make_images, make_model
 
-FAST = {"cdam-smooth": {"n_samples": 2}, "cdam-integrated": {"n_steps": 3}, "ig": {"n_steps": 3},
-        "smoothgrad": {"n_samples": 2}}
+FAST = {
+    "cdam-smooth": {"n_samples": 2},
+    "cdam-integrated": {"n_steps": 3},
+    "ig": {"n_steps": 3},
+    "smoothgrad": {"n_samples": 2},
+}
 ALL_METHODS = list(METHODS)
 
 
@@ -79,7 +83,9 @@ def test_hand_built_cdam_and_agcam_have_the_closed_form():
 
 def _all_hooks_empty(model: nn.Module) -> bool:
     return all(
-        not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+        not m._forward_hooks
+        and not m._forward_pre_hooks
+        and not m._backward_hooks
         and not getattr(m, "_backward_pre_hooks", {})
         for m in model.modules()
     )
@@ -166,8 +172,8 @@ def test_batch_equals_images_one_at_a_time(method):
     opts = {"noise_level": 0.0, "n_samples": 2} if method == "cdam-smooth" else {}
     whole = explain(m, x, method, targets=["subtlety", "malignancy"], **opts)
     for b in range(3):
-        one = explain(m, x[b:b + 1], method, targets=["subtlety", "malignancy"], **opts)
-        torch.testing.assert_close(whole[b:b + 1], one, rtol=1e-5, atol=1e-6 * float(one.abs().max()))
+        one = explain(m, x[b : b + 1], method, targets=["subtlety", "malignancy"], **opts)
+        torch.testing.assert_close(whole[b : b + 1], one, rtol=1e-5, atol=1e-6 * float(one.abs().max()))
 
 
 def test_seed_changes_stochastic_maps_and_chunking_does_not():
@@ -262,8 +268,19 @@ def test_registry_is_import_light_and_complete():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     rows = list_methods()
-    assert {r["name"] for r in rows} >= {"cdam", "cdam-smooth", "cdam-integrated", "agcam", "attention",
-                                          "rollout", "chefer", "gradcam", "ig", "smoothgrad", "inputxgrad"}
+    assert {r["name"] for r in rows} >= {
+        "cdam",
+        "cdam-smooth",
+        "cdam-integrated",
+        "agcam",
+        "attention",
+        "rollout",
+        "chefer",
+        "gradcam",
+        "ig",
+        "smoothgrad",
+        "inputxgrad",
+    }
     for r in rows:
         assert r["title"] and r["citation"] and isinstance(r["class_sensitive"], bool)
         assert r["kind"] in ("attention", "attention-gradient", "gradient")

@@ -74,13 +74,13 @@ def pooled(bb, x):
         p = x[:, 0]
     else:
         assert bb.global_pool == "avg"
-        p = x[:, bb.num_prefix_tokens:].mean(1)
+        p = x[:, bb.num_prefix_tokens :].mean(1)
     return norm(bb.fc_norm, p)
 
 
 def grid(model, tokens):
     bb = model.backbone
-    return tokens[bb.num_prefix_tokens:].reshape(*bb.patch_embed.grid_size)
+    return tokens[bb.num_prefix_tokens :].reshape(*bb.patch_embed.grid_size)
 
 
 def last_block_input(model, x):
@@ -117,14 +117,15 @@ def concept_vector(model, examples):
 
 
 def per_image_target(fn, images, targets):
-    rows = [torch.stack([fn(images[b:b + 1], c) for c in targets]) for b in range(images.shape[0])]
+    rows = [torch.stack([fn(images[b : b + 1], c) for c in targets]) for b in range(images.shape[0])]
     return torch.stack(rows)
 
 
 def cdam(model, images, targets, concept=None):
     score = score_fn(model, concept)
-    return per_image_target(lambda x, c: cdam_from_last_input(model, last_block_input(model, x), c, score),
-                            images, targets)
+    return per_image_target(
+        lambda x, c: cdam_from_last_input(model, last_block_input(model, x), c, score), images, targets
+    )
 
 
 def cdam_averaged(model, images, targets, scales, noise_level, seed):
@@ -138,7 +139,7 @@ def cdam_averaged(model, images, targets, scales, noise_level, seed):
     for b in range(images.shape[0]):
         for i, c in enumerate(targets):
             for s, eps in zip(scales, noises, strict=True):
-                x_last = s * xs[b:b + 1] + sigma[b] * eps[b:b + 1]
+                x_last = s * xs[b : b + 1] + sigma[b] * eps[b : b + 1]
                 out[b, i] += cdam_from_last_input(model, x_last, c, score) / len(scales)
     return out
 
@@ -233,17 +234,39 @@ def pool_pixels(model, attr, how="sum"):
     out = torch.zeros(gh, gw)
     for i in range(gh):
         for j in range(gw):
-            patch = a[i * ph:(i + 1) * ph, j * pw:(j + 1) * pw]
+            patch = a[i * ph : (i + 1) * ph, j * pw : (j + 1) * pw]
             out[i, j] = patch.sum() if how == "sum" else patch.mean()
     return out
 
 
-ref = SimpleNamespace(**{name: globals()[name] for name in (
-    'norm', 'layer_scale', 'stem', 'attention', 'block', 'pooled',
-    'grid', 'last_block_input', 'score_fn', 'cdam_from_last_input', 'concept_vector', 'per_image_target',
-    'cdam', 'cdam_averaged', 'agcam', 'attention_rows', 'attention_map', 'rollout',
-    'chefer', 'gradcam', 'pool_pixels'
-)})
+ref = SimpleNamespace(
+    **{
+        name: globals()[name]
+        for name in (
+            "norm",
+            "layer_scale",
+            "stem",
+            "attention",
+            "block",
+            "pooled",
+            "grid",
+            "last_block_input",
+            "score_fn",
+            "cdam_from_last_input",
+            "concept_vector",
+            "per_image_target",
+            "cdam",
+            "cdam_averaged",
+            "agcam",
+            "attention_rows",
+            "attention_map",
+            "rollout",
+            "chefer",
+            "gradcam",
+            "pool_pixels",
+        )
+    }
+)
 
 
 # ------------------------------------------------------------------ tests
@@ -346,7 +369,7 @@ def _captum_pooled(model, x, targets, attributor, pool, **kw):
     out = torch.zeros(x.shape[0], len(targets), *model.backbone.patch_embed.grid_size)
     for b in range(x.shape[0]):
         for i, c in enumerate(targets):
-            attr = attributor(model).attribute(x[b:b + 1], target=c, **kw)
+            attr = attributor(model).attribute(x[b : b + 1], target=c, **kw)
             out[b, i] = ref.pool_pixels(model, attr[0].detach(), pool)
     return out
 
@@ -379,7 +402,7 @@ def test_smoothgrad_matches_reference():
         for i, c in enumerate([0, 2]):
             total = 0
             for xs in noisy:
-                xb = xs[b:b + 1].clone().requires_grad_(True)
+                xb = xs[b : b + 1].clone().requires_grad_(True)
                 (g,) = torch.autograd.grad(m(xb)[0, c], xb)
                 total = total + g[0] / n
             want[b, i] = ref.pool_pixels(m, total, "sum")

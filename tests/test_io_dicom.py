@@ -31,8 +31,12 @@ def test_series_round_trip(tmp_path, name, direction, spacing):
     back = load_volume(tmp_path / "s")
     # a series may come back with k reversed (readers sort by position): compare physical grids
     if not np.allclose(back.direction, volume.direction, atol=1e-5):
-        flipped = Volume(volume.array[:, :, ::-1], volume.index_to_physical([0, 0, volume.shape[2] - 1]),
-                         volume.spacing, volume.direction @ np.diag([1, 1, -1]))
+        flipped = Volume(
+            volume.array[:, :, ::-1],
+            volume.index_to_physical([0, 0, volume.shape[2] - 1]),
+            volume.spacing,
+            volume.direction @ np.diag([1, 1, -1]),
+        )
         volume = flipped
     assert back.same_grid(volume, atol=1e-4)
     np.testing.assert_array_equal(back.array, volume.array)  # rescale slope/intercept applied: HU
@@ -53,8 +57,13 @@ def test_single_dicom_file(tmp_path):
 def test_several_series_need_a_choice(tmp_path):
     folder = tmp_path / "study"
     write_ct_series(ct(seed=1), folder, series_description="lung", uid_seed="a", filename_pattern="A{index:03d}.dcm")
-    write_ct_series(ct(seed=2, shape=(10, 8, 4)), folder, series_description="soft", uid_seed="b",
-                    filename_pattern="B{index:03d}.dcm")
+    write_ct_series(
+        ct(seed=2, shape=(10, 8, 4)),
+        folder,
+        series_description="soft",
+        uid_seed="b",
+        filename_pattern="B{index:03d}.dcm",
+    )
     series = find_dicom_series(folder)
     assert sorted(len(s.files) for s in series) == [4, 6]
     with pytest.raises(SeriesSelectionError, match="--series") as err:
@@ -127,7 +136,22 @@ def test_corrupt_dicom_refused(tmp_path):
 
 
 def test_make_phantom_cli_is_deterministic(tmp_path):
-    args = ["make-phantom", None, "--seed", "5", "--count", "2", "--size", "48", "48", "16", "--spacing", "7", "7", "10"]
+    args = [
+        "make-phantom",
+        None,
+        "--seed",
+        "5",
+        "--count",
+        "2",
+        "--size",
+        "48",
+        "48",
+        "16",
+        "--spacing",
+        "7",
+        "7",
+        "10",
+    ]
     for out in ("a", "b"):
         args[1] = str(tmp_path / out)
         result = CliRunner().invoke(cli, args)
@@ -149,5 +173,16 @@ def test_list_methods_cli():
     import json
 
     names = [m["name"] for m in json.loads(result.output)]
-    assert {"cdam", "cdam-smooth", "cdam-integrated", "agcam", "attention", "rollout", "chefer", "gradcam", "ig",
-            "smoothgrad", "inputxgrad"} == set(names)
+    assert {
+        "cdam",
+        "cdam-smooth",
+        "cdam-integrated",
+        "agcam",
+        "attention",
+        "rollout",
+        "chefer",
+        "gradcam",
+        "ig",
+        "smoothgrad",
+        "inputxgrad",
+    } == set(names)

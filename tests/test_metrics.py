@@ -42,8 +42,16 @@ def _square_mask(n=1, h=16, w=16, r0=4, r1=8, c0=6, c1=10):
 def test_map_equal_to_mask_scores_one():
     mask = _square_mask()
     scores = localization_scores(mask.float(), mask)
-    for key in ("pixel_accuracy", "iou", "dice", "precision", "recall", "box_dice", "pointing_game",
-                "evidence_in_nodule"):
+    for key in (
+        "pixel_accuracy",
+        "iou",
+        "dice",
+        "precision",
+        "recall",
+        "box_dice",
+        "pointing_game",
+        "evidence_in_nodule",
+    ):
         assert scores[key].item() == pytest.approx(1.0), key
 
 
@@ -135,8 +143,13 @@ def test_perturbation_curves_batch_and_targets_match_one_by_one():
     morf, lerf = perturbation_curves(forward, images, maps, steps=11, fill=0.5, batch_size=7)
     for i in range(3):
         for t in range(2):
-            mo, le = perturbation_curves(lambda x, t=t: forward(x)[:, t:t + 1], images[i:i + 1],
-                                         maps[i:i + 1, t:t + 1], steps=11, fill=0.5)
+            mo, le = perturbation_curves(
+                lambda x, t=t: forward(x)[:, t : t + 1],
+                images[i : i + 1],
+                maps[i : i + 1, t : t + 1],
+                steps=11,
+                fill=0.5,
+            )
             np.testing.assert_allclose(morf[i, t], mo[0, 0], rtol=1e-5)
             np.testing.assert_allclose(lerf[i, t], le[0, 0], rtol=1e-5)
 
@@ -169,8 +182,8 @@ def test_class_sensitivity_known_values():
 
 def test_spearman_and_pearson():
     a = torch.arange(16.0).reshape(1, 4, 4)
-    assert spearman(a, a ** 3).item() == pytest.approx(1.0)  # monotone: rank correlation 1
-    assert pearson(a, a ** 3).item() < 0.99
+    assert spearman(a, a**3).item() == pytest.approx(1.0)  # monotone: rank correlation 1
+    assert pearson(a, a**3).item() < 0.99
     assert spearman(a, -a).item() == pytest.approx(-1.0)
     assert spearman(a, torch.zeros_like(a)).item() == 0.0
     assert spearman(torch.zeros_like(a), torch.zeros_like(a)).item() == 1.0
@@ -198,14 +211,19 @@ def test_slice_masks_follow_the_model_inputs(name, direction, spacing, crop):
     labels = np.zeros((24, 20, 6), np.int16)
     for _ in range(6):
         x, y, z = rng.integers(0, 18), rng.integers(0, 14), rng.integers(0, 6)
-        labels[x:x + 6, y:y + 6, z] = 1
+        labels[x : x + 6, y : y + 6, z] = 1
     labels[2:22, 2:18, :] |= 0  # keep the body box computation simple
     hu = np.where(labels > 0, 400.0, -1000.0).astype(np.float32)
     hu[1:23, 1:19, :] = np.maximum(hu[1:23, 1:19, :], -400.0)  # a "body" so the crop box is not everything
     volume = Volume(hu, np.zeros(3), np.asarray(spacing), np.asarray(direction), {})
     size = (48, 40)  # an integer upscale of the uncropped slice: nearest and bilinear agree off the edges
-    pre = {"image_size": list(size), "in_chans": 1, "hu_window": [-1000.0, 400.0], "crop_body": crop,
-           "body_threshold_hu": -500.0}
+    pre = {
+        "image_size": list(size),
+        "in_chans": 1,
+        "hu_window": [-1000.0, 400.0],
+        "crop_body": crop,
+        "body_threshold_hu": -500.0,
+    }
     inputs = SliceInputs(volume, pre)
     ks = np.arange(inputs.n_slices)
     masks = slice_masks(labels, inputs, ks)

@@ -98,15 +98,9 @@ def test_unknown_target_lists_valid_names(bad):
 
 def test_normalize_denormalize_round_trip_torch_and_numpy():
     spec = TaskSpec.default()
-    values = np.array(
-        [[1.0, 1, 1, 1, 1, 1, 0, 1, 1], [0.0, 5, 6, 5, 5, 5, 40, 5, 5], [1.0, 3, 3.5, 2, 4, 3, 20, 3, 3]]
-    )
+    values = np.array([[1.0, 1, 1, 1, 1, 1, 0, 1, 1], [0.0, 5, 6, 5, 5, 5, 40, 5, 5], [1.0, 3, 3.5, 2, 4, 3, 20, 3, 3]])
     normed = spec.normalize(values)
-    assert (
-        np.allclose(normed[0, 1:], -1)
-        and np.allclose(normed[1, 1:], 1)
-        and np.allclose(normed[2, [1, 2, 6]], 0)
-    )
+    assert np.allclose(normed[0, 1:], -1) and np.allclose(normed[1, 1:], 1) and np.allclose(normed[2, [1, 2, 6]], 0)
     assert np.array_equal(normed[:, 0], values[:, 0])  # binary labels untouched
     assert np.allclose(spec.denormalize(normed), values)
     t = torch.tensor(values, dtype=torch.float64).reshape(3, 1, 9)  # any leading dims
@@ -220,9 +214,7 @@ def test_build_model_errors():
     with pytest.raises(CheckpointError, match="class token"):
         build_model(tiny_config(class_token=False))
     with pytest.raises(ModelNotSupportedError, match="VisionTransformer"):
-        build_model(
-            {"architecture": {"timm_name": "resnet18", "kwargs": {"in_chans": 1, "global_pool": "avg"}}}
-        )
+        build_model({"architecture": {"timm_name": "resnet18", "kwargs": {"in_chans": 1, "global_pool": "avg"}}})
 
 
 def test_preprocessing_defaults_and_validation():

@@ -43,8 +43,9 @@ def checkpoint(tmp_path_factory):
     from medvit_explain.model import build_model, save_checkpoint
 
     torch.manual_seed(0)
-    model = build_model({"name": "tiny", "architecture": {"timm_name": "vit_tiny_patch16_224", "kwargs": ARCH},
-                         "task_spec": "lidc"}).eval()
+    model = build_model(
+        {"name": "tiny", "architecture": {"timm_name": "vit_tiny_patch16_224", "kwargs": ARCH}, "task_spec": "lidc"}
+    ).eval()
     return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny")
 
 

@@ -45,10 +45,18 @@ def test_same_seed_identical_files_other_seed_differs(tmp_path):
     assert [r["name"] for r in a] == ["phantom_000", "phantom_001"]
     assert a[0]["seed"] != a[1]["seed"]
     fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
-    assert sorted(fa) == sorted([
-        "phantom_000.json", "phantom_000.nii.gz", "phantom_000_lungs.nii.gz", "phantom_000_nodules.nii.gz",
-        "phantom_001.json", "phantom_001.nii.gz", "phantom_001_lungs.nii.gz", "phantom_001_nodules.nii.gz",
-    ])
+    assert sorted(fa) == sorted(
+        [
+            "phantom_000.json",
+            "phantom_000.nii.gz",
+            "phantom_000_lungs.nii.gz",
+            "phantom_000_nodules.nii.gz",
+            "phantom_001.json",
+            "phantom_001.nii.gz",
+            "phantom_001_lungs.nii.gz",
+            "phantom_001_nodules.nii.gz",
+        ]
+    )
     assert fa == fb  # byte-identical, gzip headers included
     assert fa["phantom_000.nii.gz"] != fa["phantom_001.nii.gz"]
     assert _files(tmp_path / "c")["phantom_000.nii.gz"] != fa["phantom_000.nii.gz"]
@@ -86,8 +94,15 @@ def test_nodule_labels_match_masks(phantoms):
             assert 0.7 * n["diameter_mm"] <= diagonal + 2 * ct.spacing.max()
             assert diagonal <= 4.0 * n["diameter_mm"] + 2 * ct.spacing.max()
             assert 3.0 <= n["diameter_mm"] <= 32.0
-            for key, hi in (("subtlety", 5), ("calcification", 6), ("margin", 5), ("lobulation", 5),
-                            ("spiculation", 5), ("texture", 5), ("sphericity", 5)):
+            for key, hi in (
+                ("subtlety", 5),
+                ("calcification", 6),
+                ("margin", 5),
+                ("lobulation", 5),
+                ("spiculation", 5),
+                ("texture", 5),
+                ("sphericity", 5),
+            ):
                 assert 1 <= n[key] <= hi and isinstance(n[key], int)
             assert n["malignancy"] == malignancy_rule(n)  # no label noise asked
     assert n_total >= 8
@@ -102,7 +117,7 @@ def test_hu_ranges_plausible(phantoms):
         assert -1024 <= np.median(corner) <= -980
         body = ct > -500
         cx = ct.shape[0] // 2
-        centre_col = ct[cx - 3:cx + 3, :, :]
+        centre_col = ct[cx - 3 : cx + 3, :, :]
         assert np.any((centre_col > 20) & (centre_col < 80))  # soft tissue / heart
         assert (ct > 500).sum() > 100  # bone: spine and ribs
         assert ct.max() < 3072
@@ -120,10 +135,21 @@ def test_nodules_change_the_image():
 
 
 def test_malignancy_rule_monotonic_examples():
-    base = {"diameter_mm": 10.0, "spiculation": 2, "lobulation": 2, "margin": 4, "sphericity": 4,
-            "texture": 5, "calcification": 6, "subtlety": 3}
-    for key, values in (("diameter_mm", [4, 6, 8, 12, 20, 30]), ("spiculation", [1, 2, 3, 4, 5]),
-                        ("lobulation", [1, 2, 3, 4, 5])):
+    base = {
+        "diameter_mm": 10.0,
+        "spiculation": 2,
+        "lobulation": 2,
+        "margin": 4,
+        "sphericity": 4,
+        "texture": 5,
+        "calcification": 6,
+        "subtlety": 3,
+    }
+    for key, values in (
+        ("diameter_mm", [4, 6, 8, 12, 20, 30]),
+        ("spiculation", [1, 2, 3, 4, 5]),
+        ("lobulation", [1, 2, 3, 4, 5]),
+    ):
         scores = [malignancy_score({**base, key: v}) for v in values]
         assert scores == sorted(scores), key
     for key, values in (("margin", [1, 2, 3, 4, 5]), ("sphericity", [1, 2, 3, 4, 5])):
@@ -132,10 +158,24 @@ def test_malignancy_rule_monotonic_examples():
     for calc in range(1, 6):
         assert malignancy_score({**base, "calcification": calc}) < malignancy_score(base)
     assert malignancy_score({**base, "texture": 3}) > malignancy_score({**base, "texture": 5})
-    suspicious = {"diameter_mm": 24, "spiculation": 5, "lobulation": 4, "margin": 2, "sphericity": 2,
-                  "texture": 3, "calcification": 6}
-    benign = {"diameter_mm": 5, "spiculation": 1, "lobulation": 1, "margin": 5, "sphericity": 5,
-              "texture": 5, "calcification": 3}
+    suspicious = {
+        "diameter_mm": 24,
+        "spiculation": 5,
+        "lobulation": 4,
+        "margin": 2,
+        "sphericity": 2,
+        "texture": 3,
+        "calcification": 6,
+    }
+    benign = {
+        "diameter_mm": 5,
+        "spiculation": 1,
+        "lobulation": 1,
+        "margin": 5,
+        "sphericity": 5,
+        "texture": 5,
+        "calcification": 3,
+    }
     assert malignancy_rule(suspicious) == 1 and malignancy_rule(benign) == 0
     assert malignancy_rule({**suspicious, "calcification": 5, "diameter_mm": 8, "spiculation": 2}) == 0
     assert malignancy_rule({**benign, "calcification": 6, "diameter_mm": 22, "spiculation": 3}) == 1
@@ -185,8 +225,9 @@ def test_write_nifti_and_dicom_geometry(tmp_path):
     d = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # i, j swapped: left-handed
     rot = np.array([[np.cos(0.3), -np.sin(0.3), 0.0], [np.sin(0.3), np.cos(0.3), 0.0], [0, 0, 1.0]])
     direction = rot @ d
-    ph = generate_phantom(4, size=(96, 80, 20), spacing=(3.5, 4.0, 5.0), n_nodules=2,
-                          direction=direction, origin=(10.0, -20.0, 30.0))
+    ph = generate_phantom(
+        4, size=(96, 80, 20), spacing=(3.5, 4.0, 5.0), n_nodules=2, direction=direction, origin=(10.0, -20.0, 30.0)
+    )
     paths = write_phantom(ph, tmp_path, "obl", format="dicom")
     assert set(paths) == {"ct", "nodule_mask", "lung_mask", "json", "dicom"}
     img, arr = _read(paths["ct"])

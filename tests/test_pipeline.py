@@ -46,8 +46,9 @@ def test_identity_explainer_reproduces_input_on_every_geometry():
         probe = SliceInputs(volume, {"image_size": [1, 1], "in_chans": 1, "hu_window": list(WINDOW)})
         rows, cols = probe.canonical.shape[1], probe.canonical.shape[0]
         model = tiny_model(image_size=(rows, cols), patch=2)
-        result = explain_volume(model, volume, methods=[input_explainer], targets=["malignancy", "texture"],
-                                batch_size=4)
+        result = explain_volume(
+            model, volume, methods=[input_explainer], targets=["malignancy", "texture"], batch_size=4
+        )
         expected = np.clip((volume.array - WINDOW[0]) / (WINDOW[1] - WINDOW[0]), 0, 1)
         for t in range(2):
             np.testing.assert_allclose(result.maps["input_explainer"][t], expected, atol=1e-6)
@@ -102,8 +103,25 @@ def _run(args):
 def test_cli_overlays_share_the_source_grid(tmp_path, checkpoint, name, direction, spacing):
     path = write_volume(body_volume(direction, spacing), tmp_path / "ct.nii.gz")
     out = tmp_path / "out"
-    result = _run(["explain", path, "--model", checkpoint, "--method", "cdam", "--target", "malignancy",
-                   "--target", "spiculation", "--out", out, "--no-report", "--device", "cpu"])
+    result = _run(
+        [
+            "explain",
+            path,
+            "--model",
+            checkpoint,
+            "--method",
+            "cdam",
+            "--target",
+            "malignancy",
+            "--target",
+            "spiculation",
+            "--out",
+            out,
+            "--no-report",
+            "--device",
+            "cpu",
+        ]
+    )
     assert result.exit_code == 0, result.output
     for target in ("malignancy", "spiculation"):
         overlay = out / f"ct_cdam_{target}.nii.gz"
@@ -111,7 +129,9 @@ def test_cli_overlays_share_the_source_grid(tmp_path, checkpoint, name, directio
         assert sitk.ReadImage(str(overlay)).GetPixelID() == sitk.sitkFloat32
     rows = (out / "predictions.csv").read_text().splitlines()
     axial_axis = int(np.argmax(np.abs(np.asarray(direction)[2, :])))  # the source axis closest to S
-    assert len(rows) == 1 + (20, 18, 6)[axial_axis] and rows[0].startswith("slice,source_index,z_mm,malignancy_prob,malignancy_logit")
+    assert len(rows) == 1 + (20, 18, 6)[axial_axis] and rows[0].startswith(
+        "slice,source_index,z_mm,malignancy_prob,malignancy_logit"
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["methods"] == ["cdam"] and summary["targets"] == ["malignancy", "spiculation"]
     assert len(summary["input"]["sha256"]) == 64 and len(summary["model"]["sha256"]) == 64
@@ -124,16 +144,33 @@ def test_cli_ras_nifti_and_dicom_series(tmp_path, checkpoint):
     ras = tmp_path / "ras.nii.gz"
     nib.save(nib.Nifti1Image(volume.array.astype(np.int16), affine_ras), str(ras))
     out = tmp_path / "ras_out"
-    assert _run(["explain", ras, "--model", checkpoint, "--method", "agcam", "--target", "0", "--out", out,
-                 "--no-report"]).exit_code == 0
+    assert (
+        _run(
+            ["explain", ras, "--model", checkpoint, "--method", "agcam", "--target", "0", "--out", out, "--no-report"]
+        ).exit_code
+        == 0
+    )
     _assert_same_geometry(out / "ras_agcam_malignancy.nii.gz", ras)
     np.testing.assert_allclose(nib.load(str(out / "ras_agcam_malignancy.nii.gz")).affine, affine_ras, atol=1e-4)
 
     series = tmp_path / "series"
     write_ct_series(body_volume(np.eye(3), (0.9, 0.9, 3.0)), series)
     out = tmp_path / "dcm_out"
-    result = _run(["explain", series, "--model", checkpoint, "--method", "cdam", "--target", "texture",
-                   "--out", out, "--no-report"])
+    result = _run(
+        [
+            "explain",
+            series,
+            "--model",
+            checkpoint,
+            "--method",
+            "cdam",
+            "--target",
+            "texture",
+            "--out",
+            out,
+            "--no-report",
+        ]
+    )
     assert result.exit_code == 0, result.output
     _assert_same_geometry(out / "series_cdam_texture.nii.gz", series)
 
@@ -159,8 +196,23 @@ def test_roi_mode_writes_zero_outside(tmp_path, checkpoint):
     centres = tmp_path / "centres.csv"
     centres.write_text("x_mm,y_mm,z_mm\n" + ",".join(str(v) for v in volume.index_to_physical([20, 20, 15])) + "\n")
     out = tmp_path / "roi"
-    result = _run(["explain", path, "--model", checkpoint, "--method", "cdam", "--target", "malignancy",
-                   "--roi-centers", centres, "--out", out, "--no-report"])
+    result = _run(
+        [
+            "explain",
+            path,
+            "--model",
+            checkpoint,
+            "--method",
+            "cdam",
+            "--target",
+            "malignancy",
+            "--roi-centers",
+            centres,
+            "--out",
+            out,
+            "--no-report",
+        ]
+    )
     assert result.exit_code == 0, result.output
     overlay = load_volume(out / "ct_cdam_malignancy.nii.gz")
     nonzero = np.argwhere(overlay.array != 0)
@@ -205,8 +257,23 @@ def test_killed_run_leaves_no_truncated_file(tmp_path, checkpoint):
     ph = generate_phantom(4, size=(96, 96, 40), spacing=(3.6, 3.6, 4.0), n_nodules=1)
     ct = write_volume(ph.ct, tmp_path / "ct.nii.gz")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "medvit_explain", "explain", str(ct), "--model", str(checkpoint), "--out",
-           str(out), "--device", "cpu", "--method", "cdam", "--method", "agcam"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "medvit_explain",
+        "explain",
+        str(ct),
+        "--model",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--method",
+        "cdam",
+        "--method",
+        "agcam",
+    ]
     for delay in (2.5, 4.0, 5.5):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)

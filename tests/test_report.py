@@ -30,14 +30,22 @@ ODD_PATH = '/data/<b>scan</b> & "x".nii.gz'
 
 def tiny_model():
     torch.manual_seed(0)
-    return build_model({
-        "name": "tiny<report>",
-        "architecture": {"timm_name": "vit_tiny_patch16_224",
-                         "kwargs": dict(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=2)},
-        "task_spec": "lidc",
-        "preprocessing": {"mode": "slice", "image_size": [32, 32], "hu_window": [-1000, 400],
-                          "roi": {"size_mm": 16, "spacing_mm": 1.0, "views": ["axial", "coronal", "sagittal"]}},
-    }).eval()
+    return build_model(
+        {
+            "name": "tiny<report>",
+            "architecture": {
+                "timm_name": "vit_tiny_patch16_224",
+                "kwargs": dict(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=2),
+            },
+            "task_spec": "lidc",
+            "preprocessing": {
+                "mode": "slice",
+                "image_size": [32, 32],
+                "hu_window": [-1000, 400],
+                "roi": {"size_mm": 16, "spacing_mm": 1.0, "views": ["axial", "coronal", "sagittal"]},
+            },
+        }
+    ).eval()
 
 
 def small_volume() -> Volume:
@@ -45,8 +53,13 @@ def small_volume() -> Volume:
     rng = np.random.default_rng(0)
     arr = rng.normal(-800, 60, (48, 40, 6)).astype(np.float32)
     arr[18:30, 14:24, 2:4] = 40.0
-    return Volume(arr, (-20.0, -15.0, 0.0), (0.8, 1.2, 2.5), np.eye(3),
-                  {"path": ODD_PATH, "format": "nifti", "modality": "CT", "sha256": "ab" * 32})
+    return Volume(
+        arr,
+        (-20.0, -15.0, 0.0),
+        (0.8, 1.2, 2.5),
+        np.eye(3),
+        {"path": ODD_PATH, "format": "nifti", "modality": "CT", "sha256": "ab" * 32},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +158,12 @@ def test_slice_grid_colour_scale_is_centred_at_zero():
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} not installed (apt-get install chromium)")
 def test_screenshot_script(report, tmp_path):
     out = tmp_path / "shot.png"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot_report.py"), str(report), str(out),
-                           "--height", "1400"], capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "screenshot_report.py"), str(report), str(out), "--height", "1400"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr
     image = np.asarray(Image.open(out).convert("L"), dtype=np.float64)
     assert image.shape == (1400, 1280) and image.var() > 0
@@ -155,6 +172,14 @@ def test_screenshot_script(report, tmp_path):
 def test_screenshot_script_missing_report(tmp_path):
     if not shutil.which("chromium") and not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot_report.py"),
-                           str(tmp_path / "none.html"), str(tmp_path / "x.png")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "screenshot_report.py"),
+            str(tmp_path / "none.html"),
+            str(tmp_path / "x.png"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "expected an HTML file" in proc.stderr

@@ -28,21 +28,58 @@ def test_train_then_resume(tmp_path, phantoms):
     import yaml
 
     config = tiny_config()
-    config["training"] = {"seed": 1, "epochs": 2, "batch_size": 8, "lr": 1e-3, "warmup_epochs": 1,
-                          "min_area_mm2": 20.0, "val_fraction": 0.34, "token_label_weight": 1.0}
+    config["training"] = {
+        "seed": 1,
+        "epochs": 2,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "warmup_epochs": 1,
+        "min_area_mm2": 20.0,
+        "val_fraction": 0.34,
+        "token_label_weight": 1.0,
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "ckpt"
-    result = CliRunner().invoke(cli, ["train", "--config", str(path), "--data", str(phantoms), "--out", str(out),
-                                      "--epochs", "1", "--device", "cpu"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--config",
+            str(path),
+            "--data",
+            str(phantoms),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     model = load_model(out, device="cpu")
     provenance = json.loads((out / "config.json").read_text())["provenance"]
     assert provenance["seed"] == 1 and provenance["epoch"] == 1 and "validation" in provenance
     state = tmp_path / ".ckpt.train_state"
     assert json.loads((state / "history.json").read_text())[-1]["epoch"] == 1
-    result = CliRunner().invoke(cli, ["train", "--config", str(path), "--data", str(phantoms), "--out", str(out),
-                                      "--epochs", "2", "--resume", "--device", "cpu"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--config",
+            str(path),
+            "--data",
+            str(phantoms),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--resume",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     history = json.loads((state / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]  # resumed at epoch 2, not from scratch
@@ -50,8 +87,18 @@ def test_train_then_resume(tmp_path, phantoms):
 
 
 def test_train_bad_data(tmp_path):
-    result = CliRunner().invoke(cli, ["train", "--config", "configs/sample_model.yaml", "--data",
-                                      str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--config",
+            "configs/sample_model.yaml",
+            "--data",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert result.exit_code == 2 and result.output.startswith("error:")
     assert not (tmp_path / "o").exists()
 
@@ -66,8 +113,10 @@ def test_slice_targets_hand_made():
     mask[0:2, 0:2, 0] = 1  # 4 px
     mask[5:9, 5:9, 0] = 2  # 16 px
     mask[0:1, 0:1, 1] = 2  # graze: 1 px
-    nodules = [{"id": 1, "malignancy": 1, "spiculation": 5, "diameter_mm": 4.0},
-               {"id": 2, "malignancy": 0, "spiculation": 1, "diameter_mm": 9.0}]
+    nodules = [
+        {"id": 1, "malignancy": 1, "spiculation": 5, "diameter_mm": 4.0},
+        {"id": 2, "malignancy": 0, "spiculation": 1, "diameter_mm": 9.0},
+    ]
     t, labelled, has_nodule = slice_targets(spec, nodules, mask, pixel_area_mm2=1.0, min_area_mm2=3.0)
     values = spec.denormalize(t)
     assert labelled.tolist() == [True, False, True, True] and has_nodule.tolist() == [True, False, False, False]
@@ -93,10 +142,13 @@ def test_roc_auc_against_pairs():
     assert roc_auc(y, s) == pytest.approx(np.mean(pairs))
 
 
-@pytest.mark.parametrize("arch", [
-    {"reg_tokens": 4},
-    {"img_size": [32, 48]},
-])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        {"reg_tokens": 4},
+        {"img_size": [32, 48]},
+    ],
+)
 def test_predict_register_tokens_and_non_square_grid(tmp_path, arch):
     config = tiny_config()
     config["architecture"]["kwargs"].update(arch)
@@ -108,8 +160,9 @@ def test_predict_register_tokens_and_non_square_grid(tmp_path, arch):
 
     ph = generate_phantom(1, size=(48, 40, 6), spacing=(7.0, 8.0, 10.0), n_nodules=1)
     path = write_volume(ph.ct, tmp_path / "ct.nii.gz")
-    result = CliRunner().invoke(cli, ["predict", str(path), "--model", str(ckpt), "--out",
-                                      str(tmp_path / "p.csv"), "--json"])
+    result = CliRunner().invoke(
+        cli, ["predict", str(path), "--model", str(ckpt), "--out", str(tmp_path / "p.csv"), "--json"]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert len(data["rows"]) == 6 and "malignancy_prob" in data["columns"]

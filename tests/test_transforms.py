@@ -79,8 +79,10 @@ def test_slice_resize_and_crop_inverse_localises():
     array[8:56, 6:44, :] = 40.0  # body
     array[30:36, 20:26, 2] = 400.0  # blob
     volume = Volume(array, (0, 0, 0), (0.7, 0.7, 2.0), np.eye(3))
-    si = SliceInputs(volume, {"image_size": [24, 24], "in_chans": 3, "hu_window": WINDOW, "crop_body": True,
-                              "body_threshold_hu": -500})
+    si = SliceInputs(
+        volume,
+        {"image_size": [24, 24], "in_chans": 3, "hu_window": WINDOW, "crop_body": True, "body_threshold_hu": -500},
+    )
     x0, x1, y0, y1 = si.box
     assert x0 <= 8 and x1 >= 56 and y0 <= 6 and y1 >= 44
     images = si.images([2])
@@ -103,8 +105,12 @@ def test_roi_pixel_to_voxel(name, direction, spacing):
     ijk = np.array([20, 18, 14])
     volume.array[19:22, 17:20, 13:16] = 400
     centre = volume.index_to_physical(ijk)
-    pre = {"image_size": [16, 16], "in_chans": 1, "hu_window": WINDOW,
-           "roi": {"size_mm": 16.0, "spacing_mm": 1.0, "views": ["axial", "coronal", "sagittal"]}}
+    pre = {
+        "image_size": [16, 16],
+        "in_chans": 1,
+        "hu_window": WINDOW,
+        "roi": {"size_mm": 16.0, "spacing_mm": 1.0, "views": ["axial", "coronal", "sagittal"]},
+    }
     roi = RoiInputs(volume, pre, centre[None])
     images = roi.images()
     assert images.shape == (3, 1, 16, 16)
@@ -118,8 +124,12 @@ def test_roi_inverse_writes_inside_cube_only():
     shape = (50, 50, 30)
     volume = Volume(np.full(shape, -1000.0, np.float32), (0, 0, 0), (1.0, 1.0, 2.0), np.eye(3))
     centre = volume.index_to_physical(np.array([25, 25, 15]))
-    pre = {"image_size": [16, 16], "in_chans": 1, "hu_window": WINDOW,
-           "roi": {"size_mm": 16.0, "spacing_mm": 1.0, "views": ["axial", "coronal", "sagittal"]}}
+    pre = {
+        "image_size": [16, 16],
+        "in_chans": 1,
+        "hu_window": WINDOW,
+        "roi": {"size_mm": 16.0, "spacing_mm": 1.0, "views": ["axial", "coronal", "sagittal"]},
+    }
     roi = RoiInputs(volume, pre, centre[None])
     maps = torch.ones(3, 2, 4, 4)
     out = np.zeros((2, *shape), np.float32)

@@ -33,15 +33,37 @@ def test_import_is_light():
 # -- command -----------------------------------------------------------------------------------------
 def test_build_explain_command_is_an_argument_list():
     cmd = vl.build_explain_command(
-        "/opt/Slicer/bin/PythonSlicer", "/tmp/in put/ct.nrrd", "/tmp/out dir", model="/m/ckpt",
-        methods=["cdam", "cdam-smooth"], targets=["malignancy", "diameter"], device="cuda:1", batch_size=8,
+        "/opt/Slicer/bin/PythonSlicer",
+        "/tmp/in put/ct.nrrd",
+        "/tmp/out dir",
+        model="/m/ckpt",
+        methods=["cdam", "cdam-smooth"],
+        targets=["malignancy", "diameter"],
+        device="cuda:1",
+        batch_size=8,
     )
     assert cmd == [
-        "/opt/Slicer/bin/PythonSlicer", "-m", "medvit_explain", "explain", "/tmp/in put/ct.nrrd",
-        "--out", "/tmp/out dir", "--model", "/m/ckpt",
-        "--method", "cdam", "--method", "cdam-smooth",
-        "--target", "malignancy", "--target", "diameter",
-        "--device", "cuda:1", "--batch-size", "8",
+        "/opt/Slicer/bin/PythonSlicer",
+        "-m",
+        "medvit_explain",
+        "explain",
+        "/tmp/in put/ct.nrrd",
+        "--out",
+        "/tmp/out dir",
+        "--model",
+        "/m/ckpt",
+        "--method",
+        "cdam",
+        "--method",
+        "cdam-smooth",
+        "--target",
+        "malignancy",
+        "--target",
+        "diameter",
+        "--device",
+        "cuda:1",
+        "--batch-size",
+        "8",
     ]
     assert all(isinstance(a, str) for a in cmd)
 
@@ -96,7 +118,7 @@ def test_parse_progress(line, expected):
 def test_cli_error_message():
     stderr = "explain:  10%|█ | 1/10\nerror: input not found: /x/ct.nii.gz (check the path)\n"
     assert vl.cli_error_message(stderr) == "input not found: /x/ct.nii.gz (check the path)"
-    tb = "Traceback (most recent call last):\n  File \"x\", line 1\nRuntimeError: CUDA out of memory\n"
+    tb = 'Traceback (most recent call last):\n  File "x", line 1\nRuntimeError: CUDA out of memory\n'
     assert vl.cli_error_message(tb) == "RuntimeError: CUDA out of memory"
     assert vl.cli_error_message(" 50%|█| 1/2\n") is None
 
@@ -133,8 +155,13 @@ def test_run_command_refuses_a_shell_string():
 # -- outputs -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "path, stem",
-    [("a/scan.nii.gz", "scan"), ("scan.NRRD", "scan"), ("/data/dicom_series/", "dicom_series"),
-     ("x.y.mha", "x.y"), ("weird", "weird")],
+    [
+        ("a/scan.nii.gz", "scan"),
+        ("scan.NRRD", "scan"),
+        ("/data/dicom_series/", "dicom_series"),
+        ("x.y.mha", "x.y"),
+        ("weird", "weird"),
+    ],
 )
 def test_volume_stem(path, stem):
     assert vl.volume_stem(path) == stem
@@ -143,15 +170,23 @@ def test_volume_stem(path, stem):
 def test_parse_overlay_name_with_dashes_and_underscores():
     methods = method_names()
     assert vl.parse_overlay_name("ct_cdam_malignancy.nii.gz") == ("ct", "cdam", "malignancy")
-    assert vl.parse_overlay_name("my_ct_01_cdam-smooth_malignancy.nii.gz") == (
-        "my_ct_01", "cdam-smooth", "malignancy")
+    assert vl.parse_overlay_name("my_ct_01_cdam-smooth_malignancy.nii.gz") == ("my_ct_01", "cdam-smooth", "malignancy")
     assert vl.parse_overlay_name("p_cdam-integrated_nodule_size.nii.gz", methods) == (
-        "p", "cdam-integrated", "nodule_size")
+        "p",
+        "cdam-integrated",
+        "nodule_size",
+    )
     # a stem that itself contains a method name: the given stem decides
     assert vl.parse_overlay_name("lung_ig_case_ig_diameter.nii.gz", stem="lung_ig_case") == (
-        "lung_ig_case", "ig", "diameter")
+        "lung_ig_case",
+        "ig",
+        "diameter",
+    )
     assert vl.parse_overlay_name("lung_ig_case_ig_diameter.nii.gz", targets=["diameter"]) == (
-        "lung_ig_case", "ig", "diameter")
+        "lung_ig_case",
+        "ig",
+        "diameter",
+    )
     assert vl.parse_overlay_name("ct_unknownmethod_malignancy.nii.gz") is None
     assert vl.parse_overlay_name("ct_cdam_.nii.gz") is None
     assert vl.parse_overlay_name("ct_cdam_malignancy.nrrd") is None
@@ -166,10 +201,14 @@ def test_overlay_name_round_trip():
 
 def test_find_outputs(tmp_path):
     names = [
-        "ct_cdam_malignancy.nii.gz", "ct_cdam-smooth_malignancy.nii.gz", "ct_agcam_diameter.nii.gz",
+        "ct_cdam_malignancy.nii.gz",
+        "ct_cdam-smooth_malignancy.nii.gz",
+        "ct_agcam_diameter.nii.gz",
         "ct_x_cdam_malignancy.nii.gz",  # another stem
         ".ct_cdam_diameter.nii.gz.tmp123.nii.gz",  # a file still being written
-        "predictions.csv", "summary.json", "report.html",
+        "predictions.csv",
+        "summary.json",
+        "report.html",
     ]
     for name in names:
         (tmp_path / name).write_bytes(b"x")
@@ -181,7 +220,8 @@ def test_find_outputs(tmp_path):
     }
     assert list(vl.find_outputs(tmp_path, "ct_x")) == [("cdam", "malignancy")]
     assert vl.find_outputs(tmp_path, "ct", targets=["diameter"]) == {
-        ("agcam", "diameter"): tmp_path / "ct_agcam_diameter.nii.gz"}
+        ("agcam", "diameter"): tmp_path / "ct_agcam_diameter.nii.gz"
+    }
     assert vl.find_outputs(tmp_path / "missing", "ct") == {}
 
 
@@ -198,10 +238,16 @@ def test_parse_predictions_and_top_slice(tmp_path):
     path = tmp_path / "predictions.csv"
     path.write_text(CSV)
     columns, rows = vl.parse_predictions(path)
-    assert columns == ["slice", "source_index", "z_mm", "malignancy_prob", "malignancy_logit", "subtlety",
-                       "diameter"]
-    assert rows[0] == {"slice": 0, "source_index": 5, "z_mm": -10.5, "malignancy_prob": 0.1,
-                       "malignancy_logit": -2.19722, "subtlety": 3.2, "diameter": 11.0}
+    assert columns == ["slice", "source_index", "z_mm", "malignancy_prob", "malignancy_logit", "subtlety", "diameter"]
+    assert rows[0] == {
+        "slice": 0,
+        "source_index": 5,
+        "z_mm": -10.5,
+        "malignancy_prob": 0.1,
+        "malignancy_logit": -2.19722,
+        "subtlety": 3.2,
+        "diameter": 11.0,
+    }
     assert isinstance(rows[0]["slice"], int) and rows[2]["diameter"] is None
     best = vl.top_slice(rows)
     assert best["slice"] == 1 and best["source_index"] == 4  # first of the tie; NaN never wins
@@ -241,12 +287,25 @@ def test_color_range_symmetric():
 # -- the 3D Slicer extension (cannot run here: compile it and check its layout) ----------------------------
 def test_slicer_extension_layout():
     module = SLICER / "MedViTExplain"
-    for rel in ["CMakeLists.txt", "README.md", "MedViTExplain/CMakeLists.txt", "MedViTExplain/MedViTExplain.py",
-                "MedViTExplain/Resources/UI/MedViTExplain.ui", "MedViTExplain/Resources/Icons/MedViTExplain.png"]:
+    for rel in [
+        "CMakeLists.txt",
+        "README.md",
+        "MedViTExplain/CMakeLists.txt",
+        "MedViTExplain/MedViTExplain.py",
+        "MedViTExplain/Resources/UI/MedViTExplain.ui",
+        "MedViTExplain/Resources/Icons/MedViTExplain.png",
+    ]:
         assert (SLICER / rel).is_file(), rel
     top = (SLICER / "CMakeLists.txt").read_text()
-    for key in ["EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
-                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "add_subdirectory(MedViTExplain)"]:
+    for key in [
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CATEGORY",
+        "EXTENSION_CONTRIBUTORS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+        "EXTENSION_SCREENSHOTURLS",
+        "add_subdirectory(MedViTExplain)",
+    ]:
         assert key in top
     cmake = (module / "CMakeLists.txt").read_text()
     assert "slicerMacroBuildScriptedModule" in cmake and "Resources/UI/${MODULE_NAME}.ui" in cmake
@@ -260,8 +319,11 @@ def test_slicer_module_compiles_and_has_the_four_classes(tmp_path):
     source = SLICER / "MedViTExplain" / "MedViTExplain.py"
     py_compile.compile(str(source), cfile=str(tmp_path / "m.pyc"), doraise=True)
     tree = ast.parse(source.read_text())
-    classes = {node.name: [b.id if isinstance(b, ast.Name) else ast.unparse(b) for b in node.bases]
-               for node in tree.body if isinstance(node, ast.ClassDef)}
+    classes = {
+        node.name: [b.id if isinstance(b, ast.Name) else ast.unparse(b) for b in node.bases]
+        for node in tree.body
+        if isinstance(node, ast.ClassDef)
+    }
     assert classes["MedViTExplain"] == ["ScriptedLoadableModule"]
     assert "ScriptedLoadableModuleWidget" in classes["MedViTExplainWidget"]
     assert classes["MedViTExplainLogic"] == ["ScriptedLoadableModuleLogic"]
@@ -275,8 +337,17 @@ def test_slicer_ui_file_is_valid_and_names_the_widgets():
     root = ET.parse(SLICER / "MedViTExplain" / "Resources" / "UI" / "MedViTExplain.ui").getroot()
     names = {w.get("name") for w in root.iter("widget")}
     text = (SLICER / "MedViTExplain" / "MedViTExplain.py").read_text()
-    for name in ["inputSelector", "modelPathLineEdit", "methodsList", "targetsList", "deviceComboBox",
-                 "applyButton", "mapSelector", "opacitySlider", "scoresTable"]:
+    for name in [
+        "inputSelector",
+        "modelPathLineEdit",
+        "methodsList",
+        "targetsList",
+        "deviceComboBox",
+        "applyButton",
+        "mapSelector",
+        "opacitySlider",
+        "scoresTable",
+    ]:
         assert name in names, name
         assert f"ui.{name}" in text, name
 
@@ -298,20 +369,36 @@ def test_the_slicer_path_end_to_end(tmp_path):
 
     torch.manual_seed(0)
     arch = dict(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=2)
-    ckpt = save_checkpoint(build_model({"name": "tiny", "architecture": {"timm_name": "vit_tiny_patch16_224",
-                                                                         "kwargs": arch}, "task_spec": "lidc"}),
-                           tmp_path / "ckpt")
+    ckpt = save_checkpoint(
+        build_model(
+            {"name": "tiny", "architecture": {"timm_name": "vit_tiny_patch16_224", "kwargs": arch}, "task_spec": "lidc"}
+        ),
+        tmp_path / "ckpt",
+    )
     array = np.random.default_rng(0).normal(-600, 200, (24, 20, 5)).astype(np.float32)
-    ct = write_volume(Volume(array, (1.0, -2.0, 3.0), (0.8, 0.9, 2.5), np.diag([-1.0, 1.0, 1.0])),
-                      tmp_path / "input.nrrd")
+    ct = write_volume(
+        Volume(array, (1.0, -2.0, 3.0), (0.8, 0.9, 2.5), np.diag([-1.0, 1.0, 1.0])), tmp_path / "input.nrrd"
+    )
     out = tmp_path / "out"
-    cmd = vl.build_explain_command(sys.executable, ct, out, model=ckpt, methods=["cdam", "agcam"],
-                                   targets=["malignancy", "diameter"], device="cpu", batch_size=2)
+    cmd = vl.build_explain_command(
+        sys.executable,
+        ct,
+        out,
+        model=ckpt,
+        methods=["cdam", "agcam"],
+        targets=["malignancy", "diameter"],
+        device="cpu",
+        batch_size=2,
+    )
     lines: list[str] = []
     vl.run_command(cmd, on_line=lines.append)
     found = vl.find_outputs(out, vl.volume_stem(ct), targets=["malignancy", "diameter"])
-    assert sorted(found) == [("agcam", "diameter"), ("agcam", "malignancy"), ("cdam", "diameter"),
-                             ("cdam", "malignancy")]
+    assert sorted(found) == [
+        ("agcam", "diameter"),
+        ("agcam", "malignancy"),
+        ("cdam", "diameter"),
+        ("cdam", "malignancy"),
+    ]
     overlay, source = load_volume(found[("cdam", "diameter")]), load_volume(ct)
     assert overlay.shape == source.shape and np.allclose(overlay.affine_lps, source.affine_lps, atol=1e-5)
     columns, rows = vl.parse_predictions(out / "predictions.csv")

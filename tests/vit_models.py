@@ -16,15 +16,41 @@ TARGETS = ["malignancy", "subtlety", "calcification"]
 
 
 class TinyViTClassifier(nn.Module):
-    def __init__(self, targets=TARGETS, *, img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2,
-                 num_heads=2, reg_tokens=0, distilled=False, global_pool="token", qkv_bias=True,
-                 qk_norm=False, init_values=None, mlp_head=False, seed=0):
+    def __init__(
+        self,
+        targets=TARGETS,
+        *,
+        img_size=32,
+        patch_size=8,
+        in_chans=1,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        reg_tokens=0,
+        distilled=False,
+        global_pool="token",
+        qkv_bias=True,
+        qk_norm=False,
+        init_values=None,
+        mlp_head=False,
+        seed=0,
+    ):
         super().__init__()
         torch.manual_seed(seed)
         cls = VisionTransformerDistilled if distilled else VisionTransformer
-        kwargs = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0,
-                      embed_dim=embed_dim, depth=depth, num_heads=num_heads, qkv_bias=qkv_bias,
-                      qk_norm=qk_norm, init_values=init_values, global_pool=global_pool)
+        kwargs = dict(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=0,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            init_values=init_values,
+            global_pool=global_pool,
+        )
         if reg_tokens:
             kwargs["reg_tokens"] = reg_tokens
         self.backbone = cls(**kwargs)

@@ -68,8 +68,10 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
     if out.exists() and not out.is_dir():
         raise MedvitInputError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / JOB_NAME).is_file():
-        raise MedvitInputError(f"--out {out} is not empty and holds no {JOB_NAME}; choose a new folder or the "
-                               "output folder of an earlier batch to resume it")
+        raise MedvitInputError(
+            f"--out {out} is not empty and holds no {JOB_NAME}; choose a new folder or the "
+            "output folder of an earlier batch to resume it"
+        )
     return out
 
 
@@ -81,8 +83,9 @@ def job_lock(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise MedvitInputError(f"another batch job is writing to {out}; wait for it or choose another --out") \
-                from None
+            raise MedvitInputError(
+                f"another batch job is writing to {out}; wait for it or choose another --out"
+            ) from None
         try:
             yield
         finally:
@@ -99,8 +102,16 @@ def format_eta(seconds: float | None) -> str:
 class BatchJob:
     """The state of one output folder over a manifest: statuses, records, progress and result files."""
 
-    def __init__(self, out: Path, studies: Sequence[Study], spec: OutputSpec, settings: BatchSettings,
-                 manifest: str, engine: str, log: Callable[[str], None]):
+    def __init__(
+        self,
+        out: Path,
+        studies: Sequence[Study],
+        spec: OutputSpec,
+        settings: BatchSettings,
+        manifest: str,
+        engine: str,
+        log: Callable[[str], None],
+    ):
         self.out, self.studies, self.spec, self.settings = out, list(studies), spec, settings
         self.manifest, self.engine, self.log = manifest, engine, log
         self.fingerprint = spec.fingerprint()
@@ -136,8 +147,12 @@ class BatchJob:
 
     def counts(self) -> dict[str, int]:
         values = list(self.status.values())
-        return {"total": len(values), "done": values.count("done"), "failed": values.count("failed"),
-                "pending": values.count("pending")}
+        return {
+            "total": len(values),
+            "done": values.count("done"),
+            "failed": values.count("failed"),
+            "pending": values.count("pending"),
+        }
 
     def rate(self) -> tuple[float | None, float | None]:
         """(studies per minute in this run, seconds left) from the studies processed so far."""
@@ -153,15 +168,27 @@ class BatchJob:
         rows = [result_row(s, self.out, self.status[s.study_id], self.records[s.study_id]) for s in self.studies]
         write_results(self.out, rows)
         per_min, eta = self.rate()
-        write_json_atomic(self.out / JOB_NAME, {
-            "tool": "medvit-explain batch", "state": state, "manifest": self.manifest, "engine": self.engine,
-            "started_at": self.started_at, "updated_at": now_iso(),
-            "progress": {**self.counts(), "skipped_done": self.skipped, "processed_this_run": self.ran,
-                         "studies_per_min": None if per_min is None else round(per_min, 3),
-                         "eta_s": None if eta is None else round(eta, 1)},
-            "settings": self.settings.to_dict(), "outputs_spec": {**vars(self.spec)},
-            "settings_fingerprint": self.fingerprint,
-        })
+        write_json_atomic(
+            self.out / JOB_NAME,
+            {
+                "tool": "medvit-explain batch",
+                "state": state,
+                "manifest": self.manifest,
+                "engine": self.engine,
+                "started_at": self.started_at,
+                "updated_at": now_iso(),
+                "progress": {
+                    **self.counts(),
+                    "skipped_done": self.skipped,
+                    "processed_this_run": self.ran,
+                    "studies_per_min": None if per_min is None else round(per_min, 3),
+                    "eta_s": None if eta is None else round(eta, 1),
+                },
+                "settings": self.settings.to_dict(),
+                "outputs_spec": {**vars(self.spec)},
+                "settings_fingerprint": self.fingerprint,
+            },
+        )
         self._last_write = time.perf_counter()
 
     # ------------------------------------------------------------------ one outcome from an engine
@@ -179,8 +206,10 @@ class BatchJob:
                 fields = {**fields, "error": f"outputs not found by the driver: {exc}"}
         if status == "failed":
             write_failed(study_dir, fields)
-        self.status[study_id], self.records[study_id] = status, read_json(
-            study_dir / (DONE_NAME if status == "done" else FAILED_NAME))
+        self.status[study_id], self.records[study_id] = (
+            status,
+            read_json(study_dir / (DONE_NAME if status == "done" else FAILED_NAME)),
+        )
         self.ran += 1
         counts = self.counts()
         per_min, eta = self.rate()
@@ -188,8 +217,10 @@ class BatchJob:
         took = (outcome.get("timings_s") or {}).get("total")
         what = "done" if status == "done" else f"FAILED: {fields.get('error', '')}"
         rate = "?" if per_min is None else f"{per_min:.1f}"
-        self.log(f"[{finished:>{len(str(counts['total']))}}/{counts['total']}] {study_id} {what}"
-                 f"{'' if took is None else f' ({took:.1f} s)'} | {rate} studies/min | ETA {format_eta(eta)}")
+        self.log(
+            f"[{finished:>{len(str(counts['total']))}}/{counts['total']}] {study_id} {what}"
+            f"{'' if took is None else f' ({took:.1f} s)'} | {rate} studies/min | ETA {format_eta(eta)}"
+        )
         self.write_files("running")
 
 
@@ -226,17 +257,20 @@ def run_batch(
 
         import_ray()
     # the driver's model checks the checkpoint and targets up front (the Ray workers load their own)
-    model = load_model(settings.model_path, device=settings.device if engine == "local" else "cpu",
-                       config=settings.model_config)
+    model = load_model(
+        settings.model_path, device=settings.device if engine == "local" else "cpu", config=settings.model_config
+    )
     spec = output_spec(model, settings)
     with job_lock(out):
         job = BatchJob(out, studies, spec, settings, str(manifest), engine, log)
         todo = job.scan(retry_failed)
         counts = job.counts()
         left_failed = counts["failed"]
-        log(f"{counts['total']} studies: {job.skipped} already done, "
+        log(
+            f"{counts['total']} studies: {job.skipped} already done, "
             + (f"{left_failed} failed before (kept; --retry-failed retries them), " if left_failed else "")
-            + f"{len(todo)} to run with the {engine} engine")
+            + f"{len(todo)} to run with the {engine} engine"
+        )
         job.write_files("running", force=True)
         state = "interrupted"
         job.started = time.perf_counter()  # the rate counts this run's work, engine start-up included
@@ -248,8 +282,16 @@ def run_batch(
             else:
                 from .ray_engine import run_ray
 
-                run_ray(settings, out, todo, job.on_result, address=ray_address, workers=workers,
-                        gpus_per_worker=gpus_per_worker, log=log)
+                run_ray(
+                    settings,
+                    out,
+                    todo,
+                    job.on_result,
+                    address=ray_address,
+                    workers=workers,
+                    gpus_per_worker=gpus_per_worker,
+                    log=log,
+                )
             state = "finished"
         finally:
             job.write_files(state, force=True)
@@ -258,15 +300,29 @@ def run_batch(
             audit = audit_whole_set(out, studies, job, model, settings, log)
     counts = job.counts()
     per_min, _ = job.rate()
-    failures = [(s.study_id, (job.records[s.study_id] or {}).get("error", "")) for s in studies
-                if job.status[s.study_id] == "failed"]
-    return BatchSummary(total=counts["total"], done=counts["done"], failed=counts["failed"], skipped=job.skipped,
-                        ran=job.ran, elapsed_s=time.perf_counter() - job.started, studies_per_min=per_min,
-                        out_dir=out, results_csv=out / RESULTS_NAME, audit=audit, failures=failures)
+    failures = [
+        (s.study_id, (job.records[s.study_id] or {}).get("error", ""))
+        for s in studies
+        if job.status[s.study_id] == "failed"
+    ]
+    return BatchSummary(
+        total=counts["total"],
+        done=counts["done"],
+        failed=counts["failed"],
+        skipped=job.skipped,
+        ran=job.ran,
+        elapsed_s=time.perf_counter() - job.started,
+        studies_per_min=per_min,
+        out_dir=out,
+        results_csv=out / RESULTS_NAME,
+        audit=audit,
+        failures=failures,
+    )
 
 
-def audit_whole_set(out: Path, studies: Sequence[Study], job: BatchJob, model, settings: BatchSettings,
-                log: Callable[[str], None]) -> Path | None:
+def audit_whole_set(
+    out: Path, studies: Sequence[Study], job: BatchJob, model, settings: BatchSettings, log: Callable[[str], None]
+) -> Path | None:
     """The whole-set ``audit`` report (:mod:`medvit_explain.audit`) in ``out/audit/``, over the done studies
     that have a labels JSON and a nodule mask; None when there are none (or nothing changed since the
     last audit, whose report is then kept).
@@ -284,9 +340,15 @@ def audit_whole_set(out: Path, studies: Sequence[Study], job: BatchJob, model, s
     from ..audit import write_audit as write_audit_files
 
     audit_dir = out / "audit"
-    stamp = hashlib.sha256(json.dumps(
-        [[s.study_id, s.path, s.labels, s.nodule_mask, (job.records[s.study_id] or {}).get("finished_at")]
-         for s in labelled] + [list(settings.methods), job.fingerprint]).encode()).hexdigest()
+    stamp = hashlib.sha256(
+        json.dumps(
+            [
+                [s.study_id, s.path, s.labels, s.nodule_mask, (job.records[s.study_id] or {}).get("finished_at")]
+                for s in labelled
+            ]
+            + [list(settings.methods), job.fingerprint]
+        ).encode()
+    ).hexdigest()
     previous = read_json(audit_dir / DONE_NAME)
     if previous and previous.get("stamp") == stamp and (audit_dir / "audit.html").is_file():
         log(f"audit: unchanged since the last run ({audit_dir / 'audit.html'})")
@@ -302,8 +364,14 @@ def audit_whole_set(out: Path, studies: Sequence[Study], job: BatchJob, model, s
         Path(tmp).write_text(buffer.getvalue())
     log(f"audit: {len(labelled)} labelled studies")
     try:
-        result = run_audit(model, str(manifest), methods=list(settings.methods), batch_size=settings.batch_size,
-                       progress=False, on_failure=lambda name, message: log(f"audit: {name} failed: {message}"))
+        result = run_audit(
+            model,
+            str(manifest),
+            methods=list(settings.methods),
+            batch_size=settings.batch_size,
+            progress=False,
+            on_failure=lambda name, message: log(f"audit: {name} failed: {message}"),
+        )
     except MedvitInputError as exc:
         log(f"audit skipped: {exc}")
         return None

@@ -11,8 +11,9 @@ from .manifest import Study
 from .study import BatchSettings, StudyRunner
 
 
-def run_local(model, settings: BatchSettings, out_dir: Path, studies: Sequence[Study],
-              on_result: Callable[[dict[str, Any]], None]) -> None:
+def run_local(
+    model, settings: BatchSettings, out_dir: Path, studies: Sequence[Study], on_result: Callable[[dict[str, Any]], None]
+) -> None:
     """Process ``studies`` in order with ``model``; ``on_result(outcome)`` is called after each one.
 
     Reading a volume (decompression, DICOM parsing) runs in one background thread while the model works

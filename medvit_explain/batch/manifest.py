@@ -54,8 +54,10 @@ def read_manifest(source: str | os.PathLike) -> list[Study]:
     seen: set[str] = set()
     for study in studies:
         if study.study_id.lower() in RESERVED_IDS:
-            raise MedvitInputError(f"manifest {source}: study_id {study.study_id!r} is reserved (the folder of the "
-                                   "audit report); rename that study")
+            raise MedvitInputError(
+                f"manifest {source}: study_id {study.study_id!r} is reserved (the folder of the "
+                "audit report); rename that study"
+            )
         if study.study_id in seen:
             raise MedvitInputError(f"manifest {source}: duplicate study_id {study.study_id!r}")
         seen.add(study.study_id)
@@ -68,23 +70,26 @@ def _read_csv(path: Path) -> list[Study]:
         with open(path, newline="", encoding="utf-8-sig") as stream:
             reader = csv.DictReader(stream)
             columns = [c.strip() for c in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items() if k is not None}
-                    for row in reader]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise MedvitInputError(f"cannot read manifest {path}: {exc}") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
-        raise MedvitInputError(f"manifest {path} is missing the column(s) {', '.join(missing)}; expected "
-                               f"{','.join(REQUIRED_COLUMNS)}[,{','.join(OPTIONAL_COLUMNS)}], got "
-                               f"{','.join(columns) or 'no header'}")
+        raise MedvitInputError(
+            f"manifest {path} is missing the column(s) {', '.join(missing)}; expected "
+            f"{','.join(REQUIRED_COLUMNS)}[,{','.join(OPTIONAL_COLUMNS)}], got "
+            f"{','.join(columns) or 'no header'}"
+        )
     base = path.parent
     studies = []
     for line, row in enumerate(rows, start=2):
         where = f"manifest {path} line {line}"
         study_id = row.get("study_id", "")
         if not _STUDY_ID.match(study_id):
-            raise MedvitInputError(f"{where}: expected a study_id of letters, digits, '.', '_' or '-' "
-                                   f"(not starting with '.'), got {study_id!r}")
+            raise MedvitInputError(
+                f"{where}: expected a study_id of letters, digits, '.', '_' or '-' "
+                f"(not starting with '.'), got {study_id!r}"
+            )
         image = _existing(base, row.get("path", ""), where, "path", required=True)
         mask = _existing(base, row.get("nodule_mask", ""), where, "nodule_mask")
         labels = _existing(base, row.get("labels", ""), where, "labels")
@@ -127,8 +132,10 @@ def malignancy_from_labels(labels: str | os.PathLike, where: str = "") -> int:
         return int(max((int(n.get("malignancy", 0)) for n in nodules), default=0) > 0)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         prefix = f"{where}: " if where else ""
-        raise MedvitInputError(f"{prefix}cannot read labels {labels} (expected JSON with nodules[].malignancy): "
-                               f"{type(exc).__name__}: {exc}") from None
+        raise MedvitInputError(
+            f"{prefix}cannot read labels {labels} (expected JSON with nodules[].malignancy): "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- folder
@@ -193,8 +200,9 @@ def _scan_folder(root: Path) -> list[Study]:
         mask = path.parent / f"{base}_nodules.nii.gz"
         labels_s = str(labels.resolve()) if labels.is_file() else None
         malignancy = malignancy_from_labels(labels_s, f"folder {root}") if labels_s else None
-        studies.append(Study(study_id, str(path.resolve()), str(mask.resolve()) if mask.is_file() else None,
-                             labels_s, malignancy))
+        studies.append(
+            Study(study_id, str(path.resolve()), str(mask.resolve()) if mask.is_file() else None, labels_s, malignancy)
+        )
     if not studies:
         raise MedvitInputError(f"no study in folder {root}: expected NIfTI/NRRD/MHA files or DICOM series folders")
     return studies

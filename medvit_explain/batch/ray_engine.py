@@ -52,15 +52,23 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise MedvitInputError("--engine ray needs Ray: pip install 'medvit-explain[ray]' "
-                               "(or use --engine local)") from None
+        raise MedvitInputError(
+            "--engine ray needs Ray: pip install 'medvit-explain[ray]' (or use --engine local)"
+        ) from None
     return ray
 
 
-def run_ray(settings: BatchSettings, out_dir: Path, studies: Sequence[Study],
-            on_result: Callable[[dict[str, Any]], None], *, address: str | None = None,
-            workers: int | None = None, gpus_per_worker: float | None = None,
-            log: Callable[[str], None] = print) -> None:
+def run_ray(
+    settings: BatchSettings,
+    out_dir: Path,
+    studies: Sequence[Study],
+    on_result: Callable[[dict[str, Any]], None],
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
     """Process ``studies`` on a Ray pool; ``on_result(outcome)`` is called in the driver after each one.
 
     Starts a local Ray (all this machine's CPUs and GPUs) unless Ray is already initialised in this
@@ -89,19 +97,24 @@ def run_ray(settings: BatchSettings, out_dir: Path, studies: Sequence[Study],
             workers = max(1, int(cluster_gpus // gpus_per_worker)) if gpus_per_worker > 0 else 1
         need_cpus, need_gpus = float(workers), workers * gpus_per_worker
         if need_cpus > cluster_cpus or need_gpus > cluster_gpus:
-            message = (f"{workers} worker(s) need {need_cpus:g} CPU and {need_gpus:g} GPU; the Ray cluster has "
-                       f"{cluster_cpus:g} CPU and {cluster_gpus:g} GPU (lower --workers or --gpus-per-worker)")
+            message = (
+                f"{workers} worker(s) need {need_cpus:g} CPU and {need_gpus:g} GPU; the Ray cluster has "
+                f"{cluster_cpus:g} CPU and {cluster_gpus:g} GPU (lower --workers or --gpus-per-worker)"
+            )
             if address is None:
                 raise MedvitInputError(message)
             log(f"warning: {message}; waiting for the cluster to provide them")
         # on a GPU worker Ray sets CUDA_VISIBLE_DEVICES: the worker's GPU is its "cuda"
         device = "cpu" if settings.device == "cpu" or gpus_per_worker == 0 else "cuda"
         worker_settings = replace(settings, device=device)
-        actor_cls = ray.remote(num_cpus=1, num_gpus=gpus_per_worker, max_concurrency=TASKS_PER_ACTOR,
-                               max_restarts=1)(StudyActor)
+        actor_cls = ray.remote(num_cpus=1, num_gpus=gpus_per_worker, max_concurrency=TASKS_PER_ACTOR, max_restarts=1)(
+            StudyActor
+        )
         actors = [actor_cls.remote(worker_settings, str(out_dir), i) for i in range(workers)]
-        log(f"ray: {workers} worker(s), {gpus_per_worker:g} GPU each, on a cluster with {cluster_cpus:g} CPU and "
-            f"{cluster_gpus:g} GPU")
+        log(
+            f"ray: {workers} worker(s), {gpus_per_worker:g} GPU each, on a cluster with {cluster_cpus:g} CPU and "
+            f"{cluster_gpus:g} GPU"
+        )
         queue = deque(studies)
         pending: dict[Any, tuple[Study, Any]] = {}
 
@@ -119,9 +132,16 @@ def run_ray(settings: BatchSettings, out_dir: Path, studies: Sequence[Study],
             try:
                 outcome = ray.get(ready[0])
             except ray.exceptions.RayError as exc:  # the worker died or the task could not run: record it
-                outcome = {"study_id": study.study_id, "path": study.path, "status": "failed",
-                           "error": f"ray worker failed: {error_line(exc).splitlines()[0]}",
-                           "traceback": str(exc), "worker": "ray", "timings_s": {}, "finished_at": now_iso()}
+                outcome = {
+                    "study_id": study.study_id,
+                    "path": study.path,
+                    "status": "failed",
+                    "error": f"ray worker failed: {error_line(exc).splitlines()[0]}",
+                    "traceback": str(exc),
+                    "worker": "ray",
+                    "timings_s": {},
+                    "finished_at": now_iso(),
+                }
             on_result(outcome)
             submit(actor)
     finally:

@@ -33,9 +33,24 @@ FAILED_NAME = ".failed.json"
 RESULTS_NAME = "results.csv"
 JOB_NAME = "batch.json"
 RESULT_COLUMNS = [
-    "study_id", "status", "path", "malignancy_label", "max_malignancy_prob", "max_malignancy_slice",
-    "max_malignancy_roi", "mode", "n_rows", "load_s", "explain_s", "write_s", "total_s", "device", "worker",
-    "finished_at", "output_dir", "error",
+    "study_id",
+    "status",
+    "path",
+    "malignancy_label",
+    "max_malignancy_prob",
+    "max_malignancy_slice",
+    "max_malignancy_roi",
+    "mode",
+    "n_rows",
+    "load_s",
+    "explain_s",
+    "write_s",
+    "total_s",
+    "device",
+    "worker",
+    "finished_at",
+    "output_dir",
+    "error",
 ]
 
 
@@ -79,8 +94,13 @@ def list_outputs(study_dir: Path) -> list[dict[str, Any]]:
     out = []
     for p in sorted(study_dir.rglob("*")):
         if p.is_file() and p.name not in (DONE_NAME, FAILED_NAME) and not p.name.startswith("."):
-            out.append({"name": p.relative_to(study_dir).as_posix(), "bytes": p.stat().st_size,
-                        "sha256": file_digest(p, sync=True)})
+            out.append(
+                {
+                    "name": p.relative_to(study_dir).as_posix(),
+                    "bytes": p.stat().st_size,
+                    "sha256": file_digest(p, sync=True),
+                }
+            )
     return out
 
 
@@ -145,26 +165,32 @@ def write_failed(study_dir: Path, record: dict[str, Any]) -> Path:
 
 def result_row(study: Study, out_dir: Path, status: str, record: dict | None) -> dict[str, Any]:
     """One row of results.csv from a study and its record (done, failed or none yet)."""
-    row: dict[str, Any] = {"study_id": study.study_id, "status": status, "path": study.path,
-                           "malignancy_label": "" if study.malignancy is None else study.malignancy}
+    row: dict[str, Any] = {
+        "study_id": study.study_id,
+        "status": status,
+        "path": study.path,
+        "malignancy_label": "" if study.malignancy is None else study.malignancy,
+    }
     if record:
         summary = record.get("summary") or {}
         timings = record.get("timings_s") or {}
-        row.update({
-            "max_malignancy_prob": summary.get("max_malignancy_prob", ""),
-            "max_malignancy_slice": summary.get("max_malignancy_slice", ""),
-            "max_malignancy_roi": summary.get("max_malignancy_roi", ""),
-            "mode": summary.get("mode", ""),
-            "n_rows": summary.get("n_rows", ""),
-            "load_s": timings.get("load", ""),
-            "explain_s": timings.get("explain", ""),
-            "write_s": timings.get("write", ""),
-            "total_s": timings.get("total", ""),
-            "device": record.get("device", ""),
-            "worker": record.get("worker", ""),
-            "finished_at": record.get("finished_at", ""),
-            "error": record.get("error", ""),
-        })
+        row.update(
+            {
+                "max_malignancy_prob": summary.get("max_malignancy_prob", ""),
+                "max_malignancy_slice": summary.get("max_malignancy_slice", ""),
+                "max_malignancy_roi": summary.get("max_malignancy_roi", ""),
+                "mode": summary.get("mode", ""),
+                "n_rows": summary.get("n_rows", ""),
+                "load_s": timings.get("load", ""),
+                "explain_s": timings.get("explain", ""),
+                "write_s": timings.get("write", ""),
+                "total_s": timings.get("total", ""),
+                "device": record.get("device", ""),
+                "worker": record.get("worker", ""),
+                "finished_at": record.get("finished_at", ""),
+                "error": record.get("error", ""),
+            }
+        )
     if status == "done":
         row["output_dir"] = study.study_id
     return row

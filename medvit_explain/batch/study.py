@@ -22,8 +22,14 @@ from ..errors import MedvitInputError
 from .manifest import Study
 from .records import clear_study_dir, list_outputs, now_iso
 
-SUMMARY_KEYS = ("mode", "n_rows", "max_malignancy_prob", "max_malignancy_slice", "max_malignancy_source_index",
-                "max_malignancy_roi")
+SUMMARY_KEYS = (
+    "mode",
+    "n_rows",
+    "max_malignancy_prob",
+    "max_malignancy_slice",
+    "max_malignancy_source_index",
+    "max_malignancy_roi",
+)
 
 
 @dataclass
@@ -69,10 +75,15 @@ class OutputSpec:
 def output_spec(model, settings: BatchSettings) -> OutputSpec:
     """The output spec of ``settings`` with ``model`` (resolves the targets; raises TargetError)."""
     indices = model.task_spec.resolve(settings.targets)
-    return OutputSpec(methods=list(settings.methods), targets=[model.targets[i] for i in indices],
-                      model_sha256=(getattr(model, "source_info", None) or {}).get("sha256"),
-                      precision=settings.precision, report=settings.report, dicom=settings.dicom,
-                      roi_from_mask=settings.roi_from_mask)
+    return OutputSpec(
+        methods=list(settings.methods),
+        targets=[model.targets[i] for i in indices],
+        model_sha256=(getattr(model, "source_info", None) or {}).get("sha256"),
+        precision=settings.precision,
+        report=settings.report,
+        dicom=settings.dicom,
+        roi_from_mask=settings.roi_from_mask,
+    )
 
 
 @dataclass
@@ -137,13 +148,24 @@ class StudyRunner:
         base = {"study_id": study.study_id, "path": study.path, "worker": self.worker, "timings_s": timings}
         if loaded.error is not None:
             timings["total"] = timings["load"]
-            return {**base, "status": "failed", "error": loaded.error, "traceback": loaded.trace,
-                    "finished_at": now_iso()}
+            return {
+                **base,
+                "status": "failed",
+                "error": loaded.error,
+                "traceback": loaded.trace,
+                "finished_at": now_iso(),
+            }
         try:
             clear_study_dir(study_dir)  # a study without a valid record is redone from scratch
-            result = explain_volume(self.model, loaded.volume, methods=list(self.settings.methods),
-                                    targets=self.target_names, batch_size=self.settings.batch_size,
-                                    precision=self.settings.precision, roi_mask=loaded.roi_mask)
+            result = explain_volume(
+                self.model,
+                loaded.volume,
+                methods=list(self.settings.methods),
+                targets=self.target_names,
+                batch_size=self.settings.batch_size,
+                precision=self.settings.precision,
+                roi_mask=loaded.roi_mask,
+            )
             t1 = time.perf_counter()
             dicom = self.settings.dicom and str(loaded.volume.metadata.get("format", "")).startswith("dicom")
             result.save(study_dir, stem=study.study_id, report=self.settings.report, dicom=dicom)
@@ -156,11 +178,21 @@ class StudyRunner:
                 clear_study_dir(study_dir)
             except OSError:
                 pass  # the failure record written next says what happened; leftovers carry no record
-            return {**base, "status": "failed", "error": error_line(exc), "traceback": trace,
-                    "finished_at": now_iso()}
+            return {**base, "status": "failed", "error": error_line(exc), "traceback": trace, "finished_at": now_iso()}
         summary = result.predictions.summary()
-        timings.update({"explain": round(t1 - t0, 4), "write": round(t2 - t1, 4),
-                        "total": round(loaded.load_s + time.perf_counter() - t0, 4)})
-        return {**base, "status": "done", "outputs": outputs, "device": result.device,
-                "summary": {k: summary[k] for k in SUMMARY_KEYS if k in summary},
-                "dicom_written": dicom, "finished_at": now_iso()}
+        timings.update(
+            {
+                "explain": round(t1 - t0, 4),
+                "write": round(t2 - t1, 4),
+                "total": round(loaded.load_s + time.perf_counter() - t0, 4),
+            }
+        )
+        return {
+            **base,
+            "status": "done",
+            "outputs": outputs,
+            "device": result.device,
+            "summary": {k: summary[k] for k in SUMMARY_KEYS if k in summary},
+            "dicom_written": dicom,
+            "finished_at": now_iso(),
+        }

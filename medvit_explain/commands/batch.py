@@ -18,16 +18,38 @@ from .options import (
 
 @click.command()
 @click.argument("manifest", type=click.Path(path_type=str))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=str),
-              help="Output folder: DIR/<study_id>/, DIR/results.csv, DIR/batch.json (re-run to resume).")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: this process, one device. ray: a pool of model-holding Ray workers.")
-@click.option("--ray-address", default=None, metavar="ADDR",
-              help="Join a Ray cluster (auto, host:6379 or ray://host:10001) [default: start a local Ray].")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Ray workers, each holding the model [default: GPUs / --gpus-per-worker, or 1].")
-@click.option("--gpus-per-worker", type=click.FloatRange(min=0.0), default=None,
-              help="GPUs per Ray worker (0.5 packs two on a GPU) [default: 1 if the cluster has GPUs, else 0].")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=str),
+    help="Output folder: DIR/<study_id>/, DIR/results.csv, DIR/batch.json (re-run to resume).",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process, one device. ray: a pool of model-holding Ray workers.",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    metavar="ADDR",
+    help="Join a Ray cluster (auto, host:6379 or ray://host:10001) [default: start a local Ray].",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Ray workers, each holding the model [default: GPUs / --gpus-per-worker, or 1].",
+)
+@click.option(
+    "--gpus-per-worker",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    help="GPUs per Ray worker (0.5 packs two on a GPU) [default: 1 if the cluster has GPUs, else 0].",
+)
 @click.option("--retry-failed", is_flag=True, help="Run the studies that failed before again.")
 @click.option("--no-audit", is_flag=True, help="Skip the whole-set audit report (run when studies have labels).")
 @model_option
@@ -36,17 +58,44 @@ from .options import (
 @target_option
 @device_option
 @batch_size_option
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="Autocast precision for the model and explainers.")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Autocast precision for the model and explainers.",
+)
 @click.option("--dicom", is_flag=True, help="Also write DICOM Parametric Maps (for the DICOM studies).")
 @click.option("--no-report", is_flag=True, help="Skip report.html.")
-@click.option("--roi-from-mask", is_flag=True,
-              help="Explain nodule ROIs taken from each study's nodule_mask instead of every slice.")
+@click.option(
+    "--roi-from-mask",
+    is_flag=True,
+    help="Explain nodule ROIs taken from each study's nodule_mask instead of every slice.",
+)
 @modality_option
 @click.pass_context
-def batch(ctx, manifest, out_dir, engine, ray_address, workers, gpus_per_worker, retry_failed, no_audit, model_path,
-          model_config, methods, targets, device, batch_size, precision, dicom, no_report, roi_from_mask,
-          allow_modality):
+def batch(
+    ctx,
+    manifest,
+    out_dir,
+    engine,
+    ray_address,
+    workers,
+    gpus_per_worker,
+    retry_failed,
+    no_audit,
+    model_path,
+    model_config,
+    methods,
+    targets,
+    device,
+    batch_size,
+    precision,
+    dicom,
+    no_report,
+    roi_from_mask,
+    allow_modality,
+):
     """Explain every study of MANIFEST into --out; re-run the same command to resume.
 
     MANIFEST is a CSV with the columns study_id,path (optional nodule_mask, labels, malignancy), or a
@@ -60,23 +109,46 @@ def batch(ctx, manifest, out_dir, engine, ray_address, workers, gpus_per_worker,
       medvit-explain batch studies.csv --out runs/batch --engine ray --workers 4 --gpus-per-worker 1
     """
     if engine == "local":
-        for name, value in (("--ray-address", ray_address), ("--workers", workers),
-                            ("--gpus-per-worker", gpus_per_worker)):
+        for name, value in (
+            ("--ray-address", ray_address),
+            ("--workers", workers),
+            ("--gpus-per-worker", gpus_per_worker),
+        ):
             if value is not None:
                 raise click.UsageError(f"{name} needs --engine ray")
 
     from ..batch import BatchSettings, run_batch
 
-    settings = BatchSettings(model_path=model_path, model_config=model_config, methods=tuple(methods),
-                             targets=parse_targets(targets), device=device, batch_size=batch_size,
-                             precision=precision, report=not no_report, dicom=dicom, roi_from_mask=roi_from_mask,
-                             allow_modality=allow_modality)
-    summary = run_batch(manifest, out_dir, settings, engine=engine, ray_address=ray_address, workers=workers,
-                        gpus_per_worker=gpus_per_worker, retry_failed=retry_failed,
-                        audit=not no_audit, log=lambda line: click.echo(line, err=True))
+    settings = BatchSettings(
+        model_path=model_path,
+        model_config=model_config,
+        methods=tuple(methods),
+        targets=parse_targets(targets),
+        device=device,
+        batch_size=batch_size,
+        precision=precision,
+        report=not no_report,
+        dicom=dicom,
+        roi_from_mask=roi_from_mask,
+        allow_modality=allow_modality,
+    )
+    summary = run_batch(
+        manifest,
+        out_dir,
+        settings,
+        engine=engine,
+        ray_address=ray_address,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        retry_failed=retry_failed,
+        audit=not no_audit,
+        log=lambda line: click.echo(line, err=True),
+    )
     rate = "" if summary.studies_per_min is None else f" at {summary.studies_per_min:.1f} studies/min"
-    click.echo(f"{summary.done}/{summary.total} studies done, {summary.failed} failed "
-               f"({summary.ran} processed in {summary.elapsed_s:.1f} s{rate}); results: {summary.results_csv}")
+    click.echo(
+        f"{summary.done}/{summary.total} studies done, {summary.failed} failed "
+        f"({summary.ran} processed in {summary.elapsed_s:.1f} s{rate}); results: {summary.results_csv}"
+    )
     for study_id, error in summary.failures:
         click.echo(f"failed: {study_id}: {error}")
     if summary.audit is not None:

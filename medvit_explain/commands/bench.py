@@ -18,30 +18,83 @@ def _volume(ctx, param, value):
 
 @click.command()
 @model_option
-@click.option("--arch", default=None, metavar="NAME",
-              help="A timm ViT with random weights instead of a checkpoint (e.g. vit_small_patch16_224; "
-                   "1 channel, 9 LIDC targets).")
-@click.option("--image-size", type=click.IntRange(min=16), default=None,
-              help="With --arch: input size in pixels [default: the variant's].")
-@click.option("--slices", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Slices in the timed batch (the same slices for every measurement).")
+@click.option(
+    "--arch",
+    default=None,
+    metavar="NAME",
+    help="A timm ViT with random weights instead of a checkpoint (e.g. vit_small_patch16_224; "
+    "1 channel, 9 LIDC targets).",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=16),
+    default=None,
+    help="With --arch: input size in pixels [default: the variant's].",
+)
+@click.option(
+    "--slices",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Slices in the timed batch (the same slices for every measurement).",
+)
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Warm runs per measurement (the median is reported).")
-@click.option("--method", "methods", multiple=True, default=(),
-              help="Only these methods (repeat) [default: every method in list-methods].")
-@click.option("--loop-slices", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Slices the per-slice, per-target loop runs on (its time is scaled to --slices).")
-@click.option("--volume", type=(int, int, int), default=None, callback=_volume, metavar="X Y Z",
-              help="Phantom volume for end to end and memory (memory also runs 4 x Z) [default: 192 192 32].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Slices per pass end to end.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="Autocast precision end to end.")
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Warm runs per measurement (the median is reported).",
+)
+@click.option(
+    "--method",
+    "methods",
+    multiple=True,
+    default=(),
+    help="Only these methods (repeat) [default: every method in list-methods].",
+)
+@click.option(
+    "--loop-slices",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Slices the per-slice, per-target loop runs on (its time is scaled to --slices).",
+)
+@click.option(
+    "--volume",
+    type=(int, int, int),
+    default=None,
+    callback=_volume,
+    metavar="X Y Z",
+    help="Phantom volume for end to end and memory (memory also runs 4 x Z) [default: 192 192 32].",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Slices per pass end to end."
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Autocast precision end to end.",
+)
 @click.option("--no-memory", is_flag=True, help="Skip the two memory subprocesses.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON instead of the table.")
-def bench(model_path, arch, image_size, slices, device, repeats, methods, loop_slices, volume, batch_size,
-          precision, no_memory, as_json):
+def bench(
+    model_path,
+    arch,
+    image_size,
+    slices,
+    device,
+    repeats,
+    methods,
+    loop_slices,
+    volume,
+    batch_size,
+    precision,
+    no_memory,
+    as_json,
+):
     """Time every explainer against a plain forward pass, the papers' per-slice loop and pytorch-grad-cam;
     end to end slices per second; peak memory for N and 4 x N slices.
 
@@ -61,13 +114,28 @@ def bench(model_path, arch, image_size, slices, device, repeats, methods, loop_s
     if unknown:
         raise click.BadParameter(f"unknown method {unknown[0]!r}; expected one of {', '.join(method_names())}")
     model = bench_model(model_path, arch, device, image_size)
-    source = ({"arch": arch, "image_size": image_size, "seed": 0} if arch
-              else {"model_path": model_path} if model_path else {"model_path": None})
+    source = (
+        {"arch": arch, "image_size": image_size, "seed": 0}
+        if arch
+        else {"model_path": model_path}
+        if model_path
+        else {"model_path": None}
+    )
 
     def say(msg: str) -> None:
         click.echo(f"[bench] {msg}", err=True)
 
-    result = run_bench(model, slices=slices, repeats=repeats, methods=list(methods) or None,
-                       loop_slices=loop_slices, volume=volume or DEFAULT_VOLUME, memory=not no_memory,
-                       batch_size=batch_size, precision=precision, model_source=source, progress=say)
+    result = run_bench(
+        model,
+        slices=slices,
+        repeats=repeats,
+        methods=list(methods) or None,
+        loop_slices=loop_slices,
+        volume=volume or DEFAULT_VOLUME,
+        memory=not no_memory,
+        batch_size=batch_size,
+        precision=precision,
+        model_source=source,
+        progress=say,
+    )
     click.echo(to_json(result) if as_json else format_table(result))

@@ -37,25 +37,66 @@ def _check_methods(methods) -> list[str]:
 
 @click.command()
 @click.argument("data", metavar="DATA", type=click.Path(path_type=str))
-@click.option("--method", "methods", multiple=True, metavar="M",
-              help="Explanation method (repeat for several) [default: every method of list-methods].")
+@click.option(
+    "--method",
+    "methods",
+    multiple=True,
+    metavar="M",
+    help="Explanation method (repeat for several) [default: every method of list-methods].",
+)
 @target_option
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=str), default="evaluation",
-              show_default=True, help="Folder for metrics.json and evaluation.html.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=str),
+    default="evaluation",
+    show_default=True,
+    help="Folder for metrics.json and evaluation.html.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the table.")
 @model_option
 @device_option
 @batch_size_option
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed (slice subset, stochastic methods, "
-              "randomised blocks).")
-@click.option("--max-slices", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Explain at most N nodule slices (a seeded random subset) [default: all].")
-@click.option("--randomize-blocks", type=click.IntRange(min=0), default=1, show_default=True, metavar="K",
-              help="Sanity check: re-initialise the top 1..K blocks (cascading); 0 skips it.")
-@click.option("--min-area", "min_area_mm2", type=click.FloatRange(min=0), default=40.0, show_default=True,
-              help="A slice counts as a nodule slice from this nodule cross-section (mm²).")
-def evaluate(data, methods, targets, out_dir, as_json, model_path, device, batch_size, seed, max_slices,
-             randomize_blocks, min_area_mm2):
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed (slice subset, stochastic methods, randomised blocks)."
+)
+@click.option(
+    "--max-slices",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Explain at most N nodule slices (a seeded random subset) [default: all].",
+)
+@click.option(
+    "--randomize-blocks",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    metavar="K",
+    help="Sanity check: re-initialise the top 1..K blocks (cascading); 0 skips it.",
+)
+@click.option(
+    "--min-area",
+    "min_area_mm2",
+    type=click.FloatRange(min=0),
+    default=40.0,
+    show_default=True,
+    help="A slice counts as a nodule slice from this nodule cross-section (mm²).",
+)
+def evaluate(
+    data,
+    methods,
+    targets,
+    out_dir,
+    as_json,
+    model_path,
+    device,
+    batch_size,
+    seed,
+    max_slices,
+    randomize_blocks,
+    min_area_mm2,
+):
     """Measure every explanation method on labelled phantoms (or a manifest CSV).
 
     Localization against the nodule masks (AG-CAM protocol), faithfulness (ABPC, deletion, insertion),
@@ -74,16 +115,26 @@ def evaluate(data, methods, targets, out_dir, as_json, model_path, device, batch
     out = _out_dir(out_dir, "evaluation")
     model = load_model_cli(model_path, device)
     torch.manual_seed(seed)
-    result = evaluate_explanations(model, data, methods, parse_targets(targets), batch_size=batch_size, seed=seed,
-                                   max_slices=max_slices, randomize_blocks=randomize_blocks,
-                                   min_area_mm2=min_area_mm2)
+    result = evaluate_explanations(
+        model,
+        data,
+        methods,
+        parse_targets(targets),
+        batch_size=batch_size,
+        seed=seed,
+        max_slices=max_slices,
+        randomize_blocks=randomize_blocks,
+        min_area_mm2=min_area_mm2,
+    )
     written = write_evaluation(result, out)
     if as_json:
         click.echo(written["metrics"].read_text())
         return
     m = result.metrics
-    click.echo(f"{m['n_slices']} nodule slices ({m['n_nodules']} nodules, {m['n_studies']} studies); model "
-               f"malignancy AUC {_num(m['model'].get('malignancy_auc'))} on {m['n_model_slices']} slices")
+    click.echo(
+        f"{m['n_slices']} nodule slices ({m['n_nodules']} nodules, {m['n_studies']} studies); model "
+        f"malignancy AUC {_num(m['model'].get('malignancy_auc'))} on {m['n_model_slices']} slices"
+    )
     click.echo(format_table(m))
     if m["randomization_flagged"]:
         click.echo(f"sanity check flagged: {', '.join(m['randomization_flagged'])}")
@@ -97,12 +148,30 @@ def _num(value) -> str:
 @click.command()
 @click.argument("data", metavar="DATA", type=click.Path(path_type=str))
 @model_option
-@click.option("--method", "methods", multiple=True, default=("cdam", "agcam"), show_default=True, metavar="M",
-              help="Explanation method for the evidence check (repeat for several).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=str), default="audit",
-              show_default=True, help="Folder for audit.html, audit.csv and audit.json.")
-@click.option("--top-slices", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Slices per study (highest P(malignancy)) whose evidence is measured.")
+@click.option(
+    "--method",
+    "methods",
+    multiple=True,
+    default=("cdam", "agcam"),
+    show_default=True,
+    metavar="M",
+    help="Explanation method for the evidence check (repeat for several).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=str),
+    default="audit",
+    show_default=True,
+    help="Folder for audit.html, audit.csv and audit.json.",
+)
+@click.option(
+    "--top-slices",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Slices per study (highest P(malignancy)) whose evidence is measured.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print audit.json.")
 @device_option
 @batch_size_option
@@ -127,17 +196,18 @@ def audit(data, model_path, methods, out_dir, top_slices, as_json, device, batch
     def report(name: str, message: str) -> None:
         click.echo(f"warning: study {name} failed and was skipped: {message}", err=True)
 
-    result = run_audit(model, data, methods=methods, batch_size=batch_size, top_slices=top_slices,
-                       on_failure=report)
+    result = run_audit(model, data, methods=methods, batch_size=batch_size, top_slices=top_slices, on_failure=report)
     written = write_audit(result, out)
     if as_json:
         click.echo(written["json"].read_text())
         return
     s = result.summary
     study = s.get("study") or {}
-    click.echo(f"{s['n_studies']} studies audited ({len(result.failures)} failed); study-level AUC "
-               f"{_num(study.get('auc'))}, sensitivity {_num(study.get('sensitivity'))}, specificity "
-               f"{_num(study.get('specificity'))}, ECE {_num(study.get('ece'))}")
+    click.echo(
+        f"{s['n_studies']} studies audited ({len(result.failures)} failed); study-level AUC "
+        f"{_num(study.get('auc'))}, sensitivity {_num(study.get('sensitivity'))}, specificity "
+        f"{_num(study.get('specificity'))}, ECE {_num(study.get('ece'))}"
+    )
     outside = [r["study"] for r in result.rows if r.get("mostly_outside_lesion")]
     if outside:
         click.echo(f"evidence mostly outside the lesion: {', '.join(outside)}")

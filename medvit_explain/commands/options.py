@@ -23,29 +23,57 @@ class DeviceType(click.ParamType):
 
 DEVICE = DeviceType()
 
-device_option = click.option("--device", type=DEVICE, default="auto", show_default=True,
-                             help="auto (GPU if there is one), cpu, cuda or cuda:N.")
-model_option = click.option("--model", "model_path", default=None, metavar="CKPT",
-                            help="Checkpoint folder or weights file (default: the shipped sample model).")
-model_config_option = click.option("--model-config", default=None, metavar="FILE",
-                                   help="Config (JSON/YAML) for a bare timm state dict given with --model.")
-batch_size_option = click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-                                 help="Slices per pass.")
-series_option = click.option("--series", "series_uid", default=None, metavar="UID",
-                             help="SeriesInstanceUID to load when a DICOM folder holds several series.")
-modality_option = click.option("--allow-modality", is_flag=True,
-                               help="Load a non-CT DICOM instead of refusing it.")
+device_option = click.option(
+    "--device", type=DEVICE, default="auto", show_default=True, help="auto (GPU if there is one), cpu, cuda or cuda:N."
+)
+model_option = click.option(
+    "--model",
+    "model_path",
+    default=None,
+    metavar="CKPT",
+    help="Checkpoint folder or weights file (default: the shipped sample model).",
+)
+model_config_option = click.option(
+    "--model-config",
+    default=None,
+    metavar="FILE",
+    help="Config (JSON/YAML) for a bare timm state dict given with --model.",
+)
+batch_size_option = click.option(
+    "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Slices per pass."
+)
+series_option = click.option(
+    "--series",
+    "series_uid",
+    default=None,
+    metavar="UID",
+    help="SeriesInstanceUID to load when a DICOM folder holds several series.",
+)
+modality_option = click.option("--allow-modality", is_flag=True, help="Load a non-CT DICOM instead of refusing it.")
 
 
 def method_option(default=("cdam", "agcam")):
     from ..registry import method_names
 
-    return click.option("--method", "methods", multiple=True, default=default, show_default=True,
-                        type=click.Choice(method_names()), help="Explanation method (repeat for several).")
+    return click.option(
+        "--method",
+        "methods",
+        multiple=True,
+        default=default,
+        show_default=True,
+        type=click.Choice(method_names()),
+        help="Explanation method (repeat for several).",
+    )
 
 
-target_option = click.option("--target", "targets", multiple=True, default=("all",), show_default=True,
-                             help="Target name or index (repeat for several), or 'all'.")
+target_option = click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    default=("all",),
+    show_default=True,
+    help="Target name or index (repeat for several), or 'all'.",
+)
 
 
 def parse_targets(targets) -> list[str] | None:

@@ -12,11 +12,19 @@ import numpy as np
 from ..errors import MedvitInputError
 
 roi_centers_option = click.option(
-    "--roi-centers", type=click.Path(dir_okay=False, path_type=str), default=None, metavar="FILE",
-    help="Nodule centres (LPS mm): a CSV with x_mm,y_mm,z_mm columns or a phantom JSON (nodules[].center_mm).")
+    "--roi-centers",
+    type=click.Path(dir_okay=False, path_type=str),
+    default=None,
+    metavar="FILE",
+    help="Nodule centres (LPS mm): a CSV with x_mm,y_mm,z_mm columns or a phantom JSON (nodules[].center_mm).",
+)
 roi_mask_option = click.option(
-    "--roi-mask", type=click.Path(dir_okay=False, path_type=str), default=None, metavar="FILE",
-    help="Nodule instance mask (labels 1..n) on the CT's grid; each label's centroid is an ROI.")
+    "--roi-mask",
+    type=click.Path(dir_okay=False, path_type=str),
+    default=None,
+    metavar="FILE",
+    help="Nodule instance mask (labels 1..n) on the CT's grid; each label's centroid is an ROI.",
+)
 
 
 def read_roi_centers(path: str) -> np.ndarray:
@@ -32,8 +40,9 @@ def read_roi_centers(path: str) -> np.ndarray:
         else:
             with open(p, newline="") as stream:
                 rows = list(csv.DictReader(stream))
-            keys = next((k for k in (("x_mm", "y_mm", "z_mm"), ("x", "y", "z")) if rows and set(k) <= set(rows[0])),
-                        None)
+            keys = next(
+                (k for k in (("x_mm", "y_mm", "z_mm"), ("x", "y", "z")) if rows and set(k) <= set(rows[0])), None
+            )
             if keys is None:
                 raise MedvitInputError(f"{p}: expected CSV columns x_mm,y_mm,z_mm (LPS millimetres)")
             centres = [[float(row[k]) for k in keys] for row in rows]

@@ -32,8 +32,13 @@ def _progress_bar(total: int, desc: str):
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=str))
 @model_option
 @model_config_option
-@click.option("--out", "out_csv", type=click.Path(dir_okay=False, path_type=str), default=None,
-              help="Write the table to this CSV.")
+@click.option(
+    "--out",
+    "out_csv",
+    type=click.Path(dir_okay=False, path_type=str),
+    default=None,
+    help="Write the table to this CSV.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the rows and the summary as JSON.")
 @batch_size_option
 @device_option
@@ -41,8 +46,19 @@ def _progress_bar(total: int, desc: str):
 @modality_option
 @roi_centers_option
 @roi_mask_option
-def predict(input_path, model_path, model_config, out_csv, as_json, batch_size, device, series_uid,
-            allow_modality, roi_centers, roi_mask):
+def predict(
+    input_path,
+    model_path,
+    model_config,
+    out_csv,
+    as_json,
+    batch_size,
+    device,
+    series_uid,
+    allow_modality,
+    roi_centers,
+    roi_mask,
+):
     """Score every slice (or every nodule ROI) with every target of the model.
 
     \b
@@ -57,8 +73,9 @@ def predict(input_path, model_path, model_config, out_csv, as_json, batch_size, 
     centres, mask = resolve_roi(roi_centers, roi_mask)
     total = len(centres) if centres is not None else volume.shape[2]
     with _progress_bar(total, "predict") as bar:
-        table = run_predict(model, volume, batch_size=batch_size, roi_centers=centres, roi_mask=mask,
-                            progress=bar.update)
+        table = run_predict(
+            model, volume, batch_size=batch_size, roi_centers=centres, roi_mask=mask, progress=bar.update
+        )
     if out_csv:
         table.to_csv(out_csv)
     summary = table.summary()
@@ -66,25 +83,41 @@ def predict(input_path, model_path, model_config, out_csv, as_json, batch_size, 
         click.echo(json.dumps({"columns": table.columns, "rows": table.rows, "summary": summary}))
         return
     if table.mode == "slice" and "max_malignancy_slice" in summary:
-        click.echo(f"{len(table.rows)} slices; highest {table.primary}: slice {summary['max_malignancy_slice']} "
-                   f"(source index {summary['max_malignancy_source_index']}), "
-                   f"p = {summary['max_malignancy_prob']:.3f}")
+        click.echo(
+            f"{len(table.rows)} slices; highest {table.primary}: slice {summary['max_malignancy_slice']} "
+            f"(source index {summary['max_malignancy_source_index']}), "
+            f"p = {summary['max_malignancy_prob']:.3f}"
+        )
     else:
         for row in summary.get("nodules", []):
-            click.echo(f"ROI {row['roi']} (label {row['label']}): {table.primary} p = "
-                       f"{row[f'{table.primary}_prob']:.3f}")
+            click.echo(
+                f"ROI {row['roi']} (label {row['label']}): {table.primary} p = {row[f'{table.primary}_prob']:.3f}"
+            )
     if out_csv:
         click.echo(f"wrote {out_csv}")
 
 
 @click.command()
-@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Model + training recipe YAML (e.g. configs/sample_model.yaml).")
-@click.option("--data", required=True, type=click.Path(path_type=str),
-              help="Folder of phantoms (make-phantom) or a manifest CSV (image, nodule_mask, labels).")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Model + training recipe YAML (e.g. configs/sample_model.yaml).",
+)
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(path_type=str),
+    help="Folder of phantoms (make-phantom) or a manifest CSV (image, nodule_mask, labels).",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=str), help="Checkpoint folder.")
-@click.option("--val-data", default=None, type=click.Path(path_type=str),
-              help="Held-out data (default: a split of --data by study).")
+@click.option(
+    "--val-data",
+    default=None,
+    type=click.Path(path_type=str),
+    help="Held-out data (default: a split of --data by study).",
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the recipe's epochs.")
 @click.option("--seed", type=int, default=None, help="Override the recipe's seed.")
 @click.option("--resume", is_flag=True, help="Continue from the last finished epoch of an earlier run.")
@@ -101,11 +134,12 @@ def train(config_path, data, out, val_data, epochs, seed, resume, device):
     from ..train import train as run_train
 
     config = load_config(config_path)
-    result = run_train(config, data, out, val_data=val_data, resume=resume, epochs=epochs, seed=seed,
-                       device=device)
+    result = run_train(config, data, out, val_data=val_data, resume=resume, epochs=epochs, seed=seed, device=device)
     val = result["validation"]
-    click.echo(f"best validation loss {result['best_val_loss']:.4f}; malignancy AUC "
-               f"{val.get('malignancy_auc', float('nan')):.3f}; checkpoint in {out}")
+    click.echo(
+        f"best validation loss {result['best_val_loss']:.4f}; malignancy AUC "
+        f"{val.get('malignancy_auc', float('nan')):.3f}; checkpoint in {out}"
+    )
 
 
 @click.command()
@@ -114,20 +148,45 @@ def train(config_path, data, out, val_data, epochs, seed, resume, device):
 @model_config_option
 @method_option()
 @target_option
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=str), default=None,
-              help="Output folder [default: <stem>_explain/ next to the input].")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    help="Output folder [default: <stem>_explain/ next to the input].",
+)
 @device_option
 @batch_size_option
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="Autocast precision for the model and explainers.")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Autocast precision for the model and explainers.",
+)
 @click.option("--dicom", is_flag=True, help="Also write the maps as DICOM Parametric Maps (DICOM input only).")
 @click.option("--no-report", is_flag=True, help="Skip report.html.")
 @series_option
 @modality_option
 @roi_centers_option
 @roi_mask_option
-def explain(input_path, model_path, model_config, methods, targets, out_dir, device, batch_size, precision,
-            dicom, no_report, series_uid, allow_modality, roi_centers, roi_mask):
+def explain(
+    input_path,
+    model_path,
+    model_config,
+    methods,
+    targets,
+    out_dir,
+    device,
+    batch_size,
+    precision,
+    dicom,
+    no_report,
+    series_uid,
+    allow_modality,
+    roi_centers,
+    roi_mask,
+):
     """Explain a CT: maps on the source grid, predictions.csv, summary.json and report.html.
 
     \b
@@ -153,16 +212,29 @@ def explain(input_path, model_path, model_config, methods, targets, out_dir, dev
         raise MedvitInputError(f"--out {out} exists and is not a folder")
     total = len(centres) * 3 if centres is not None else volume.shape[2]
     with _progress_bar(total, "explain") as bar:
-        result = explain_volume(model, volume, methods=list(methods), targets=target_list, batch_size=batch_size,
-                                precision=precision, roi_centers=centres, roi_mask=mask, progress=bar.update)
+        result = explain_volume(
+            model,
+            volume,
+            methods=list(methods),
+            targets=target_list,
+            batch_size=batch_size,
+            precision=precision,
+            roi_centers=centres,
+            roi_mask=mask,
+            progress=bar.update,
+        )
     written = result.save(out, stem=stem, report=not no_report, dicom=dicom)
     summary = result.predictions.summary()
     where = f"{len(written)} files in {out}" + (f"; report: {written['report']}" if "report" in written else "")
     if "max_malignancy_slice" in summary:
-        click.echo(f"top {result.predictions.primary}: slice {summary['max_malignancy_slice']} "
-                   f"(source index {summary['max_malignancy_source_index']}) p = "
-                   f"{summary['max_malignancy_prob']:.3f}; {where}")
+        click.echo(
+            f"top {result.predictions.primary}: slice {summary['max_malignancy_slice']} "
+            f"(source index {summary['max_malignancy_source_index']}) p = "
+            f"{summary['max_malignancy_prob']:.3f}; {where}"
+        )
     else:
         best = summary.get("max_malignancy_roi")
-        click.echo(f"{len(summary.get('nodules', []))} ROI(s) explained (top {result.predictions.primary}: "
-                   f"ROI {best}, p = {summary.get('max_malignancy_prob', float('nan')):.3f}); {where}")
+        click.echo(
+            f"{len(summary.get('nodules', []))} ROI(s) explained (top {result.predictions.primary}: "
+            f"ROI {best}, p = {summary.get('max_malignancy_prob', float('nan')):.3f}); {where}"
+        )

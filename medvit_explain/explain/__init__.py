@@ -35,8 +35,19 @@ __all__ = [
 
 EXPLAINERS: dict[str, type[Explainer]] = {
     cls.name: cls
-    for cls in (CDAM, SmoothCDAM, IntegratedCDAM, AGCAM, Attention, Rollout, Chefer, GradCAM,
-                IntegratedGradients, SmoothGrad, InputXGradient)
+    for cls in (
+        CDAM,
+        SmoothCDAM,
+        IntegratedCDAM,
+        AGCAM,
+        Attention,
+        Rollout,
+        Chefer,
+        GradCAM,
+        IntegratedGradients,
+        SmoothGrad,
+        InputXGradient,
+    )
 }
 assert set(EXPLAINERS) == set(METHODS), "registry and explainer classes disagree"
 
@@ -55,13 +66,14 @@ def _check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     opts = {**accepted, **options}
     for key, low in _POSITIVE_INT.items():
         value = opts.get(key)
-        if key in options and value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                                      or value < low):
+        if (
+            key in options
+            and value is not None
+            and (isinstance(value, bool) or not isinstance(value, int) or value < low)
+        ):
             raise MethodError(f"option {key} expected an integer >= {low}, got {value!r}")
     if method == "cdam-integrated" and opts["n_steps"] < 2:
-        raise MethodError(
-            f"option n_steps expected an integer >= 2 for cdam-integrated, got {opts['n_steps']}"
-        )
+        raise MethodError(f"option n_steps expected an integer >= 2 for cdam-integrated, got {opts['n_steps']}")
     if "pool" in opts and opts["pool"] not in ("sum", "mean"):
         raise MethodError(f"option pool expected 'sum' or 'mean', got {opts['pool']!r}")
     for key in ("noise_level",):
@@ -88,7 +100,10 @@ def explain(model: nn.Module, images: Tensor, method: str, targets: Any = None, 
 
 
 def explain_many(
-    model: nn.Module, images: Tensor, methods: Sequence[str], targets: Any = None,
+    model: nn.Module,
+    images: Tensor,
+    methods: Sequence[str],
+    targets: Any = None,
     options: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Tensor]:
     """Several methods on the same images: ``{method: [B, T, gh, gw]}``, each equal to

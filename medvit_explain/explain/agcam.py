@@ -63,8 +63,7 @@ class AGCAM(Explainer):
         blocks = self.backbone.blocks
         leaves = [r["heads"].requires_grad_(True) for r in recs]
         outs = [attention_output(blocks[i].attn, leaves[i], recs[i]["gate"]) for i in range(len(blocks))]
-        pooled = run_prefix_chain(self.backbone, 0, recs[0]["x0"], outs, final_tokens, (0,),
-                                  self.spec.read_rows)
+        pooled = run_prefix_chain(self.backbone, 0, recs[0]["x0"], outs, final_tokens, (0,), self.spec.read_rows)
         grads = target_grads(self.scorer(pooled), leaves, target_idx)  # each [T, B, H, 1, dh]
 
         total = None

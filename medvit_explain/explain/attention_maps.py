@@ -29,8 +29,11 @@ class Attention(Explainer):
     def attribute(self, images: Tensor, target_idx: list[int]) -> Tensor:
         blocks = self.backbone.blocks
         row: list[Tensor] = []
-        tap = BlockTap(blocks, [len(blocks) - 1],
-                       lambda i, r: row.append(_softmax_attention(blocks[i].attn, r, slice(0, 1))[:, :, 0]))
+        tap = BlockTap(
+            blocks,
+            [len(blocks) - 1],
+            lambda i, r: row.append(_softmax_attention(blocks[i].attn, r, slice(0, 1))[:, :, 0]),
+        )
         with torch.no_grad(), tap:
             self.backbone.forward_features(images)
         maps = tokens_to_grid(row[0].mean(1), self.spec)  # [B, gh, gw]
@@ -85,8 +88,7 @@ class Chefer(Explainer):
             pooled = backbone.forward_head(backbone.forward_features(x), pre_logits=True)
         grads = target_grads(self.scorer(pooled), mats, target_idx)  # each [T, B, H, N, N]
         n = mats[0].shape[-1]
-        r = torch.eye(n, dtype=mats[0].dtype, device=mats[0].device).expand(
-            len(target_idx), images.shape[0], n, n)
+        r = torch.eye(n, dtype=mats[0].dtype, device=mats[0].device).expand(len(target_idx), images.shape[0], n, n)
         for a, g in zip(mats, grads, strict=True):
             cam = (g * a.detach().unsqueeze(0)).clamp_min(0).mean(2)  # [T, B, N, N]
             r = r + cam @ r

@@ -83,8 +83,7 @@ def inspect_model(model: nn.Module) -> ViTSpec:
         attn = getattr(blk, "attn", None)
         if not hasattr(blk, "norm1") or attn is None or not all(hasattr(attn, a) for a in _ATTN_ATTRS):
             raise ModelNotSupportedError(
-                f"{need}; block {i} ({type(blk).__name__}) has no norm1 + timm Attention "
-                f"(qkv, q_norm, k_norm, proj)"
+                f"{need}; block {i} ({type(blk).__name__}) has no norm1 + timm Attention (qkv, q_norm, k_norm, proj)"
             )
     pe = backbone.patch_embed
     grid = tuple(int(g) for g in pe.grid_size)
@@ -228,14 +227,16 @@ def target_grads(outputs: Tensor, inputs: Sequence[Tensor], target_idx: Sequence
         grads = [None if g is None else g.unsqueeze(0) for g in grads]
     else:
         grads = torch.autograd.grad(outputs, list(inputs), seeds, is_grads_batched=True, allow_unused=True)
-    return [torch.zeros((t, *x.shape), dtype=x.dtype, device=x.device) if g is None else g
-            for g, x in zip(grads, inputs, strict=True)]
+    return [
+        torch.zeros((t, *x.shape), dtype=x.dtype, device=x.device) if g is None else g
+        for g, x in zip(grads, inputs, strict=True)
+    ]
 
 
 def tokens_to_grid(values: Tensor, spec: ViTSpec) -> Tensor:
     """[..., P+N] or [..., N] token values → [..., gh, gw] (prefix tokens dropped)."""
     if values.shape[-1] == spec.num_prefix + spec.num_patches:
-        values = values[..., spec.num_prefix:]
+        values = values[..., spec.num_prefix :]
     return values.reshape(*values.shape[:-1], *spec.grid)
 
 
@@ -280,8 +281,9 @@ class BlockTap:
     can reduce them at once instead of holding every layer's tensors.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], indices: Sequence[int],
-                 on_block: Callable[[int, dict[str, Tensor]], None]) -> None:
+    def __init__(
+        self, blocks: Sequence[nn.Module], indices: Sequence[int], on_block: Callable[[int, dict[str, Tensor]], None]
+    ) -> None:
         self.blocks, self.indices, self.on_block = blocks, list(indices), on_block
         self._hooks = HookSet()
         self._current: dict[int, dict[str, Tensor]] = {}
@@ -305,11 +307,13 @@ class BlockTap:
     def _make_block_pre(self, i: int) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             self._current[i] = {"x": args[0]}
+
         return hook
 
     def _make_attn_pre(self, i: int) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             self._current.setdefault(i, {})["t"] = args[0]
+
         return hook
 
     def _make_qkv(self, i: int) -> Callable:
@@ -318,6 +322,7 @@ class BlockTap:
             q, k, v = split_qkv(self.blocks[i].attn, out)
             rec.update(qkv=out, q=q, k=k, v=v)
             self.on_block(i, rec)
+
         return hook
 
 
@@ -326,8 +331,15 @@ def replace_attention_output(hooks: HookSet, blk: nn.Module, output: Tensor) -> 
     hooks.forward(blk.attn, lambda module, args, out: output)
 
 
-def run_prefix_chain(backbone: nn.Module, start: int, rows_in: Tensor, attn_outputs: Sequence[Tensor],
-                     final_tokens: Tensor, rows: Sequence[int], read_rows: Sequence[int] | None = None) -> Tensor:
+def run_prefix_chain(
+    backbone: nn.Module,
+    start: int,
+    rows_in: Tensor,
+    attn_outputs: Sequence[Tensor],
+    final_tokens: Tensor,
+    rows: Sequence[int],
+    read_rows: Sequence[int] | None = None,
+) -> Tensor:
     """Re-run blocks ``start..L-1`` on the token rows ``rows`` only, each attention replaced by the given
     output (constants or graph leaves): the residual stream and MLPs of those rows, nothing else.
 

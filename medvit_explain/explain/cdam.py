@@ -32,9 +32,7 @@ from medvit_explain.explain.base import (
 __all__ = ["CDAM", "IntegratedCDAM", "SmoothCDAM", "last_block_token_grads"]
 
 
-def last_block_token_grads(
-    explainer: Explainer, x_in: Tensor, target_idx: list[int]
-) -> tuple[Tensor, Tensor]:
+def last_block_token_grads(explainer: Explainer, x_in: Tensor, target_idx: list[int]) -> tuple[Tensor, Tensor]:
     """Run the last block from its input x_in [B, N, D] with grad; return T [B, N, D] (norm1 output) and
     ∂f_c/∂T [T, B, N, D] for every target (one batched backward)."""
     backbone = explainer.backbone
@@ -101,8 +99,13 @@ class CDAM(Explainer):
         heads = (a @ v).requires_grad_(True)  # [B, H, R, dh], graph leaf
         with torch.enable_grad():
             pooled = run_prefix_chain(
-                backbone, len(backbone.blocks) - 1, rec["x"][:, :r], [attention_output(attn, heads)],
-                final_tokens, rows, rows,
+                backbone,
+                len(backbone.blocks) - 1,
+                rec["x"][:, :r],
+                [attention_output(attn, heads)],
+                final_tokens,
+                rows,
+                rows,
             )
             scores = self.scorer(pooled)
         (g,) = target_grads(scores, [heads], target_idx)  # [T, B, H, R, dh]
@@ -120,7 +123,9 @@ class CDAM(Explainer):
                 k_leaf = k_raw.detach().requires_grad_(True)
                 k_normed = attn.k_norm(k_leaf)
                 (d_k,) = torch.autograd.grad(
-                    k_normed, k_leaf, d_k if len(target_idx) > 1 else d_k[0],
+                    k_normed,
+                    k_leaf,
+                    d_k if len(target_idx) > 1 else d_k[0],
                     is_grads_batched=len(target_idx) > 1,
                 )
             if len(target_idx) == 1:
@@ -129,9 +134,7 @@ class CDAM(Explainer):
         if bias is not None:
             bias = bias.detach().reshape(3, attn.num_heads, 1, attn.head_dim)
             k_raw, v_raw = k_raw - bias[1], v_raw - bias[2]
-        return (
-            torch.einsum("bhnd,tbhnd->tbn", k_raw, d_k) + torch.einsum("bhnd,tbhnd->tbn", v_raw, d_v)
-        )
+        return torch.einsum("bhnd,tbhnd->tbn", k_raw, d_k) + torch.einsum("bhnd,tbhnd->tbn", v_raw, d_v)
 
     @staticmethod
     def _contracted(attn: nn.Module, g: Tensor, a: Tensor, logits: Tensor, q_r: Tensor, v: Tensor) -> Tensor:
@@ -192,9 +195,7 @@ class CDAM(Explainer):
         except _Stop:
             pass
 
-    def _averaged(
-        self, images: Tensor, target_idx: list[int], scales: list[float], noise_level: float
-    ) -> Tensor:
+    def _averaged(self, images: Tensor, target_idx: list[int], scales: list[float], noise_level: float) -> Tensor:
         """Mean CDAM over last-block inputs s·x + ε_s, ε_s ~ N(0, σ²), σ = noise_level·(max x − min x)."""
         x = self._last_block_input(images)
         b = x.shape[0]

@@ -37,9 +37,17 @@ DICOM_FORMATS = ("dicom-series", "dicom")
 
 # short display names (series descriptions, LUT labels ≤ 16 characters)
 METHOD_LABELS = {
-    "cdam": "CDAM", "cdam-smooth": "Smooth CDAM", "cdam-integrated": "Integrated CDAM", "agcam": "AG-CAM",
-    "attention": "Attention", "rollout": "Rollout", "chefer": "Chefer", "gradcam": "Grad-CAM",
-    "ig": "IG", "smoothgrad": "SmoothGrad", "inputxgrad": "InputXGrad",
+    "cdam": "CDAM",
+    "cdam-smooth": "Smooth CDAM",
+    "cdam-integrated": "Integrated CDAM",
+    "agcam": "AG-CAM",
+    "attention": "Attention",
+    "rollout": "Rollout",
+    "chefer": "Chefer",
+    "gradcam": "Grad-CAM",
+    "ig": "IG",
+    "smoothgrad": "SmoothGrad",
+    "inputxgrad": "InputXGrad",
 }
 SERIES_NUMBER_BASE = 900  # output series are numbered 901, 902, … in method-major order
 
@@ -84,7 +92,8 @@ def _sources_in_k_order(volume, sources: list[pydicom.Dataset]) -> list[pydicom.
     if len(sources) == 1 and int(getattr(sources[0], "NumberOfFrames", 1) or 1) > 1:
         if int(sources[0].NumberOfFrames) != nz:
             raise MedvitInputError(
-                f"the multi-frame source has {sources[0].NumberOfFrames} frames; expected one per slice ({nz})")
+                f"the multi-frame source has {sources[0].NumberOfFrames} frames; expected one per slice ({nz})"
+            )
         return sources
     if len(sources) != nz:
         raise MedvitInputError(f"expected one source DICOM image per slice ({nz}), got {len(sources)}")
@@ -99,16 +108,26 @@ def _sources_in_k_order(volume, sources: list[pydicom.Dataset]) -> list[pydicom.
         if dist[best] > tol:
             raise MedvitInputError(
                 f"no source DICOM image lies at slice {k}'s position {np.round(expected[k], 3).tolist()} "
-                f"(nearest is {dist[best]:.3g} mm away); cannot reference the source instances")
+                f"(nearest is {dist[best]:.3g} mm away); cannot reference the source instances"
+            )
         order.append(best)
     if len(set(order)) != nz:
         raise MedvitInputError("several slices match the same source DICOM image; cannot reference the sources")
     return [sources[i] for i in order]
 
 
-def parametric_map(sources: Sequence[pydicom.Dataset], frames: np.ndarray, *, method: str, target: str,
-                   series_uid: str, sop_uid: str, series_number: int, model_name: str = "medvit-explain",
-                   instance_number: int = 1):
+def parametric_map(
+    sources: Sequence[pydicom.Dataset],
+    frames: np.ndarray,
+    *,
+    method: str,
+    target: str,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int,
+    model_name: str = "medvit-explain",
+    instance_number: int = 1,
+):
     """A ``highdicom.pm.ParametricMap`` of ``frames`` ([n, rows, cols] float32, frame ``n`` on
     ``sources[n]``) for one method and target."""
     import highdicom as hd
@@ -142,8 +161,9 @@ def parametric_map(sources: Sequence[pydicom.Dataset], frames: np.ndarray, *, me
         device_serial_number="0",
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
-        voi_lut_transformations=[hd.VOILUTTransformation(
-            window_center=0.0, window_width=2.0 * v, window_explanation="symmetric about 0")],
+        voi_lut_transformations=[
+            hd.VOILUTTransformation(window_center=0.0, window_width=2.0 * v, window_explanation="symmetric about 0")
+        ],
         content_label=_code_string(f"{method}_{target}"),
         content_description=f"{label} explanation map for {target}"[:64],
         series_description=f"{label} {target}"[:64],
@@ -174,7 +194,8 @@ def write_dicom_maps(result, folder: str | os.PathLike, stem: str) -> Path:
         where = f" ({meta['path']})" if meta.get("path") else ""
         raise MedvitInputError(
             f"--dicom needs a DICOM input (a DICOM series folder or file) whose instances the maps can "
-            f"reference; got a {fmt or 'non-DICOM'} input{where}. Drop --dicom or pass the DICOM series.")
+            f"reference; got a {fmt or 'non-DICOM'} input{where}. Drop --dicom or pass the DICOM series."
+        )
     files = meta.get("dicom_files") or []
     if not files:
         raise MedvitInputError("--dicom: the input's DICOM file list is missing; cannot reference the sources")
@@ -192,10 +213,14 @@ def write_dicom_maps(result, folder: str | os.PathLike, stem: str) -> Path:
             digest = hashlib.sha256(frames.tobytes()).hexdigest()
             entropy = [source_series, method, target, digest]
             pm = parametric_map(
-                sources, frames, method=method, target=target,
+                sources,
+                frames,
+                method=method,
+                target=target,
                 series_uid=generate_uid(entropy_srcs=[*entropy, "series"]),
                 sop_uid=generate_uid(entropy_srcs=[*entropy, "sop"]),
-                series_number=SERIES_NUMBER_BASE + n, model_name=model_name,
+                series_number=SERIES_NUMBER_BASE + n,
+                model_name=model_name,
             )
             path = folder / f"{stem}_{method}_{target}_pm.dcm"
             with atomic_path(path) as tmp:

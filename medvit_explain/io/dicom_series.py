@@ -120,9 +120,7 @@ def _check_geometry(volume: Volume) -> np.ndarray:
         raise UnsupportedImageError(f"expected a 3D [X, Y, Z] array, got shape {volume.array.shape}")
     d = volume.direction
     if not np.allclose(d.T @ d, np.eye(3), atol=1e-4):
-        raise UnsupportedImageError(
-            f"expected orthonormal direction cosines for a DICOM series, got {d.tolist()}"
-        )
+        raise UnsupportedImageError(f"expected orthonormal direction cosines for a DICOM series, got {d.tolist()}")
     if np.any(volume.spacing <= 0):
         raise UnsupportedImageError(f"expected positive spacing, got {volume.spacing.tolist()}")
     normal = np.cross(d[:, 0], d[:, 1])
@@ -264,7 +262,9 @@ def write_ct_series(
     """
     _check_geometry(volume)
     uids = series_uids(
-        uid_seed, volume, uid_prefix=uid_prefix,
+        uid_seed,
+        volume,
+        uid_prefix=uid_prefix,
         extra=(series_description, patient_id, patient_name, study_description, str(series_number)),
     )
     if study_uid is not None:
@@ -279,9 +279,16 @@ def write_ct_series(
     paths = []
     for k in range(volume.shape[2]):
         ds = ct_slice_dataset(
-            volume, k, uids=uids, rescale=rescale, series_description=series_description,
-            patient_id=patient_id, patient_name=patient_name, study_description=study_description,
-            series_number=series_number, window=window,
+            volume,
+            k,
+            uids=uids,
+            rescale=rescale,
+            series_description=series_description,
+            patient_id=patient_id,
+            patient_name=patient_name,
+            study_description=study_description,
+            series_number=series_number,
+            window=window,
         )
         path = folder / filename_pattern.format(index=k + 1)
         _save(ds, path)
@@ -308,11 +315,16 @@ def write_ct_file(
     if not 0 <= k < volume.shape[2]:
         raise ValueError(f"expected 0 <= k < {volume.shape[2]}, got k={k}")
     _check_geometry(volume)
-    uids = series_uids(uid_seed, volume, uid_prefix=uid_prefix,
-                       extra=(series_description, patient_id, f"single:{k}"))
-    ds = ct_slice_dataset(volume, k, uids=uids, rescale=rescale_for(volume.array[:, :, k]),
-                          series_description=series_description, patient_id=patient_id,
-                          window=window)
+    uids = series_uids(uid_seed, volume, uid_prefix=uid_prefix, extra=(series_description, patient_id, f"single:{k}"))
+    ds = ct_slice_dataset(
+        volume,
+        k,
+        uids=uids,
+        rescale=rescale_for(volume.array[:, :, k]),
+        series_description=series_description,
+        patient_id=patient_id,
+        window=window,
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(ds, path)

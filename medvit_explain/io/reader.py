@@ -43,8 +43,7 @@ class SeriesInfo:
         return f"{self.uid} '{self.description}' ({self.modality}, {len(self.files)} slices)"
 
 
-def load_volume(path: str | os.PathLike, *, series_uid: str | None = None,
-                allow_modality: bool = False) -> Volume:
+def load_volume(path: str | os.PathLike, *, series_uid: str | None = None, allow_modality: bool = False) -> Volume:
     """Load a CT volume: NIfTI, NRRD, MHA/MHD, a single DICOM file or a folder with a DICOM series.
 
     Args:
@@ -100,12 +99,14 @@ def find_dicom_series(folder: str | os.PathLike) -> list[SeriesInfo]:
     for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder) or ():
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid, False, True)
         header = _read_dicom_header(Path(files[0])) if files else None
-        series.append(SeriesInfo(
-            uid=uid,
-            description=str(getattr(header, "SeriesDescription", "") or ""),
-            modality=str(getattr(header, "Modality", "") or "?"),
-            files=tuple(files),
-        ))
+        series.append(
+            SeriesInfo(
+                uid=uid,
+                description=str(getattr(header, "SeriesDescription", "") or ""),
+                modality=str(getattr(header, "Modality", "") or "?"),
+                files=tuple(files),
+            )
+        )
     return series
 
 
@@ -122,8 +123,7 @@ def _load_dicom_folder(folder: Path, series_uid: str | None, allow_modality: boo
         chosen = [s for s in series if s.uid == series_uid]
         if not chosen:
             raise SeriesSelectionError(
-                f"series {series_uid} not found in {folder}; found: "
-                + "; ".join(s.describe() for s in series)
+                f"series {series_uid} not found in {folder}; found: " + "; ".join(s.describe() for s in series)
             )
         info = chosen[0]
     elif len(series) > 1:
@@ -147,14 +147,16 @@ def _load_dicom_folder(folder: Path, series_uid: str | None, allow_modality: boo
     except RuntimeError as exc:
         raise UnreadableImageError(f"cannot read the DICOM series in {folder}: {_first_line(exc)}") from None
     meta = _dicom_metadata(header, folder)
-    meta.update({
-        "path": str(folder),
-        "format": "dicom-series",
-        "dicom_files": list(info.files),
-        "dicom_instances": [
-            (str(getattr(h, "SOPClassUID", "")), str(getattr(h, "SOPInstanceUID", ""))) for h in headers
-        ],
-    })
+    meta.update(
+        {
+            "path": str(folder),
+            "format": "dicom-series",
+            "dicom_files": list(info.files),
+            "dicom_instances": [
+                (str(getattr(h, "SOPClassUID", "")), str(getattr(h, "SOPInstanceUID", ""))) for h in headers
+            ],
+        }
+    )
     return _to_volume(image, meta)
 
 
@@ -280,9 +282,22 @@ def _check_slice_spacing(headers, folder: Path) -> None:
 
 def _dicom_metadata(header, path: Path) -> dict:
     keys = [
-        "Modality", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "PatientID",
-        "PatientName", "PatientBirthDate", "PatientSex", "StudyID", "StudyDate", "StudyTime",
-        "AccessionNumber", "ReferringPhysicianName", "SeriesDescription", "SeriesNumber", "Manufacturer",
+        "Modality",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "FrameOfReferenceUID",
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+        "SeriesDescription",
+        "SeriesNumber",
+        "Manufacturer",
     ]
     meta = {}
     for key in keys:
@@ -323,8 +338,14 @@ def _to_volume(image: sitk.Image, metadata: dict) -> Volume:
 
 
 def _format_of(name: str) -> str:
-    for suffix, fmt in ((".nii.gz", "nifti"), (".nii", "nifti"), (".nrrd", "nrrd"), (".nhdr", "nrrd"),
-                        (".mha", "metaimage"), (".mhd", "metaimage")):
+    for suffix, fmt in (
+        (".nii.gz", "nifti"),
+        (".nii", "nifti"),
+        (".nrrd", "nrrd"),
+        (".nhdr", "nrrd"),
+        (".mha", "metaimage"),
+        (".mhd", "metaimage"),
+    ):
         if name.endswith(suffix):
             return fmt
     return "unknown"

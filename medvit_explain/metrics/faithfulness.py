@@ -62,8 +62,15 @@ def removal_masks(maps: Tensor, steps: int = 11) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def perturbation_curves(forward: Callable[[Tensor], Tensor], images: Tensor, maps: Tensor, *, steps: int = 11,
-                        fill: float = 0.5, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def perturbation_curves(
+    forward: Callable[[Tensor], Tensor],
+    images: Tensor,
+    maps: Tensor,
+    *,
+    steps: int = 11,
+    fill: float = 0.5,
+    batch_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
     """MoRF and LeRF curves ``[N, T, steps]`` (numpy float64).
 
     Args:
@@ -87,15 +94,15 @@ def perturbation_curves(forward: Callable[[Tensor], Tensor], images: Tensor, map
     morf = np.zeros((n, t_count, steps))
     lerf = np.zeros((n, t_count, steps))
     for start in range(0, n, per_chunk):
-        x = images[start:start + per_chunk]
-        m = maps[start:start + per_chunk].to(x.device)
+        x = images[start : start + per_chunk]
+        m = maps[start : start + per_chunk].to(x.device)
         b = len(x)
         mo, le = removal_masks(m.reshape(b * t_count, h, w), steps)  # [b·T, S, H, W]
         removed = torch.cat([mo[:, 1:-1], le[:, 1:-1]], 1).reshape(b, t_count * 2 * inner, 1, h, w)
         perturbed = torch.where(removed, torch.as_tensor(fill, dtype=x.dtype, device=x.device), x[:, None])
         ends = torch.stack([x, torch.full_like(x, fill)], 1)  # [b, 2, C, H, W]
         batch = torch.cat([ends, perturbed], 1).flatten(0, 1)  # [b · rows, C, H, W]
-        scores = torch.cat([forward(batch[i:i + batch_size]) for i in range(0, len(batch), batch_size)])
+        scores = torch.cat([forward(batch[i : i + batch_size]) for i in range(0, len(batch), batch_size)])
         scores = scores.reshape(b, rows_per_image, t_count).double().cpu().numpy()
         first, last = scores[:, 0], scores[:, 1]  # [b, T]
         inner_scores = scores[:, 2:].reshape(b, t_count, 2, inner, t_count)
@@ -103,7 +110,7 @@ def perturbation_curves(forward: Callable[[Tensor], Tensor], images: Tensor, map
         own = inner_scores[:, idx, :, :, idx]  # [T, b, 2, inner]: target t's curve reads column t
         own = np.moveaxis(own, 0, 1)  # [b, T, 2, inner]
         for curves, o in ((morf, 0), (lerf, 1)):
-            curves[start:start + b, :, 0] = first
-            curves[start:start + b, :, -1] = last
-            curves[start:start + b, :, 1:-1] = own[:, :, o]
+            curves[start : start + b, :, 0] = first
+            curves[start : start + b, :, -1] = last
+            curves[start : start + b, :, 1:-1] = own[:, :, o]
     return morf, lerf

@@ -72,7 +72,7 @@ def bounding_boxes(mask: Tensor) -> Tensor:
     for i in range(len(mask)):
         r, c = torch.nonzero(rows[i]).flatten(), torch.nonzero(cols[i]).flatten()
         if len(r) and len(c):
-            out[i, r[0]:r[-1] + 1, c[0]:c[-1] + 1] = True
+            out[i, r[0] : r[-1] + 1, c[0] : c[-1] + 1] = True
     return out
 
 
@@ -95,8 +95,9 @@ def evidence_share(maps: Tensor, region: Tensor) -> Tensor:
     return torch.where(total > 0, inside / total.clamp(min=1e-300), torch.zeros_like(total))
 
 
-def localization_scores(maps: Tensor, mask, *, threshold: float = 0.5, sweep: Sequence[float] = DEFAULT_SWEEP,
-                        lungs=None, eps: float = 1e-8) -> dict[str, Tensor]:
+def localization_scores(
+    maps: Tensor, mask, *, threshold: float = 0.5, sweep: Sequence[float] = DEFAULT_SWEEP, lungs=None, eps: float = 1e-8
+) -> dict[str, Tensor]:
     """Every localization score per image ([N] each) for maps ``[N, H, W]`` at image resolution.
 
     Keys: the :data:`SCORES` at ``threshold`` against the mask, the same with a ``box_`` prefix against

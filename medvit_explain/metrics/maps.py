@@ -48,8 +48,8 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     Both maps constant → 1 (nothing changed); one constant → 0 (its ranks carry no order)."""
     ra, rb = _ranks(a), _ranks(b)
     r = pearson(ra, rb)
-    ca = (ra.flatten(-2).amax(-1) == ra.flatten(-2).amin(-1))
-    cb = (rb.flatten(-2).amax(-1) == rb.flatten(-2).amin(-1))
+    ca = ra.flatten(-2).amax(-1) == ra.flatten(-2).amin(-1)
+    cb = rb.flatten(-2).amax(-1) == rb.flatten(-2).amin(-1)
     return torch.where(ca ^ cb, torch.zeros_like(r), r)
 
 
@@ -76,4 +76,3 @@ def class_sensitivity(maps: Tensor, names: list[str] | None = None) -> tuple[Ten
         pairs[f"{names[i]}|{names[j]}"] = float(d.mean())
         per_image += d.cpu()
     return per_image / len(pairs), pairs
-

@@ -36,8 +36,9 @@ def slice_masks(mask: np.ndarray, inputs: SliceInputs, slices: Sequence[int] | n
     block = np.ascontiguousarray(canon[x0:x1, y0:y1][:, :, idx].transpose(2, 1, 0))  # [B, rows, cols]
     if block.shape[1:] == inputs.image_size or len(idx) == 0:
         return block if len(idx) else np.zeros((0, *inputs.image_size), mask.dtype)
-    resized = F.interpolate(torch.from_numpy(block.astype(np.float32))[:, None], size=inputs.image_size,
-                            mode="nearest-exact")[:, 0]
+    resized = F.interpolate(
+        torch.from_numpy(block.astype(np.float32))[:, None], size=inputs.image_size, mode="nearest-exact"
+    )[:, 0]
     return resized.numpy().astype(mask.dtype)
 
 

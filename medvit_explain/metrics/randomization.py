@@ -28,7 +28,7 @@ def randomize_top_blocks(model: nn.Module, k: int, seed: int = 0) -> nn.Module:
         raise ValueError(f"expected k >= 1 blocks to randomise, got {k}")
     clone = copy.deepcopy(model)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    for block in list(clone.backbone.blocks)[max(0, len(blocks) - k):]:
+    for block in list(clone.backbone.blocks)[max(0, len(blocks) - k) :]:
         for module in block.modules():
             if isinstance(module, nn.Linear):
                 weight = torch.empty(module.weight.shape)

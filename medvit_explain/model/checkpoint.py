@@ -116,15 +116,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {_first_line(exc)}") from exc
     else:
         raise CheckpointError(
-            f"unsupported checkpoint file {str(path)!r}; "
-            f"expected a directory or one of {', '.join(WEIGHT_SUFFIXES)}"
+            f"unsupported checkpoint file {str(path)!r}; expected a directory or one of {', '.join(WEIGHT_SUFFIXES)}"
         )
     return _plain_state_dict(obj, path)
 
 
-def _locate(
-    path: Path, config: str | Path | Mapping[str, Any] | None
-) -> tuple[Path, dict[str, Any], Path | None]:
+def _locate(path: Path, config: str | Path | Mapping[str, Any] | None) -> tuple[Path, dict[str, Any], Path | None]:
     """(weights file, config dict, base dir for relative paths in the config)."""
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {str(path)!r}")
@@ -295,8 +292,7 @@ def save_checkpoint(model: MedViT, path: str | Path, provenance: Mapping[str, An
         other = sorted(p.name for p in path.iterdir() if p.name not in (WEIGHTS_NAME, CONFIG_NAME))
         if other:
             raise CheckpointError(
-                f"refusing to overwrite {str(path)!r}: "
-                f"it holds files that are not a checkpoint ({_list(other)})"
+                f"refusing to overwrite {str(path)!r}: it holds files that are not a checkpoint ({_list(other)})"
             )
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     old_dir: Path | None = None

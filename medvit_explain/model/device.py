@@ -31,9 +31,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if match is None:
         raise DeviceError(f"unknown device {device!r}; expected {EXPECTED_DEVICES}")
     if not torch.cuda.is_available():
-        raise DeviceError(
-            f"device {device!r} is not available (no CUDA device found); expected {EXPECTED_DEVICES}"
-        )
+        raise DeviceError(f"device {device!r} is not available (no CUDA device found); expected {EXPECTED_DEVICES}")
     if match.group(1) is None:
         return torch.device("cuda")
     index = int(match.group(1))

@@ -74,13 +74,9 @@ class MedViT(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(backbone, VisionTransformer):
-            raise ModelNotSupportedError(
-                f"expected a timm VisionTransformer backbone, got {type(backbone).__name__}"
-            )
+            raise ModelNotSupportedError(f"expected a timm VisionTransformer backbone, got {type(backbone).__name__}")
         if not isinstance(backbone.head, nn.Identity):
-            raise ModelNotSupportedError(
-                "expected a backbone built with num_classes=0 (its own head is unused)"
-            )
+            raise ModelNotSupportedError("expected a backbone built with num_classes=0 (its own head is unused)")
         self.backbone = backbone
         self.task_spec = task_spec
         self.targets: list[str] = task_spec.names
@@ -138,9 +134,7 @@ class MedViT(nn.Module):
         return self.head(self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True))
 
     @torch.no_grad()
-    def predict_values(
-        self, x: torch.Tensor, as_dict: bool = False
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
+    def predict_values(self, x: torch.Tensor, as_dict: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         """``[B, C, H, W]`` → ``[B, K]`` probabilities (binary) and LIDC-scale values (regression), or
         ``{target name: [B]}`` with ``as_dict=True``. No gradients; for differentiable values use
         ``model.task_spec.to_values(model(x))``."""
@@ -162,9 +156,7 @@ def _architecture(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         raise CheckpointError(f"config: expected architecture.kwargs to be a mapping, got {kwargs!r}")
     bad = sorted(set(kwargs) & set(_FORBIDDEN_KWARGS))
     if bad:
-        raise CheckpointError(
-            f"config: architecture.kwargs may not set {bad} (weights come from the checkpoint)"
-        )
+        raise CheckpointError(f"config: architecture.kwargs may not set {bad} (weights come from the checkpoint)")
     kwargs = jsonable(kwargs)
     kwargs.setdefault("global_pool", "token")
     return name, kwargs
@@ -176,13 +168,10 @@ def build_backbone(timm_name: str, kwargs: Mapping[str, Any]) -> VisionTransform
         backbone = timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
     except (RuntimeError, TypeError, ValueError, AssertionError, KeyError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(
-            f"cannot build timm model {timm_name!r} with kwargs {dict(kwargs)}: {msg}"
-        ) from exc
+        raise CheckpointError(f"cannot build timm model {timm_name!r} with kwargs {dict(kwargs)}: {msg}") from exc
     if not isinstance(backbone, VisionTransformer):
         raise ModelNotSupportedError(
-            f"expected a timm VisionTransformer (ViT/DeiT/DINO-style), got {type(backbone).__name__} "
-            f"from {timm_name!r}"
+            f"expected a timm VisionTransformer (ViT/DeiT/DINO-style), got {type(backbone).__name__} from {timm_name!r}"
         )
     return backbone
 

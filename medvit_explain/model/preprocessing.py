@@ -123,8 +123,7 @@ def validate_preprocessing(
         or len(set(views)) != len(views)
     ):
         raise CheckpointError(
-            f"preprocessing: expected roi.views a non-empty list of distinct "
-            f"{', '.join(VIEWS)}, got {views!r}"
+            f"preprocessing: expected roi.views a non-empty list of distinct {', '.join(VIEWS)}, got {views!r}"
         )
     roi["views"] = list(views)
 

@@ -57,9 +57,7 @@ class Target:
             raise CheckpointError(f"task spec: expected a non-empty target name without commas, got {name!r}")
         kind = data.get("kind")
         if kind not in KINDS:
-            raise CheckpointError(
-                f"task spec: target {name!r} has kind {kind!r}; expected one of {', '.join(KINDS)}"
-            )
+            raise CheckpointError(f"task spec: target {name!r} has kind {kind!r}; expected one of {', '.join(KINDS)}")
         if kind not in SUPPORTED_KINDS:
             raise CheckpointError(
                 f"task spec: target {name!r} is {kind!r}, which is not supported yet; "
@@ -68,9 +66,7 @@ class Target:
         known = {"name", "kind", "scale", "mean", "std", "normalization", "description"}
         extra = sorted(set(data) - known)
         if extra:
-            raise CheckpointError(
-                f"task spec: target {name!r} has unknown keys {extra}; expected {sorted(known)}"
-            )
+            raise CheckpointError(f"task spec: target {name!r} has unknown keys {extra}; expected {sorted(known)}")
         scale = data.get("scale")
         if scale is not None:
             if not isinstance(scale, Sequence) or isinstance(scale, str) or len(scale) != 2:
@@ -81,9 +77,7 @@ class Target:
             scale = (lo, hi)
         norm = data.get("normalization", {}) or {}
         if not isinstance(norm, Mapping):
-            raise CheckpointError(
-                f"task spec: target {name!r}: expected normalization {{mean, std}}, got {norm!r}"
-            )
+            raise CheckpointError(f"task spec: target {name!r}: expected normalization {{mean, std}}, got {norm!r}")
         mean, std = data.get("mean", norm.get("mean")), data.get("std", norm.get("std"))
         if kind == "regression":
             if scale is None and (mean is None or std is None):
@@ -94,16 +88,12 @@ class Target:
                 raise CheckpointError(f"task spec: target {name!r}: expected std > 0, got {std}")
         else:
             if (mean not in (None, 0, 0.0)) or (std not in (None, 1, 1.0)):
-                raise CheckpointError(
-                    f"task spec: binary target {name!r} outputs a logit; mean/std must be unset"
-                )
+                raise CheckpointError(f"task spec: binary target {name!r} outputs a logit; mean/std must be unset")
             mean, std = 0.0, 1.0
         description = data.get("description", "") or ""
         if not isinstance(description, str):
             raise CheckpointError(f"task spec: target {name!r}: expected a string description")
-        return cls(
-            name=name.strip(), kind=kind, scale=scale, mean=mean, std=std, description=description.strip()
-        )
+        return cls(name=name.strip(), kind=kind, scale=scale, mean=mean, std=std, description=description.strip())
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind}
@@ -202,8 +192,7 @@ class TaskSpec:
 
     def _unknown(self, got: Any) -> TargetError:
         return TargetError(
-            f"unknown target {got!r}; expected one of {', '.join(self.names)} "
-            f"(or an index 0..{len(self) - 1})"
+            f"unknown target {got!r}; expected one of {', '.join(self.names)} (or an index 0..{len(self) - 1})"
         )
 
     def index(self, target: str | int) -> int:
@@ -328,11 +317,7 @@ def load_task_spec(
     if isinstance(spec, Mapping) or (isinstance(spec, Sequence) and not isinstance(spec, str)):
         return TaskSpec.from_dict(spec)
     if isinstance(spec, str) and spec in _PACKAGED_SPECS:
-        text = (
-            resources.files("medvit_explain.model")
-            .joinpath(_PACKAGED_SPECS[spec])
-            .read_text(encoding="utf-8")
-        )
+        text = resources.files("medvit_explain.model").joinpath(_PACKAGED_SPECS[spec]).read_text(encoding="utf-8")
         return TaskSpec.from_dict(yaml.safe_load(text))
     path = Path(spec)
     if not path.is_absolute() and base_dir is not None:

@@ -62,36 +62,56 @@ def diverging_colormap():
 def ct_layer_data(volume: Volume, name: str | None = None) -> tuple[np.ndarray, dict[str, Any], str]:
     """A napari ``LayerDataTuple`` for a CT: greyscale, the model's HU window, the file's geometry."""
     name = name or _name(volume)
-    return layer_data(volume), {
-        "name": name,
-        "affine": napari_affine(volume.affine_lps),
-        "colormap": "gray",
-        "contrast_limits": CT_CONTRAST_LIMITS,
-        "metadata": {"medvit": {"kind": "ct", "path": volume.metadata.get("path"),
-                                "affine_lps": volume.affine_lps.tolist()}},
-    }, "image"
+    return (
+        layer_data(volume),
+        {
+            "name": name,
+            "affine": napari_affine(volume.affine_lps),
+            "colormap": "gray",
+            "contrast_limits": CT_CONTRAST_LIMITS,
+            "metadata": {
+                "medvit": {"kind": "ct", "path": volume.metadata.get("path"), "affine_lps": volume.affine_lps.tolist()}
+            },
+        },
+        "image",
+    )
 
 
-def overlay_layer_data(volume: Volume, method: str, target: str, name: str | None = None,
-                       blending: str = "translucent",
-                       extra: Mapping[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any], str]:
+def overlay_layer_data(
+    volume: Volume,
+    method: str,
+    target: str,
+    name: str | None = None,
+    blending: str = "translucent",
+    extra: Mapping[str, Any] | None = None,
+) -> tuple[np.ndarray, dict[str, Any], str]:
     """A napari ``LayerDataTuple`` for a signed map: diverging colormap centred at 0 (window ± the
     99.5th percentile of |map|), ``translucent`` or ``additive`` blending, the source's geometry."""
     if blending not in OVERLAY_BLENDINGS:
         raise ValueError(f"expected blending in {OVERLAY_BLENDINGS}, got {blending!r}")
     lo, hi = color_range(volume.array, percentile=OVERLAY_PERCENTILE)
-    meta = {"kind": "overlay", "method": method, "target": target, "path": volume.metadata.get("path"),
-            "affine_lps": volume.affine_lps.tolist(), **dict(extra or {})}
-    return layer_data(volume), {
-        "name": name or f"{method}/{target}",
-        "affine": napari_affine(volume.affine_lps),
-        "colormap": diverging_colormap(),
-        "contrast_limits": (lo, hi),
-        "blending": blending,
-        "opacity": DEFAULT_OPACITY,
-        "rendering": "translucent",
-        "metadata": {"medvit": meta},
-    }, "image"
+    meta = {
+        "kind": "overlay",
+        "method": method,
+        "target": target,
+        "path": volume.metadata.get("path"),
+        "affine_lps": volume.affine_lps.tolist(),
+        **dict(extra or {}),
+    }
+    return (
+        layer_data(volume),
+        {
+            "name": name or f"{method}/{target}",
+            "affine": napari_affine(volume.affine_lps),
+            "colormap": diverging_colormap(),
+            "contrast_limits": (lo, hi),
+            "blending": blending,
+            "opacity": DEFAULT_OPACITY,
+            "rendering": "translucent",
+            "metadata": {"medvit": meta},
+        },
+        "image",
+    )
 
 
 def full_affine(layer) -> np.ndarray:

@@ -54,12 +54,18 @@ class ExplainWidget(Container):
     def __init__(self, napari_viewer):
         self._viewer = napari_viewer
         self.ct_layer = ComboBox(label="CT layer", choices=self._ct_choices, nullable=True)
-        self.model_path = FileEdit(label="Model", mode="d", nullable=True, value=None,
-                                   tooltip="checkpoint folder or weights file; empty = the shipped model")
+        self.model_path = FileEdit(
+            label="Model",
+            mode="d",
+            nullable=True,
+            value=None,
+            tooltip="checkpoint folder or weights file; empty = the shipped model",
+        )
         self.methods = Select(label="Methods", choices=method_names(), value=["cdam"])
         targets = default_target_names()
-        self.targets = Select(label="Targets", choices=targets,
-                              value=[t for t in DEFAULT_TARGETS if t in targets] or targets[:1])
+        self.targets = Select(
+            label="Targets", choices=targets, value=[t for t in DEFAULT_TARGETS if t in targets] or targets[:1]
+        )
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda"], value="auto")
         self.batch_size = SpinBox(label="Batch size", value=16, min=1, max=1024)
         self.blending = ComboBox(label="Blending", choices=list(OVERLAY_BLENDINGS), value="translucent")
@@ -67,9 +73,21 @@ class ExplainWidget(Container):
         self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
         self.status = Label(label="Status", value="")
         self.scores = Table(label="Scores", value=None)
-        super().__init__(widgets=[self.ct_layer, self.model_path, self.methods, self.targets, self.device,
-                                  self.batch_size, self.blending, self.run_button, self.progress,
-                                  self.status, self.scores])
+        super().__init__(
+            widgets=[
+                self.ct_layer,
+                self.model_path,
+                self.methods,
+                self.targets,
+                self.device,
+                self.batch_size,
+                self.blending,
+                self.run_button,
+                self.progress,
+                self.status,
+                self.scores,
+            ]
+        )
         self.worker = None
         self.result = None
         self.added_layers: list[Any] = []
@@ -85,8 +103,11 @@ class ExplainWidget(Container):
         from napari.layers import Image
 
         return [
-            (layer.name, layer) for layer in self._viewer.layers
-            if isinstance(layer, Image) and layer.ndim == 3 and not getattr(layer, "rgb", False)
+            (layer.name, layer)
+            for layer in self._viewer.layers
+            if isinstance(layer, Image)
+            and layer.ndim == 3
+            and not getattr(layer, "rgb", False)
             and (layer.metadata or {}).get("medvit", {}).get("kind") != "overlay"
         ]
 
@@ -109,8 +130,15 @@ class ExplainWidget(Container):
             return None
         layer = self.ct_layer.value
         methods, targets = list(self.methods.value), list(self.targets.value)
-        problem = ("choose a CT layer" if layer is None else "choose at least one method" if not methods
-                   else "choose at least one target" if not targets else None)
+        problem = (
+            "choose a CT layer"
+            if layer is None
+            else "choose at least one method"
+            if not methods
+            else "choose at least one target"
+            if not targets
+            else None
+        )
         if problem:
             self._say(problem)
             return None
@@ -124,8 +152,15 @@ class ExplainWidget(Container):
         self._say(f"explaining {layer.name} ({', '.join(methods)} × {', '.join(targets)}) …")
         self.run_button.enabled = False
         self.worker = create_worker(
-            _explain, volume, self.model_path.value, self.device.value, methods, targets,
-            int(self.batch_size.value), self._relay.advanced.emit, _start_thread=False,
+            _explain,
+            volume,
+            self.model_path.value,
+            self.device.value,
+            methods,
+            targets,
+            int(self.batch_size.value),
+            self._relay.advanced.emit,
+            _start_thread=False,
             _connect={"errored": self._failed},  # handled here: shown, not re-raised in the event loop
         )
         self.worker.returned.connect(lambda result: self._show(result, layer))
@@ -155,20 +190,29 @@ class ExplainWidget(Container):
         blending = self.blending.value
         for method in result.methods:
             for target in result.targets:
-                data, kwargs, _ = overlay_layer_data(result.map_volume(method, target), method, target,
-                                                     name=f"{ct_layer.name} {method}/{target}",
-                                                     blending=blending)
+                data, kwargs, _ = overlay_layer_data(
+                    result.map_volume(method, target),
+                    method,
+                    target,
+                    name=f"{ct_layer.name} {method}/{target}",
+                    blending=blending,
+                )
                 self.added_layers.append(self._viewer.add_image(data, **kwargs))
         table = result.predictions
         columns = [c for c in SCORE_COLUMNS_FIRST if c in table.columns]
         columns += [c for c in table.columns if c not in columns]
-        self.scores.value = {"data": [[row.get(c) for c in columns] for row in table.rows],
-                             "index": [str(i) for i in range(len(table.rows))], "columns": columns}
+        self.scores.value = {
+            "data": [[row.get(c) for c in columns] for row in table.rows],
+            "index": [str(i) for i in range(len(table.rows))],
+            "columns": columns,
+        }
         best = top_slice(table.rows)
         if best is not None and "z_mm" in best and ct_layer.ndim == 3:
             self._go_to(ct_layer, result, best)
-            self._say(f"done; highest malignancy_prob {best.get('malignancy_prob', float('nan')):.3f} at "
-                      f"slice {best.get('slice')} (z = {best['z_mm']:.1f} mm)")
+            self._say(
+                f"done; highest malignancy_prob {best.get('malignancy_prob', float('nan')):.3f} at "
+                f"slice {best.get('slice')} (z = {best['z_mm']:.1f} mm)"
+            )
         else:
             self._say("done")
 

@@ -25,9 +25,11 @@ _LOWER_IS_BETTER = {"deletion_auc", "rand_rho"}
 def _page(title: str, body: Sequence[str]) -> str:
     generated = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     head = [f"<h1>{_e(title)}</h1>", f'<div class="sub">generated {_e(generated)} &middot; medvit-explain</div>']
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n" + "\n".join(head + list(body)) + "\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{_e(title)}</title>'
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(head + list(body)) + "\n</body></html>\n"
+    )
 
 
 # ---------------------------------------------------------------------------------------- figures
@@ -82,8 +84,7 @@ def sweep_plot(sweep: dict[str, dict[str, list[float]]]) -> bytes:
     fig = Figure(figsize=(5.5, 3.2))
     ax = fig.add_subplot(1, 1, 1)
     for method, s in sweep.items():
-        ax.plot(s["thresholds"], s["dice"], marker=".", lw=2.2 if method in ("cdam", "agcam") else 1.0,
-                label=method)
+        ax.plot(s["thresholds"], s["dice"], marker=".", lw=2.2 if method in ("cdam", "agcam") else 1.0, label=method)
     ax.set_xlabel("binarisation threshold (min–max map)")
     ax.set_ylabel("Dice vs nodule mask")
     ax.grid(alpha=0.3)
@@ -160,8 +161,15 @@ def reliability_plot(calibration: dict[str, dict[str, Any]]) -> bytes:
     return figures._png(fig)
 
 
-def study_figure(ct: np.ndarray, maps: dict[str, np.ndarray], nodule: np.ndarray | None, body: np.ndarray | None,
-                 *, aspect: float = 1.0, title: str = "") -> bytes:
+def study_figure(
+    ct: np.ndarray,
+    maps: dict[str, np.ndarray],
+    nodule: np.ndarray | None,
+    body: np.ndarray | None,
+    *,
+    aspect: float = 1.0,
+    title: str = "",
+) -> bytes:
     """One slice of a study: the CT with the nodule (yellow) and body (cyan) outlines, then each method's
     map over the CT (diverging, ±max|map|)."""
     lo, hi = figures.CT_WINDOW
@@ -201,17 +209,29 @@ def render_evaluation(result) -> str:
     primary = settings["localization_target"]
     body = [
         '<div class="cards">',
-        '<div class="card"><h4>Data</h4>' + _kv([
-            ("data", settings["data"]), ("studies", m["n_studies"]), ("explained nodule slices", m["n_slices"]),
-            ("nodules in them", m["n_nodules"]), ("slices scored by the model", m["n_model_slices"]),
-            ("seed", m["seed"])]) + "</div>",
-        '<div class="card"><h4>Model (all labelled slices)</h4>' + _kv([
-            ("malignancy ROC AUC", _fmt(model.get("malignancy_auc"), 3)),
-            ("accuracy at 0.5", _fmt(model.get("malignancy_accuracy"), 3)),
-            ("AUC on nodule slices", _fmt(model.get("malignancy_auc_nodule_slices"), 3)),
-            *[(f"MAE {k}", _fmt(v, 3)) for k, v in (model.get("biomarker_mae") or {}).items()]]) + "</div>",
-        '<div class="card"><h4>Settings</h4>' + _kv(
-            [(k, v) for k, v in settings.items() if k != "data"]) + "</div>",
+        '<div class="card"><h4>Data</h4>'
+        + _kv(
+            [
+                ("data", settings["data"]),
+                ("studies", m["n_studies"]),
+                ("explained nodule slices", m["n_slices"]),
+                ("nodules in them", m["n_nodules"]),
+                ("slices scored by the model", m["n_model_slices"]),
+                ("seed", m["seed"]),
+            ]
+        )
+        + "</div>",
+        '<div class="card"><h4>Model (all labelled slices)</h4>'
+        + _kv(
+            [
+                ("malignancy ROC AUC", _fmt(model.get("malignancy_auc"), 3)),
+                ("accuracy at 0.5", _fmt(model.get("malignancy_accuracy"), 3)),
+                ("AUC on nodule slices", _fmt(model.get("malignancy_auc_nodule_slices"), 3)),
+                *[(f"MAE {k}", _fmt(v, 3)) for k, v in (model.get("biomarker_mae") or {}).items()],
+            ]
+        )
+        + "</div>",
+        '<div class="card"><h4>Settings</h4>' + _kv([(k, v) for k, v in settings.items() if k != "data"]) + "</div>",
         "</div>",
         "<h2>Summary (method × metric)</h2>",
         '<p class="note">Localization: the predicted-class map of '
@@ -226,13 +246,17 @@ def render_evaluation(result) -> str:
         _table(header, [[r[h] for h in header] for r in rows], left=1),
     ]
     if m.get("randomization_flagged"):
-        body.append(f'<p class="hot">Sanity check flagged (maps barely change after randomisation): '
-                    f'{_e(", ".join(m["randomization_flagged"]))}</p>')
+        body.append(
+            f'<p class="hot">Sanity check flagged (maps barely change after randomisation): '
+            f"{_e(', '.join(m['randomization_flagged']))}</p>"
+        )
     body += [_img(bar_panels(rows, header[1:]), "metrics per method")]
     if result.examples.get("maps"):
-        body += ["<h2>Examples: predicted-class maps on nodule slices</h2>",
-                 '<p class="note">Nodule outlined; maps raw signed, red = evidence for the predicted class.</p>',
-                 _img(example_grid(result.examples), "example maps")]
+        body += [
+            "<h2>Examples: predicted-class maps on nodule slices</h2>",
+            '<p class="note">Nodule outlined; maps raw signed, red = evidence for the predicted class.</p>',
+            _img(example_grid(result.examples), "example maps"),
+        ]
     body += ["<h2>Localization threshold sweep</h2>", _img(sweep_plot(m["localization_sweep"]), "Dice vs threshold")]
     loc_keys = list(next(iter(m["localization"].values())))
     body.append(_table(["method", *loc_keys], [[k, *v.values()] for k, v in m["localization"].items()], left=1))
@@ -240,17 +264,29 @@ def render_evaluation(result) -> str:
     for target in m["targets"][:1]:
         body.append(_img(curve_plot(m["curves"], target), f"perturbation curves for {target}"))
     targets = m["targets"]
-    for key, label in (("abpc", "ABPC (higher = better)"), ("deletion_auc", "Deletion AUC = AUC(MoRF) (lower = "
-                       "better)"), ("insertion_auc", "Insertion AUC = AUC(LeRF) (higher = better)")):
+    for key, label in (
+        ("abpc", "ABPC (higher = better)"),
+        ("deletion_auc", "Deletion AUC = AUC(MoRF) (lower = better)"),
+        ("insertion_auc", "Insertion AUC = AUC(LeRF) (higher = better)"),
+    ):
         body.append(f"<h3>{_e(label)}</h3>")
-        body.append(_table(["method", *targets], [[k, *[v.get(t) for t in targets]] for k, v in m[key].items()],
-                           left=1))
-    body.append('<p class="note">Binary targets are scored on their probability, regression targets on their '
-                "value on the LIDC scale (so their ABPC is in scale units).</p>")
-    body += ["<h2>Model randomisation (cascading)</h2>",
-             _table(["method", *[f"top {k} block(s)" for k in next(iter(m["randomization_cascade"].values()))]],
-                    [[k, *v.values()] for k, v in m["randomization_cascade"].items()], left=1),
-             "<h2>Timings (s)</h2>", _table(["method", "seconds"], list(m["timings_s"].items()), left=1)]
+        body.append(
+            _table(["method", *targets], [[k, *[v.get(t) for t in targets]] for k, v in m[key].items()], left=1)
+        )
+    body.append(
+        '<p class="note">Binary targets are scored on their probability, regression targets on their '
+        "value on the LIDC scale (so their ABPC is in scale units).</p>"
+    )
+    body += [
+        "<h2>Model randomisation (cascading)</h2>",
+        _table(
+            ["method", *[f"top {k} block(s)" for k in next(iter(m["randomization_cascade"].values()))]],
+            [[k, *v.values()] for k, v in m["randomization_cascade"].items()],
+            left=1,
+        ),
+        "<h2>Timings (s)</h2>",
+        _table(["method", "seconds"], list(m["timings_s"].items()), left=1),
+    ]
     return _page("medvit-explain — explanation evaluation", body)
 
 
@@ -260,31 +296,54 @@ def render_audit(result) -> str:
     s = result.summary
     body = [
         '<div class="cards">',
-        '<div class="card"><h4>Data</h4>' + _kv([
-            ("data", s["data"]), ("studies audited", s["n_studies"]), ("failed", len(result.failures)),
-            ("methods", ", ".join(s["methods"])), ("study label", "malignant if any nodule in its JSON is"),
-            ("study score", "max slice P(malignancy)")]) + "</div>",
+        '<div class="card"><h4>Data</h4>'
+        + _kv(
+            [
+                ("data", s["data"]),
+                ("studies audited", s["n_studies"]),
+                ("failed", len(result.failures)),
+                ("methods", ", ".join(s["methods"])),
+                ("study label", "malignant if any nodule in its JSON is"),
+                ("study score", "max slice P(malignancy)"),
+            ]
+        )
+        + "</div>",
     ]
     for level in ("study", "slice"):
         c = s.get(level) or {}
-        body.append(f'<div class="card"><h4>{_e(level)} level</h4>' + _kv([
-            ("n (malignant)", f"{c.get('n')} ({c.get('n_positive')})"), ("ROC AUC", _fmt(c.get("auc"), 3)),
-            ("average precision", _fmt(c.get("ap"), 3)),
-            (f"sensitivity at {s['threshold']:g}", _fmt(c.get("sensitivity"), 3)),
-            (f"specificity at {s['threshold']:g}", _fmt(c.get("specificity"), 3)),
-            ("ECE (10 bins)", _fmt(c.get("ece"), 3))]) + "</div>")
+        body.append(
+            f'<div class="card"><h4>{_e(level)} level</h4>'
+            + _kv(
+                [
+                    ("n (malignant)", f"{c.get('n')} ({c.get('n_positive')})"),
+                    ("ROC AUC", _fmt(c.get("auc"), 3)),
+                    ("average precision", _fmt(c.get("ap"), 3)),
+                    (f"sensitivity at {s['threshold']:g}", _fmt(c.get("sensitivity"), 3)),
+                    (f"specificity at {s['threshold']:g}", _fmt(c.get("specificity"), 3)),
+                    ("ECE (10 bins)", _fmt(c.get("ece"), 3)),
+                ]
+            )
+            + "</div>"
+        )
     body.append("</div>")
     curves = {lvl: s[lvl] for lvl in ("study", "slice") if s.get(lvl)}
-    body += ["<h2>Discrimination</h2>", _img(roc_pr_plot(curves), "ROC and PR curves"),
-             "<h2>Calibration</h2>",
-             _img(reliability_plot({lvl: c["calibration"] for lvl, c in curves.items()}), "reliability diagram")]
+    body += [
+        "<h2>Discrimination</h2>",
+        _img(roc_pr_plot(curves), "ROC and PR curves"),
+        "<h2>Calibration</h2>",
+        _img(reliability_plot({lvl: c["calibration"] for lvl, c in curves.items()}), "reliability diagram"),
+    ]
     if result.failures:
-        body += ["<h2>Failed studies (skipped)</h2>",
-                 _table(["study", "error"], [[f["study"], f["error"]] for f in result.failures], left=2)]
-    body += ["<h2>Right for the right reason?</h2>",
-             '<p class="note">Share of the positive malignancy evidence (positive map mass) on the study\'s top '
-             f"{s['top_slices']} slice(s) by P(malignancy) that lies inside the nodule(s), inside the lungs and "
-             "outside the body. Studies whose evidence sits mostly outside the lesion come first.</p>"]
+        body += [
+            "<h2>Failed studies (skipped)</h2>",
+            _table(["study", "error"], [[f["study"], f["error"]] for f in result.failures], left=2),
+        ]
+    body += [
+        "<h2>Right for the right reason?</h2>",
+        '<p class="note">Share of the positive malignancy evidence (positive map mass) on the study\'s top '
+        f"{s['top_slices']} slice(s) by P(malignancy) that lies inside the nodule(s), inside the lungs and "
+        "outside the body. Studies whose evidence sits mostly outside the lesion come first.</p>",
+    ]
     header = list(result.rows[0]) if result.rows else []
     body.append(_table(header, [[r[h] for h in header] for r in result.rows], left=1))
     if result.pictures:

@@ -41,8 +41,14 @@ def symmetric_limit(values: np.ndarray) -> float:
     return v if v > 0 else 1.0
 
 
-def probability_plot(slices: np.ndarray, prob: np.ndarray, top: Sequence[int], *, target: str = "malignancy",
-                     z_mm: np.ndarray | None = None) -> bytes:
+def probability_plot(
+    slices: np.ndarray,
+    prob: np.ndarray,
+    top: Sequence[int],
+    *,
+    target: str = "malignancy",
+    z_mm: np.ndarray | None = None,
+) -> bytes:
     """Probability of ``target`` per slice (slice mode) with the ``top`` slice numbers marked.
 
     Args:
@@ -65,9 +71,15 @@ def probability_plot(slices: np.ndarray, prob: np.ndarray, top: Sequence[int], *
             continue
         ax.plot([s], [p], "o", ms=8, mfc="none", mec="#c0392b", mew=2)
         # stagger the labels: the top slices are often neighbours
-        ax.annotate(f"#{rank}: slice {int(s)}", (s, p), textcoords="offset points",
-                    xytext=(6, 8 + 12 * (rank - 1)), fontsize=8, color="#c0392b",
-                    arrowprops={"arrowstyle": "-", "color": "#c0392b", "lw": 0.6})
+        ax.annotate(
+            f"#{rank}: slice {int(s)}",
+            (s, p),
+            textcoords="offset points",
+            xytext=(6, 8 + 12 * (rank - 1)),
+            fontsize=8,
+            color="#c0392b",
+            arrowprops={"arrowstyle": "-", "color": "#c0392b", "lw": 0.6},
+        )
     ax.set_xlim(slices.min() - 0.5, slices.max() + 0.5) if len(slices) else None
     ax.set_ylim(-0.02, 1.05)
     ax.set_xlabel("slice (inferior → superior)")
@@ -77,8 +89,9 @@ def probability_plot(slices: np.ndarray, prob: np.ndarray, top: Sequence[int], *
     return _png(fig)
 
 
-def roi_probability_plot(labels: Sequence[str], per_view: dict[str, np.ndarray], mean: np.ndarray, *,
-                         target: str = "malignancy") -> bytes:
+def roi_probability_plot(
+    labels: Sequence[str], per_view: dict[str, np.ndarray], mean: np.ndarray, *, target: str = "malignancy"
+) -> bytes:
     """Probability of ``target`` per ROI: a bar for the view-averaged output, a dot per view."""
     mean = np.asarray(mean, dtype=np.float64)
     x = np.arange(len(mean))
@@ -99,9 +112,16 @@ def roi_probability_plot(labels: Sequence[str], per_view: dict[str, np.ndarray],
     return _png(fig)
 
 
-def slice_grid(ct: np.ndarray, maps: dict[str, dict[str, np.ndarray]], *, aspect: float = 1.0,
-               title: str = "", ct_window: tuple[float, float] = CT_WINDOW, overlay: bool = True,
-               cmap: str = MAP_CMAP) -> bytes:
+def slice_grid(
+    ct: np.ndarray,
+    maps: dict[str, dict[str, np.ndarray]],
+    *,
+    aspect: float = 1.0,
+    title: str = "",
+    ct_window: tuple[float, float] = CT_WINDOW,
+    overlay: bool = True,
+    cmap: str = MAP_CMAP,
+) -> bytes:
     """One slice: the CT, then every method's map for every target.
 
     Rows are methods, columns are ``[CT] + targets``. Each map has its own symmetric colour range
@@ -139,8 +159,7 @@ def slice_grid(ct: np.ndarray, maps: dict[str, dict[str, np.ndarray]], *, aspect
             if overlay:
                 ax.imshow(ct, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
                 alpha = np.clip(np.abs(np.nan_to_num(m)) / v, 0.0, 1.0) * 0.85
-                im = ax.imshow(m, cmap=cmap, vmin=-v, vmax=v, aspect=aspect, interpolation="nearest",
-                               alpha=alpha)
+                im = ax.imshow(m, cmap=cmap, vmin=-v, vmax=v, aspect=aspect, interpolation="nearest", alpha=alpha)
             else:
                 im = ax.imshow(m, cmap=cmap, vmin=-v, vmax=v, aspect=aspect, interpolation="nearest")
             ax.set_xticks([])

@@ -119,9 +119,14 @@ def top_entries(result, n: int = 3) -> list[dict[str, Any]]:
         out = []
         for i in order:
             row = table.rows[int(i)]
-            out.append({"slice": int(row["slice"]), "row": row,
-                        "label": f"slice {row['slice']} (source index {row['source_index']}, "
-                                 f"z = {_fmt(row.get('z_mm', float('nan')))} mm)"})
+            out.append(
+                {
+                    "slice": int(row["slice"]),
+                    "row": row,
+                    "label": f"slice {row['slice']} (source index {row['source_index']}, "
+                    f"z = {_fmt(row.get('z_mm', float('nan')))} mm)",
+                }
+            )
         return out
     from ..transforms import source_to_canonical_index
 
@@ -136,8 +141,13 @@ def top_entries(result, n: int = 3) -> list[dict[str, Any]]:
         centre = np.array([row["center_x_mm"], row["center_y_mm"], row["center_z_mm"]])
         canon = source_to_canonical_index(volume.physical_to_index(centre), result.inputs.ornt, volume.shape)
         k = int(np.clip(np.rint(canon[2]), 0, n_k - 1))
-        out.append({"slice": k, "row": row,
-                    "label": f"ROI {row['roi']} (label {row['label']}), axial slice {k} through its centre"})
+        out.append(
+            {
+                "slice": k,
+                "row": row,
+                "label": f"ROI {row['roi']} (label {row['label']}), axial slice {k} through its centre",
+            }
+        )
     return out
 
 
@@ -147,24 +157,36 @@ def _probability_section(result, top: list[dict[str, Any]]) -> str:
     if not table.rows or key not in table.columns:
         return f'<p class="note">No binary target to plot ({_e(table.primary)} has no probability).</p>'
     if table.mode == "slice":
-        png = figures.probability_plot(table.column("slice"), table.column(key), [t["slice"] for t in top],
-                                       target=table.primary)
+        png = figures.probability_plot(
+            table.column("slice"), table.column(key), [t["slice"] for t in top], target=table.primary
+        )
         alt = f"probability of {table.primary} per slice"
     else:
         rois = sorted({int(r["roi"]) for r in table.rows})
         views = [v for v in dict.fromkeys(r["view"] for r in table.rows) if v != "mean"]
         value = {(int(r["roi"]), r["view"]): r[key] for r in table.rows}
         png = figures.roi_probability_plot(
-            [f"ROI {r}" for r in rois], {v: np.array([value.get((r, v), np.nan) for r in rois]) for v in views},
-            np.array([value[(r, "mean")] for r in rois]), target=table.primary)
+            [f"ROI {r}" for r in rois],
+            {v: np.array([value.get((r, v), np.nan) for r in rois]) for v in views},
+            np.array([value[(r, "mean")] for r in rois]),
+            target=table.primary,
+        )
         alt = f"probability of {table.primary} per ROI"
     summary = table.summary()
-    where = (f"slice {summary.get('max_malignancy_slice')}" if table.mode == "slice"
-             else f"ROI {summary.get('max_malignancy_roi')}")
-    head = (f'<p>Highest P({_e(table.primary)}) = <span class="hot">'
-            f'{_e(_fmt(summary.get("max_malignancy_prob", float("nan")), 3))}</span> at {_e(where)}. '
-            + (f"Top {len(top)} circled in red.</p>" if table.mode == "slice" else "Bars: views averaged (logits "
-               "averaged, then the probability); markers: each view.</p>"))
+    where = (
+        f"slice {summary.get('max_malignancy_slice')}"
+        if table.mode == "slice"
+        else f"ROI {summary.get('max_malignancy_roi')}"
+    )
+    head = (
+        f'<p>Highest P({_e(table.primary)}) = <span class="hot">'
+        f"{_e(_fmt(summary.get('max_malignancy_prob', float('nan')), 3))}</span> at {_e(where)}. "
+        + (
+            f"Top {len(top)} circled in red.</p>"
+            if table.mode == "slice"
+            else "Bars: views averaged (logits averaged, then the probability); markers: each view.</p>"
+        )
+    )
     return head + _img(png, alt)
 
 
@@ -196,8 +218,7 @@ def _grid_section(result, top: list[dict[str, Any]], overlay: bool) -> str:
 
 def _value_columns(result) -> list[str]:
     table = result.predictions
-    meta = {"slice", "source_index", "z_mm", "roi", "label", "view", "center_x_mm", "center_y_mm",
-            "center_z_mm"}
+    meta = {"slice", "source_index", "z_mm", "roi", "label", "view", "center_x_mm", "center_y_mm", "center_z_mm"}
     return [c for c in table.columns if c not in meta]
 
 
@@ -217,9 +238,11 @@ def _biomarker_section(result, top: list[dict[str, Any]], scales) -> str:
     values = _value_columns(result)
     meta = ["slice", "source_index", "z_mm"] if table.mode == "slice" else ["roi", "label", "view"]
     rows = [[e["row"].get(c, "") for c in meta + values] for e in top]
-    note = ('<p class="note">Regression targets on their LIDC scales (range in brackets: subtlety 5 = obvious, '
-            'calcification 6 = absent, margin 5 = sharp, texture 5 = solid, sphericity 5 = round; diameter in '
-            'mm); binary targets as probability and logit.</p>')
+    note = (
+        '<p class="note">Regression targets on their LIDC scales (range in brackets: subtlety 5 = obvious, '
+        "calcification 6 = absent, margin 5 = sharp, texture 5 = solid, sphericity 5 = round; diameter in "
+        "mm); binary targets as probability and logit.</p>"
+    )
     return note + _table(meta + _value_header(values, scales), rows, left=0)
 
 
@@ -230,8 +253,11 @@ def _all_rows_section(result, scales) -> str:
     values = _value_columns(result)
     meta = [c for c in table.columns if c not in values]
     rows = [[row.get(c, "") for c in meta + values] for row in table.rows]
-    return (f"<details><summary>All {len(rows)} rows of the prediction table</summary>"
-            + _table(meta + _value_header(values, scales), rows) + "</details>")
+    return (
+        f"<details><summary>All {len(rows)} rows of the prediction table</summary>"
+        + _table(meta + _value_header(values, scales), rows)
+        + "</details>"
+    )
 
 
 def _versions() -> dict[str, str]:
@@ -248,8 +274,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def render_report(result, *, top: int = 3, overlay: bool = True, task_spec=None,
-                  title: str | None = None) -> str:
+def render_report(result, *, top: int = 3, overlay: bool = True, task_spec=None, title: str | None = None) -> str:
     """The report of ``result`` (an :class:`~medvit_explain.pipeline.ExplainResult`) as an HTML string."""
     meta = result.volume.metadata
     info = result.model_info or {}
@@ -258,28 +283,34 @@ def render_report(result, *, top: int = 3, overlay: bool = True, task_spec=None,
     scales = _scales(result, task_spec)
     entries = top_entries(result, top)
 
-    model_card = _kv([
-        ("name", info.get("name", "?")),
-        ("checkpoint", info.get("checkpoint", "(not loaded from a file)")),
-        ("sha256", info.get("sha256", "n/a")),
-        *[(k, v) for k, v in info.items() if k not in ("name", "checkpoint", "sha256")],
-    ])
-    input_card = _kv([
-        ("path", input_path),
-        ("format", meta.get("format", "?")),
-        ("modality", meta.get("modality", result.volume.modality)),
-        ("shape [X, Y, Z]", " × ".join(str(s) for s in result.volume.shape)),
-        ("spacing (mm)", " × ".join(f"{float(s):.4g}" for s in result.volume.spacing)),
-        ("sha256", meta.get("sha256", "n/a")),
-        *([("series UID", meta["series_uid"])] if meta.get("series_uid") else []),
-    ])
-    run_card = _kv([
-        ("methods", ", ".join(result.methods)),
-        ("targets", ", ".join(result.targets)),
-        ("mode", result.predictions.mode),
-        ("rows", len(result.predictions.rows)),
-        ("device", result.device),
-    ])
+    model_card = _kv(
+        [
+            ("name", info.get("name", "?")),
+            ("checkpoint", info.get("checkpoint", "(not loaded from a file)")),
+            ("sha256", info.get("sha256", "n/a")),
+            *[(k, v) for k, v in info.items() if k not in ("name", "checkpoint", "sha256")],
+        ]
+    )
+    input_card = _kv(
+        [
+            ("path", input_path),
+            ("format", meta.get("format", "?")),
+            ("modality", meta.get("modality", result.volume.modality)),
+            ("shape [X, Y, Z]", " × ".join(str(s) for s in result.volume.shape)),
+            ("spacing (mm)", " × ".join(f"{float(s):.4g}" for s in result.volume.spacing)),
+            ("sha256", meta.get("sha256", "n/a")),
+            *([("series UID", meta["series_uid"])] if meta.get("series_uid") else []),
+        ]
+    )
+    run_card = _kv(
+        [
+            ("methods", ", ".join(result.methods)),
+            ("targets", ", ".join(result.targets)),
+            ("mode", result.predictions.mode),
+            ("rows", len(result.predictions.rows)),
+            ("device", result.device),
+        ]
+    )
     timings = sorted(result.timings.items(), key=lambda kv: -kv[1])
     total = sum(v for _, v in timings)
     timing_rows = [[k, f"{v:.3f}", f"{100 * v / total:.0f} %" if total > 0 else ""] for k, v in timings]
@@ -306,13 +337,14 @@ def render_report(result, *, top: int = 3, overlay: bool = True, task_spec=None,
         "<h2>Device and versions</h2>",
         _kv([("device", result.device), *(_versions().items())]),
     ]
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{_e(title)}</title>'
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
-def write_report(result, path: str | os.PathLike, *, top: int = 3, overlay: bool = True,
-                 task_spec=None) -> Path:
+def write_report(result, path: str | os.PathLike, *, top: int = 3, overlay: bool = True, task_spec=None) -> Path:
     """Write the report of ``result`` to ``path`` atomically (temporary name, then rename).
 
     Args:

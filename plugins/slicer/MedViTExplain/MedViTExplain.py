@@ -35,10 +35,30 @@ PIP_REQUIREMENT_SETTING = "MedViTExplain/PipRequirement"  # e.g. a local wheel o
 DEFAULT_PIP_REQUIREMENT = "medvit-explain"
 MAP_ATTRIBUTE = "MedViTExplain.Map"
 # shown before the package is installed (the registry gives the real list afterwards)
-FALLBACK_METHODS = ["cdam", "cdam-smooth", "cdam-integrated", "agcam", "attention", "rollout", "chefer",
-                    "gradcam", "ig", "smoothgrad", "inputxgrad"]
-DEFAULT_TARGETS = ["malignancy", "subtlety", "calcification", "margin", "lobulation", "spiculation",
-                   "diameter", "texture", "sphericity"]
+FALLBACK_METHODS = [
+    "cdam",
+    "cdam-smooth",
+    "cdam-integrated",
+    "agcam",
+    "attention",
+    "rollout",
+    "chefer",
+    "gradcam",
+    "ig",
+    "smoothgrad",
+    "inputxgrad",
+]
+DEFAULT_TARGETS = [
+    "malignancy",
+    "subtlety",
+    "calcification",
+    "margin",
+    "lobulation",
+    "spiculation",
+    "diameter",
+    "texture",
+    "sphericity",
+]
 # cold-to-hot colour tables, first available wins
 COLOR_NODE_IDS = [
     "vtkMRMLColorTableNodeFileDivergingBlueRed.txt",
@@ -271,8 +291,18 @@ class MedViTExplainLogic(ScriptedLoadableModuleLogic):
         return shutil.which("PythonSlicer") or shutil.which("PythonSlicer.exe") or sys.executable
 
     # -- running ------------------------------------------------------------------------------------
-    def process(self, inputVolume, model=None, methods=("cdam",), targets=("malignancy",), device="auto",
-                batchSize=None, outputDir=None, progressCallback=None, showResult=True):
+    def process(
+        self,
+        inputVolume,
+        model=None,
+        methods=("cdam",),
+        targets=("malignancy",),
+        device="auto",
+        batchSize=None,
+        outputDir=None,
+        progressCallback=None,
+        showResult=True,
+    ):
         """Explain ``inputVolume``; returns ``{"input", "maps": {(method, target): node}, "columns",
         "rows", "top", "table", "outputDir"}``. Raises RuntimeError with the CLI's one-line message."""
         if inputVolume is None:
@@ -284,8 +314,14 @@ class MedViTExplainLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(f"could not save {inputVolume.GetName()} to {inputPath}")
         outputDir = outputDir or os.path.join(workDir, "out")
         cmd = helpers.build_explain_command(
-            self.pythonExecutable(), inputPath, outputDir, model=model, methods=list(methods),
-            targets=list(targets), device=device, batch_size=batchSize,
+            self.pythonExecutable(),
+            inputPath,
+            outputDir,
+            model=model,
+            methods=list(methods),
+            targets=list(targets),
+            device=device,
+            batch_size=batchSize,
         )
         logging.info("MedViTExplain: running %s", cmd)
 
@@ -312,8 +348,9 @@ class MedViTExplainLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(f"medvit-explain wrote no maps into {outputDir}")
         maps = {}
         for (method, target), path in found.items():
-            node = slicer.util.loadVolume(str(path), {"name": f"{inputVolume.GetName()} {method}/{target}",
-                                                      "show": False})
+            node = slicer.util.loadVolume(
+                str(path), {"name": f"{inputVolume.GetName()} {method}/{target}", "show": False}
+            )
             node.SetAttribute(MAP_ATTRIBUTE, "1")
             node.SetAttribute(MAP_ATTRIBUTE + ".method", method)
             node.SetAttribute(MAP_ATTRIBUTE + ".target", target)
@@ -326,8 +363,15 @@ class MedViTExplainLogic(ScriptedLoadableModuleLogic):
             self.showOverlay(inputVolume, next(iter(maps.values())))
             if top is not None:
                 self.jumpToRow(inputVolume, top)
-        return {"input": inputVolume, "maps": maps, "columns": columns, "rows": rows, "top": top,
-                "table": table, "outputDir": outputDir}
+        return {
+            "input": inputVolume,
+            "maps": maps,
+            "columns": columns,
+            "rows": rows,
+            "top": top,
+            "table": table,
+            "outputDir": outputDir,
+        }
 
     # -- display ------------------------------------------------------------------------------------
     def setMapDisplay(self, mapNode):
@@ -349,8 +393,7 @@ class MedViTExplainLogic(ScriptedLoadableModuleLogic):
     def showOverlay(ctNode, mapNode, opacity=None):
         if opacity is None:
             opacity = MedViTExplainLogic.helpers().DEFAULT_OPACITY
-        slicer.util.setSliceViewerLayers(background=ctNode, foreground=mapNode, foregroundOpacity=opacity,
-                                         fit=False)
+        slicer.util.setSliceViewerLayers(background=ctNode, foreground=mapNode, foregroundOpacity=opacity, fit=False)
 
     @staticmethod
     def sliceAxis(volumeNode):
@@ -413,8 +456,21 @@ class MedViTExplainTest(ScriptedLoadableModuleTest):
         samplePath = helpers.bundled_sample_ct()
         if samplePath is None:  # no sample shipped: make a small phantom with the CLI
             workDir = tempfile.mkdtemp(prefix="MedViTExplainTest-")
-            helpers.run_command([logic.pythonExecutable(), "-m", PACKAGE, "make-phantom", workDir,
-                                 "--seed", "0", "--size", "64", "64", "24"])
+            helpers.run_command(
+                [
+                    logic.pythonExecutable(),
+                    "-m",
+                    PACKAGE,
+                    "make-phantom",
+                    workDir,
+                    "--seed",
+                    "0",
+                    "--size",
+                    "64",
+                    "64",
+                    "24",
+                ]
+            )
             samplePath = os.path.join(workDir, "phantom_000.nii.gz")
         self.delayDisplay(f"Loading {samplePath}")
         ctNode = slicer.util.loadVolume(str(samplePath))
