@@ -283,7 +283,8 @@ def train(
 ) -> dict[str, Any]:
     """Train a model from ``config`` (architecture, task_spec, preprocessing, training) on ``data``.
 
-    Writes the best checkpoint (by validation loss) to ``out`` and the resumable state to
+    Writes the best checkpoint (``training.select_by``: ``val_loss`` or a validation metric such as
+    ``malignancy_auc``) to ``out`` and the resumable state to
     ``out/../<name>.last/``; returns the validation metrics of the best epoch.
     """
     from tqdm.auto import tqdm
@@ -335,7 +336,9 @@ def train(
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    start_epoch, best_loss, history = 0, float("inf"), []
+    # model selection: the lowest validation loss, or the highest value of a validation metric
+    select_by = str(recipe.get("select_by", "val_loss"))
+    start_epoch, best_loss, best_score, history, elapsed_before = 0, float("inf"), -float("inf"), [], 0.0
     if resume and (state_dir / "state.pt").exists():
         state = torch.load(state_dir / "state.pt", weights_only=True)
         model.load_state_dict(load_model(state_dir / "model", device=str(dev)).state_dict())
@@ -343,6 +346,8 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best_loss = int(state["epoch"]) + 1, float(state["best_loss"])
+        best_score = float(state.get("best_score", _saved_score(out, select_by, best_loss)))
+        elapsed_before = float(state.get("elapsed", 0.0))
         history = json.loads(state_dir.joinpath("history.json").read_text())
     kinds = list(model.task_spec.kinds)
     weights = recipe.get("loss_weights")
@@ -401,8 +406,10 @@ def train(
                 "val_malignancy_auc": metrics.get("malignancy_auc"),
             }
         )
-        if val_loss < best_loss:
-            best_loss, best_metrics = val_loss, metrics
+        score = -val_loss if select_by == "val_loss" else float(metrics.get(select_by, float("nan")))
+        best_loss = min(best_loss, val_loss)
+        if score > best_score:  # NaN never wins
+            best_score, best_metrics = score, metrics
             provenance = {
                 "recipe": config.get("training", {}),
                 "seed": seed,
@@ -420,6 +427,8 @@ def train(
             {
                 "epoch": epoch,
                 "best_loss": best_loss,
+                "best_score": best_score,
+                "elapsed": elapsed_before + time.perf_counter() - t_start,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
@@ -438,5 +447,18 @@ def train(
         "best_val_loss": best_loss,
         "validation": best_metrics,
         "history": history,
-        "seconds": time.perf_counter() - t_start,
+        "select_by": select_by,
+        "best_score": best_score,
+        "seconds": elapsed_before + time.perf_counter() - t_start,
     }
+
+
+def _saved_score(out: Path, select_by: str, best_loss: float) -> float:
+    """The selection score of the checkpoint already at ``out`` (for a run resumed from an older state)."""
+    if select_by == "val_loss":
+        return -best_loss
+    try:
+        validation = json.loads((Path(out) / "config.json").read_text())["provenance"]["validation"]
+        return float(validation[select_by])
+    except (OSError, KeyError, ValueError, TypeError):
+        return -float("inf")

@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / "runs" / "sample_model"))
     parser.add_argument("--out", default=str(ROOT / "medvit_explain" / "assets" / "sample_model"))
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted training run")
     args = parser.parse_args()
     config = yaml.safe_load(Path(args.config).read_text())
     recipe = config["training"]
@@ -50,7 +51,7 @@ def main() -> None:
     if not (work / "test").exists():
         generate(recipe["phantoms"]["test_groups"], recipe["phantoms"]["test_seed"], work / "test")
     t_data = time.perf_counter() - t0
-    result = train(config, work / "train", args.out, epochs=args.epochs, device="cpu")
+    result = train(config, work / "train", args.out, epochs=args.epochs, device="cpu", resume=args.resume)
     model = load_model(args.out, device="cpu")
     test = load_slices(
         find_studies(work / "test"), model, all_slices=True, min_area_mm2=float(recipe.get("min_area_mm2", 10.0))

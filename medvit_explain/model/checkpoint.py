@@ -257,6 +257,14 @@ def _write_pair(model: MedViT, config: dict[str, Any], weights: Path, config_pat
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(weights), metadata={"format": "pt", "medvit_format": FORMAT})
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights.parent, 0o777 & ~umask)  # mkdtemp makes 0700: a checkpoint gets the usual permissions
+    for p in (weights, config_path):
+        os.chmod(p, 0o666 & ~umask)
+
+
+CARD_NAMES = ("MODEL_CARD.md", "model_card.json")  # documentation that may sit beside a checkpoint
 
 
 def save_checkpoint(model: MedViT, path: str | Path, provenance: Mapping[str, Any] | None = None) -> Path:
@@ -289,7 +297,7 @@ def save_checkpoint(model: MedViT, path: str | Path, provenance: Mapping[str, An
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"cannot write a checkpoint directory at {str(path)!r}: a file is there")
-        other = sorted(p.name for p in path.iterdir() if p.name not in (WEIGHTS_NAME, CONFIG_NAME))
+        other = sorted(p.name for p in path.iterdir() if p.name not in (WEIGHTS_NAME, CONFIG_NAME, *CARD_NAMES))
         if other:
             raise CheckpointError(
                 f"refusing to overwrite {str(path)!r}: it holds files that are not a checkpoint ({_list(other)})"
