@@ -78,30 +78,31 @@ def main() -> None:
 
 
 def model_card_markdown(config: dict, card: dict) -> str:
-    held = card["held_out"]
+    held, arch = card["held_out"], config["architecture"]["kwargs"]
+    t = card["timings_s"]
     lines = [
         f"# {config['name']}",
         "",
-        "A small timm ViT (patch 16, 256 px, 4 blocks, 96 dims, 0.5 M parameters) trained from scratch on "
-        "synthetic chest-CT phantoms (`medvit_explain.phantom`). **It has never seen a real CT: it is a demo "
-        "and test model, not a clinical one.**",
+        f"A small timm ViT ({arch['img_size'][0]} px input, patch {arch['patch_size']}, {arch['depth']} blocks, "
+        f"{arch['embed_dim']} dims, {arch['num_heads']} heads) with one linear head for malignancy (binary logit) "
+        "and the eight LIDC biomarkers (normalised regression), trained from scratch on synthetic chest-CT "
+        "phantoms (`medvit_explain.phantom`). **It has never seen a real CT: it is a demo and test model, not a "
+        "clinical one.** Recipe and seeds: `configs/sample_model.yaml`.",
         "",
-        "Re-create: `.venv/bin/python scripts/make_sample_model.py` (recipe and seeds in `configs/sample_model.yaml`).",
-        "",
-        f"## Held-out phantoms (seed {held['seed']}, {held['phantoms']} phantoms, never used in training)",
+        f"## Held-out phantoms (seed {held['seed']}, {held['phantoms']} phantoms, never used in training or selection)",
         "",
         f"- slices: {held['n_slices']} ({held['n_nodule_slices']} through a nodule)",
-        f"- slice-level malignancy ROC AUC: **{held['malignancy_auc']:.3f}** "
+        f"- **slice-level malignancy ROC AUC: {held['malignancy_auc']:.3f}** "
         f"(accuracy at 0.5: {held['malignancy_accuracy']:.3f})",
         f"- malignancy ROC AUC on nodule slices only (malignant vs benign nodule): "
         f"{held['malignancy_auc_nodule_slices']:.3f}",
         "",
-        "| biomarker | MAE (LIDC scale) |",
+        "| biomarker (LIDC scale) | MAE on nodule slices |",
         "|---|---|",
-        *[f"| {k} | {v:.3f} |" for k, v in held["mae"].items()],
+        *[f"| {k} | {v:.2f} |" for k, v in held["mae"].items()],
         "",
-        f"Time to re-create on this machine: {card['timings_s']['total'] / 60:.1f} min "
-        f"(phantoms {card['timings_s']['phantoms']:.0f} s, training {card['timings_s']['training']:.0f} s).",
+        f"Re-created in {t['total'] / 60:.1f} min on this machine (phantoms {t['phantoms']:.0f} s, "
+        f"training {t['training']:.0f} s).",
         "",
     ]
     return "\n".join(lines)
