@@ -194,11 +194,19 @@ def test_missing_paths_and_configs(model, tmp_path):
         load_model(path, device="cpu")
 
 
-def test_sample_model_missing_is_a_clear_error():
-    if (SAMPLE_MODEL_DIR / "model.safetensors").is_file():
-        pytest.skip("the sample model is present")
+def test_sample_model_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import medvit_explain.model.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "SAMPLE_MODEL_DIR", tmp_path / "no_sample_model")
     with pytest.raises(CheckpointError, match="sample model is missing"):
         load_model(device="cpu")
+
+
+def test_sample_model_loads():
+    model = load_model(device="cpu")
+    assert (SAMPLE_MODEL_DIR / "model.safetensors").is_file()
+    assert model.targets[0] == "malignancy" and len(model.targets) == 9
+    assert len(model.source_info["sha256"]) == 64
 
 
 def test_bad_device_fails_before_reading(tmp_path):

@@ -9,6 +9,7 @@ Tolerance: max |got − ref| ≤ 1e-5 · max |ref| in float32.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +23,8 @@ from medvit_explain.explain import explain
 from medvit_explain.explain.cdam import CDAM
 from medvit_explain.explain.pixel import smoothgrad_noise
 from tests.vit_models import TARGETS, VARIANTS, make_images, make_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------ reference
 
@@ -415,3 +418,32 @@ def test_smoothgrad_noise_scale_is_fraction_of_range():
     (make,) = smoothgrad_noise(x, 1, 0.15, 0)
     noise = make() - x
     assert 0.3 < noise[0].std() < 0.9 and 1.0 < noise[1].std() < 2.2  # σ = 0.6 and 1.5
+
+
+# ------------------------------------------------------------------ the shipped sample model, on real slices
+
+
+@pytest.fixture(scope="module")
+def sample_model_and_slices():
+    from medvit_explain.io import load_volume
+    from medvit_explain.model import load_model
+    from medvit_explain.predict import model_inputs
+
+    model = load_model(device="cpu")
+    volume = load_volume(ROOT / "sample_data" / "phantom_001.nii.gz")
+    return model, model_inputs(model, volume).images([12, 30])
+
+
+@pytest.mark.parametrize("method", ["cdam", "agcam", "attention", "rollout", "chefer", "gradcam"])
+def test_sample_model_matches_reference(sample_model_and_slices, method):
+    """The shipped 9-target model on two phantom slices, a target subset in a new order."""
+    model, x = sample_model_and_slices
+    targets = ["spiculation", "malignancy", "diameter"]
+    want = getattr(ref, {"attention": "attention_map"}.get(method, method))(model, x, [5, 0, 6])
+    assert_maps_close(explain(model, x, method, targets=targets), want)
+
+
+def test_sample_model_concept_cdam_matches_reference(sample_model_and_slices):
+    model, x = sample_model_and_slices
+    concept = ref.concept_vector(model, x[:1])
+    assert_maps_close(explain(model, x, "cdam", concept=x[:1]), ref.cdam(model, x, [0], concept=concept))
