@@ -17,7 +17,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 demo: $(STAMP)
-	$(BIN)/medvit-explain explain sample_data/phantom_000.nii.gz --out demo_output
+	$(BIN)/medvit-explain explain sample_data/phantom_001.nii.gz --out demo_output
 
 lint: $(STAMP)
 	$(BIN)/ruff check medvit_explain tests plugins scripts

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out")
-    parser.add_argument("--input", default=str(ROOT / "sample_data" / "phantom_000.nii.gz"))
+    parser.add_argument("--input", default=str(ROOT / "sample_data" / "phantom_001.nii.gz"))
     parser.add_argument("--model", default=None, help="checkpoint (default: the shipped sample model)")
     parser.add_argument("--method", default="cdam")
     parser.add_argument("--target", default="malignancy")

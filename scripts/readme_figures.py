@@ -69,7 +69,7 @@ def report_screenshot(input_path: Path, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--input", default=str(ROOT / "sample_data" / "phantom_000.nii.gz"))
+    parser.add_argument("--input", default=str(ROOT / "sample_data" / "phantom_001.nii.gz"))
     args = parser.parse_args()
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
