@@ -4,7 +4,9 @@
         .venv/bin/python scripts/napari_screenshot.py docs/napari_overlay.png \\
         [--input sample_data/phantom_000.nii.gz] [--model CKPT] [--method cdam] [--target malignancy]
 
-Needs a display (Xvfb): the offscreen Qt platform has no OpenGL for napari's canvas.
+Needs a display (Xvfb): the offscreen Qt platform has no OpenGL for napari's canvas. torch and timm are
+imported before Qt: on this machine (CUDA build of torch with triton, PyQt5 wheels) loading triton's
+native module after PyQt5's libraries segfaults.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import napari
 from npe2 import PluginManager, PluginManifest
 from qtpy.QtWidgets import QApplication
 
+import medvit_explain.model  # noqa: F401  torch / timm before Qt: see the note below
+import medvit_explain.pipeline  # noqa: F401
 from medvit_explain.napari._widget import ExplainWidget
 
 ROOT = Path(__file__).resolve().parents[1]

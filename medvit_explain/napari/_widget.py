@@ -147,6 +147,11 @@ class ExplainWidget(Container):
         except ValueError as exc:
             self._say(str(exc))
             return None
+        # torch / timm / torchvision are imported here, on the GUI thread: importing them for the first
+        # time inside the worker thread while Qt runs its event loop can crash the process
+        from .. import model as _model  # noqa: F401
+        from .. import pipeline as _pipeline  # noqa: F401
+
         self.progress.max = max(1, _slice_count(volume))
         self.progress.value = 0
         self._say(f"explaining {layer.name} ({', '.join(methods)} × {', '.join(targets)}) …")
