@@ -108,24 +108,11 @@ def load_eval_slices(
     from tqdm.auto import tqdm
 
     from .io import load_volume
-    from .train import slice_targets
-    from .transforms import SliceInputs, reoriented_view
+    from .train import load_labelled_study
 
     per_study = []
     for s, study in enumerate(tqdm(studies, desc="loading", unit="study", disable=not progress, leave=False)):
-        volume = load_volume(study.image)
-        mask = load_volume(study.nodule_mask)
-        if not mask.same_grid(volume, atol=1e-3):
-            raise MedvitInputError(f"{study.nodule_mask} is not on the grid of {study.image}")
-        inputs = SliceInputs(volume, model.preprocessing)
-        mask_canon = reoriented_view(mask.array, inputs.ornt)
-        axis_of = np.argsort(inputs.ornt[:, 0])
-        pixel_area = float(volume.spacing[axis_of[0]] * volume.spacing[axis_of[1]])
-        try:
-            nodules = json.loads(Path(study.labels).read_text())["nodules"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise MedvitInputError(f"{study.labels}: expected a JSON file with a 'nodules' list ({exc})") from exc
-        t, labelled, has_nodule = slice_targets(model.task_spec, nodules, mask_canon, pixel_area, min_area_mm2)
+        inputs, mask, _, t, labelled, has_nodule = load_labelled_study(study, model, min_area_mm2)
         chosen = np.where(labelled)[0]
         lungs_path = lung_mask_path(study.image)
         lungs = load_volume(lungs_path).array if lungs_path is not None else None

@@ -792,6 +792,25 @@ def make_phantoms(
     return results
 
 
+def make_phantom_groups(
+    out_dir: str | os.PathLike, groups: Sequence[Mapping[str, Any]], seed: int, name_prefix: str = "grid"
+) -> list[dict[str, Any]]:
+    """Several :func:`make_phantoms` sets in one folder, one per grid: group ``g`` (``count``, ``size``,
+    ``spacing``) uses seed ``seed + 100 g`` and names ``<name_prefix><g>_000``, … (the recipes in
+    ``configs/sample_model.yaml``)."""
+    written = []
+    for g, group in enumerate(groups):
+        written += make_phantoms(
+            out_dir,
+            seed=seed + 100 * g,
+            count=int(group["count"]),
+            size=tuple(group["size"]),
+            spacing=tuple(group["spacing"]),
+            name_prefix=f"{name_prefix}{g}",
+        )
+    return written
+
+
 def _read_mask(mask: Any) -> np.ndarray:
     if isinstance(mask, Volume):
         return np.asarray(mask.array)

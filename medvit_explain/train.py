@@ -126,6 +126,28 @@ def slice_targets(
     return targets, labelled, has_nodule
 
 
+def load_labelled_study(study: Study, model, min_area_mm2: float):
+    """One study's slice preprocessing and labels: ``(inputs, mask, nodules, targets [Z, K], labelled [Z],
+    has_nodule [Z])`` per canonical slice (see :func:`slice_targets`)."""
+    from .io import load_volume
+
+    volume = load_volume(study.image)
+    mask = load_volume(study.nodule_mask)
+    if not mask.same_grid(volume, atol=1e-3):
+        raise MedvitInputError(f"{study.nodule_mask} is not on the grid of {study.image}")
+    try:
+        nodules = json.loads(Path(study.labels).read_text())["nodules"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise MedvitInputError(f"{study.labels}: expected a JSON file with a 'nodules' list ({exc})") from None
+    inputs = SliceInputs(volume, model.preprocessing)
+    axis_of = np.argsort(inputs.ornt[:, 0])
+    pixel_area = float(volume.spacing[axis_of[0]] * volume.spacing[axis_of[1]])
+    targets, labelled, has_nodule = slice_targets(
+        model.task_spec, nodules, reoriented_view(mask.array, inputs.ornt), pixel_area, min_area_mm2
+    )
+    return inputs, mask, nodules, targets, labelled, has_nodule
+
+
 def load_slices(
     studies: Sequence[Study],
     model,
@@ -140,22 +162,11 @@ def load_slices(
     many random nodule-free slices (or every labelled slice with ``all_slices``)."""
     from tqdm.auto import tqdm
 
-    from .io import load_volume
-
     rng = np.random.default_rng(seed)
     images, targets, study_idx, nodule_flags, token_targets = [], [], [], [], []
     grid = tuple(model.backbone.patch_embed.grid_size)
     for s, study in enumerate(tqdm(studies, desc="loading", unit="study", disable=not progress)):
-        volume = load_volume(study.image)
-        mask = load_volume(study.nodule_mask)
-        if not mask.same_grid(volume, atol=1e-3):
-            raise MedvitInputError(f"{study.nodule_mask} is not on the grid of {study.image}")
-        inputs = SliceInputs(volume, model.preprocessing)
-        mask_canon = reoriented_view(mask.array, inputs.ornt)
-        axis_of = np.argsort(inputs.ornt[:, 0])
-        pixel_area = float(volume.spacing[axis_of[0]] * volume.spacing[axis_of[1]])
-        nodules = json.loads(Path(study.labels).read_text())["nodules"]
-        t, labelled, has_nodule = slice_targets(model.task_spec, nodules, mask_canon, pixel_area, min_area_mm2)
+        inputs, mask, nodules, t, labelled, has_nodule = load_labelled_study(study, model, min_area_mm2)
         if all_slices:
             chosen = np.where(labelled)[0]
         else:

@@ -25,22 +25,10 @@ import yaml
 
 from medvit_explain.evaluate import evaluate_explanations, markdown_table, write_evaluation
 from medvit_explain.model import load_model
-from medvit_explain.phantom import make_phantoms
+from medvit_explain.phantom import make_phantom_groups
 from medvit_explain.registry import method_names
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def generate(groups, seed: int, out: Path, prefix: str) -> None:
-    for g, group in enumerate(groups):
-        make_phantoms(
-            out,
-            seed=seed + 100 * g,
-            count=group["count"],
-            size=tuple(group["size"]),
-            spacing=tuple(group["spacing"]),
-            name_prefix=f"{prefix}{g}",
-        )
 
 
 def main() -> None:
@@ -65,8 +53,8 @@ def main() -> None:
     data = Path(args.data) if args.data else work / "phantoms"
     t0 = time.perf_counter()
     if not data.exists():
-        generate(recipe["test_groups"], recipe["test_seed"], data, "test")
-        generate(recipe["test_groups"], recipe["test_seed"] + 500, data, "extra")
+        make_phantom_groups(data, recipe["test_groups"], recipe["test_seed"], "test")
+        make_phantom_groups(data, recipe["test_groups"], recipe["test_seed"] + 500, "extra")
     model = load_model(args.model, device="cpu")
     methods = args.method or method_names()
     result = evaluate_explanations(

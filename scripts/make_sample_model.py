@@ -16,22 +16,10 @@ from pathlib import Path
 import yaml
 
 from medvit_explain.model import load_model
-from medvit_explain.phantom import make_phantoms
+from medvit_explain.phantom import make_phantom_groups
 from medvit_explain.train import evaluate, find_studies, load_slices, train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def generate(groups, seed: int, out: Path) -> None:
-    for g, group in enumerate(groups):
-        make_phantoms(
-            out,
-            seed=seed + 100 * g,
-            count=group["count"],
-            size=tuple(group["size"]),
-            spacing=tuple(group["spacing"]),
-            name_prefix=f"grid{g}",
-        )
 
 
 def main() -> None:
@@ -47,9 +35,9 @@ def main() -> None:
     work = Path(args.work)
     t0 = time.perf_counter()
     if not (work / "train").exists():
-        generate(recipe["phantoms"]["groups"], recipe["phantoms"]["train_seed"], work / "train")
+        make_phantom_groups(work / "train", recipe["phantoms"]["groups"], recipe["phantoms"]["train_seed"])
     if not (work / "test").exists():
-        generate(recipe["phantoms"]["test_groups"], recipe["phantoms"]["test_seed"], work / "test")
+        make_phantom_groups(work / "test", recipe["phantoms"]["test_groups"], recipe["phantoms"]["test_seed"])
     t_data = time.perf_counter() - t0
     result = train(config, work / "train", args.out, epochs=args.epochs, device="cpu", resume=args.resume)
     model = load_model(args.out, device="cpu")

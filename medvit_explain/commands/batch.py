@@ -12,6 +12,7 @@ from .options import (
     model_config_option,
     model_option,
     parse_targets,
+    precision_option,
     target_option,
 )
 
@@ -58,13 +59,7 @@ from .options import (
 @target_option
 @device_option
 @batch_size_option
-@click.option(
-    "--precision",
-    type=click.Choice(["fp32", "bf16", "fp16"]),
-    default="fp32",
-    show_default=True,
-    help="Autocast precision for the model and explainers.",
-)
+@precision_option
 @click.option("--dicom", is_flag=True, help="Also write DICOM Parametric Maps (for the DICOM studies).")
 @click.option("--no-report", is_flag=True, help="Skip report.html.")
 @click.option(

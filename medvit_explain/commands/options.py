@@ -42,6 +42,13 @@ model_config_option = click.option(
 batch_size_option = click.option(
     "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Slices per pass."
 )
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Autocast precision for the model and explainers.",
+)
 series_option = click.option(
     "--series",
     "series_uid",

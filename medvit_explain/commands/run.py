@@ -16,6 +16,7 @@ from .options import (
     model_config_option,
     model_option,
     parse_targets,
+    precision_option,
     series_option,
     target_option,
 )
@@ -157,13 +158,7 @@ def train(config_path, data, out, val_data, epochs, seed, resume, device):
 )
 @device_option
 @batch_size_option
-@click.option(
-    "--precision",
-    type=click.Choice(["fp32", "bf16", "fp16"]),
-    default="fp32",
-    show_default=True,
-    help="Autocast precision for the model and explainers.",
-)
+@precision_option
 @click.option("--dicom", is_flag=True, help="Also write the maps as DICOM Parametric Maps (DICOM input only).")
 @click.option("--no-report", is_flag=True, help="Skip report.html.")
 @series_option
