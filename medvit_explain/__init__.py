@@ -16,11 +16,11 @@ _API = {
     "MedvitInputError": "medvit_explain.errors",
     "load_model": "medvit_explain.model",
     "save_checkpoint": "medvit_explain.model",
-    "explain": "medvit_explain.explain",
-    "upsample": "medvit_explain.explain",
-    "normalize_for_display": "medvit_explain.explain",
+    "explain": "medvit_explain.explainers",
+    "upsample": "medvit_explain.explainers",
+    "normalize_for_display": "medvit_explain.explainers",
     "list_methods": "medvit_explain.registry",
-    "predict": "medvit_explain.predict",
+    "predict": "medvit_explain.prediction",
     "explain_volume": "medvit_explain.pipeline",
 }
 

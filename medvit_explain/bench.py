@@ -158,7 +158,7 @@ def loop_cdam(model: nn.Module, images: Tensor, target_idx: Sequence[int]) -> Te
     last block's norm1 output T, ``.backward()`` on that target's output (a full backward, every
     parameter's gradient included), S_i = Σ_j T_ij ∂f/∂T_ij. Returns [B, T, gh, gw], the same maps as
     ``explain(model, images, "cdam")``."""
-    from .explain.base import HookSet, captured, inspect_model, tokens_to_grid
+    from .explainers.base import HookSet, captured, inspect_model, tokens_to_grid
 
     spec = inspect_model(model)
     norm1 = model.backbone.blocks[-1].norm1
@@ -186,7 +186,7 @@ def loop_agcam(model: nn.Module, images: Tensor, target_idx: Sequence[int]) -> T
     attention matrices (fused attention off; every attention input detached, as the definition needs),
     ``.backward()`` on that target's output with hooks collecting ∂f/∂A; L = Σ_k Σ_h ReLU(∂f/∂A[CLS]) ⊙
     sigmoid(S[CLS]). Returns [B, T, gh, gw], the same maps as ``explain(model, images, "agcam")``."""
-    from .explain.base import HookSet, captured, inspect_model, split_qkv, tokens_to_grid
+    from .explainers.base import HookSet, captured, inspect_model, split_qkv, tokens_to_grid
 
     spec = inspect_model(model)
     blocks = model.backbone.blocks
@@ -243,7 +243,7 @@ def run_pytorch_gradcam(model: nn.Module, images: Tensor, target_idx: Sequence[i
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from .explain.base import inspect_model
+    from .explainers.base import inspect_model
 
     spec = inspect_model(model)
     gh, gw = spec.grid
@@ -290,7 +290,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def model_info(model: nn.Module) -> dict[str, Any]:
-    from .explain import inspect_model
+    from .explainers import inspect_model
 
     spec = inspect_model(model)
     bb = model.backbone
@@ -313,7 +313,7 @@ def model_info(model: nn.Module) -> dict[str, Any]:
 def _images(model: nn.Module, n: int, seed: int = 0) -> Tensor:
     """``n`` model inputs made from phantom slices (realistic content, not noise)."""
     from .phantom import generate_phantom
-    from .predict import model_inputs
+    from .prediction import model_inputs
 
     size = model.preprocessing["image_size"]
     phantom = generate_phantom(seed, size=(max(64, size[1]), max(64, size[0]), n), n_nodules=3)
@@ -343,7 +343,7 @@ def run_bench(
     (``{"model_path": ...}`` or ``{"arch": ..., "image_size": ..., "seed": ...}``); without it the model is
     saved to a temporary checkpoint for them.
     """
-    from .explain import explain, explain_many
+    from .explainers import explain, explain_many
     from .registry import method_names
 
     say = progress or (lambda msg: None)

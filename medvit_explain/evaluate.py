@@ -223,7 +223,7 @@ def evaluate_explanations(
     """
     from tqdm.auto import tqdm
 
-    from .explain import explain, upsample
+    from .explainers import explain, upsample
     from .registry import METHODS, method_names
     from .transforms import window_mean
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import MedvitInputError
-from .predict import PredictionBuilder, PredictionTable, model_inputs, primary_target
+from .prediction import PredictionBuilder, PredictionTable, model_inputs, primary_target
 from .transforms import RoiInputs, SliceInputs, centers_from_mask, reoriented_view
 from .volume import Volume
 
@@ -177,7 +177,7 @@ def explain_volume(
     Returns:
         an :class:`ExplainResult` whose maps are float32 ``[T, X, Y, Z]`` on the volume's grid.
     """
-    from .explain import explain, explain_many
+    from .explainers import explain, explain_many
     from .registry import method_names
 
     methods, custom = _method_table(methods)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from medvit_explain.errors import MethodError, ModelNotSupportedError, TargetError
-from medvit_explain.explain import ImageShapeError, explain, normalize_for_display, upsample
+from medvit_explain.explainers import ImageShapeError, explain, normalize_for_display, upsample
 from medvit_explain.registry import METHODS, list_methods
 from tests.vit_models import TinyViTClassifier, make_images, make_model
 

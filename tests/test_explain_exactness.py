@@ -19,9 +19,9 @@ from captum.attr import InputXGradient, IntegratedGradients
 from timm.layers import LayerScale
 from torch import nn
 
-from medvit_explain.explain import explain
-from medvit_explain.explain.cdam import CDAM
-from medvit_explain.explain.pixel import smoothgrad_noise
+from medvit_explain.explainers import explain
+from medvit_explain.explainers.cdam import CDAM
+from medvit_explain.explainers.pixel import smoothgrad_noise
 from tests.vit_models import TARGETS, VARIANTS, make_images, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -427,7 +427,7 @@ def test_smoothgrad_noise_scale_is_fraction_of_range():
 def sample_model_and_slices():
     from medvit_explain.io import load_volume
     from medvit_explain.model import load_model
-    from medvit_explain.predict import model_inputs
+    from medvit_explain.prediction import model_inputs
 
     model = load_model(device="cpu")
     volume = load_volume(ROOT / "sample_data" / "phantom_001.nii.gz")

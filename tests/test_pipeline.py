@@ -177,7 +177,7 @@ def test_cli_ras_nifti_and_dicom_series(tmp_path, checkpoint):
 
 def test_maps_are_raw_and_equal_to_the_explainer(checkpoint):
     """The written map is the explainer's raw signed map, bilinearly upsampled (not min-max'd)."""
-    from medvit_explain.explain import explain
+    from medvit_explain.explainers import explain
     from medvit_explain.model import load_model
 
     model = load_model(checkpoint, device="cpu")

@@ -11,7 +11,7 @@ from medvit_explain.cli import cli
 from medvit_explain.io import write_volume
 from medvit_explain.model import build_model, load_model, save_checkpoint
 from medvit_explain.phantom import make_phantoms
-from medvit_explain.predict import predict
+from medvit_explain.prediction import predict
 from medvit_explain.train import roc_auc, slice_targets, task_loss
 
 from .models import tiny_checkpoint, tiny_config
@@ -174,8 +174,8 @@ def test_predict_register_tokens_and_non_square_grid(tmp_path, arch):
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert len(lines) == 7
     # explainers work on the same model
-    from medvit_explain.explain import explain
-    from medvit_explain.predict import model_inputs
+    from medvit_explain.explainers import explain
+    from medvit_explain.prediction import model_inputs
 
     images = model_inputs(model, ph.ct).images(np.arange(6))
     maps = explain(model, images, "cdam", targets=["malignancy", "diameter"])
@@ -189,7 +189,7 @@ def test_predict_values_match_model(tmp_path):
 
     ph = generate_phantom(2, size=(48, 48, 5), spacing=(7.0, 7.0, 10.0), n_nodules=1)
     table = predict(model, ph.ct, batch_size=2)
-    from medvit_explain.predict import model_inputs
+    from medvit_explain.prediction import model_inputs
 
     inputs = model_inputs(model, ph.ct)
     with torch.no_grad():

@@ -67,7 +67,7 @@ def predict(
       medvit-explain predict sample_data/phantom_000.nii.gz --out predictions.csv
     """
     from ..io import load_volume
-    from ..predict import predict as run_predict
+    from ..prediction import predict as run_predict
 
     model = load_model_cli(model_path, device, model_config)
     volume = load_volume(input_path, series_uid=series_uid, allow_modality=allow_modality)

@@ -33,7 +33,7 @@ def explain_func(model, inputs, targets, method: str = "cdam", **options: Any) -
 
     The raw signed token-grid map is upsampled bilinearly to ``H × W``; no normalisation.
     """
-    from ..explain import explain, upsample
+    from ..explainers import explain, upsample
     from ..registry import COMMON_OPTIONS, METHODS
 
     accepted = set(METHODS[method].options) | set(COMMON_OPTIONS) if method in METHODS else set(options)

@@ -11,13 +11,13 @@ from typing import Any
 from torch import Tensor, nn
 
 from medvit_explain.errors import MethodError
-from medvit_explain.explain.agcam import AGCAM, agcam_with_cdam
-from medvit_explain.explain.attention_maps import Attention, Chefer, Rollout
-from medvit_explain.explain.base import Explainer, ImageShapeError, ViTSpec, check_images, inspect_model
-from medvit_explain.explain.cdam import CDAM, IntegratedCDAM, SmoothCDAM
-from medvit_explain.explain.display import normalize_for_display, upsample
-from medvit_explain.explain.gradcam import GradCAM
-from medvit_explain.explain.pixel import InputXGradient, IntegratedGradients, SmoothGrad
+from medvit_explain.explainers.agcam import AGCAM, agcam_with_cdam
+from medvit_explain.explainers.attention_maps import Attention, Chefer, Rollout
+from medvit_explain.explainers.base import Explainer, ImageShapeError, ViTSpec, check_images, inspect_model
+from medvit_explain.explainers.cdam import CDAM, IntegratedCDAM, SmoothCDAM
+from medvit_explain.explainers.display import normalize_for_display, upsample
+from medvit_explain.explainers.gradcam import GradCAM
+from medvit_explain.explainers.pixel import InputXGradient, IntegratedGradients, SmoothGrad
 from medvit_explain.registry import COMMON_OPTIONS, METHODS, list_methods
 
 __all__ = [

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from medvit_explain.explain.base import Explainer, ViTSpec, target_grads
+from medvit_explain.explainers.base import Explainer, ViTSpec, target_grads
 
 __all__ = ["InputXGradient", "IntegratedGradients", "SmoothGrad", "gauss_legendre", "pool_to_grid"]
 

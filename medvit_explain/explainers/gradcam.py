@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from medvit_explain.explain.base import Explainer, HookSet, tokens_to_grid
-from medvit_explain.explain.cdam import last_block_token_grads
+from medvit_explain.explainers.base import Explainer, HookSet, tokens_to_grid
+from medvit_explain.explainers.cdam import last_block_token_grads
 
 __all__ = ["GradCAM"]
 

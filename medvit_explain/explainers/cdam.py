@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from medvit_explain.explain.base import (
+from medvit_explain.explainers.base import (
     BlockTap,
     Explainer,
     HookSet,
