@@ -356,6 +356,8 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
+        if "token_head" in state:  # the training-only head is part of the resumable state, not of the model
+            token_head.load_state_dict(state["token_head"])
         start_epoch, best_loss = int(state["epoch"]) + 1, float(state["best_loss"])
         best_score = float(state.get("best_score", _saved_score(out, select_by, best_loss)))
         elapsed_before = float(state.get("elapsed", 0.0))
@@ -441,6 +443,7 @@ def train(
                 "best_score": best_score,
                 "elapsed": elapsed_before + time.perf_counter() - t_start,
                 "optimizer": optimizer.state_dict(),
+                "token_head": token_head.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
             },

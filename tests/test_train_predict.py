@@ -198,3 +198,28 @@ def test_predict_values_match_model(tmp_path):
     np.testing.assert_allclose(table.column("malignancy_logit"), raw[:, 0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(table.column("diameter"), values[:, model.task_spec.index("diameter")], rtol=1e-5)
     assert table.summary()["max_malignancy_slice"] == int(np.argmax(raw[:, 0]))
+
+
+def test_resume_continues_exactly(tmp_path, phantoms):
+    """Two epochs in one go and one epoch + a resumed one give the same weights (token head included)."""
+    from medvit_explain.train import train
+
+    config = tiny_config()
+    config["training"] = {
+        "seed": 2,
+        "epochs": 2,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "warmup_epochs": 1,
+        "min_area_mm2": 20.0,
+        "val_fraction": 0.34,
+        "token_label_weight": 1.0,
+        "select_by": "val_loss",
+    }
+    train(config, phantoms, tmp_path / "a", epochs=2, device="cpu", progress=False)
+    train(config, phantoms, tmp_path / "b", epochs=1, device="cpu", progress=False)
+    train(config, phantoms, tmp_path / "b", epochs=2, device="cpu", progress=False, resume=True)
+    a = load_model(tmp_path / ".a.train_state" / "model", device="cpu").state_dict()
+    b = load_model(tmp_path / ".b.train_state" / "model", device="cpu").state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
