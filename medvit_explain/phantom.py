@@ -690,15 +690,10 @@ def generate_phantom(
 
 
 def _atomic_json(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from .io.writer import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def _labels_json(phantom: Phantom) -> dict[str, Any]:
@@ -726,7 +721,7 @@ def write_phantom(phantom: Phantom, out_dir: str | os.PathLike, name: str, forma
     gives byte-identical files.
     """
     from .io.dicom_series import write_ct_series
-    from .io.writer import write_volume
+    from .io.writer import usual_mode, write_volume
 
     if format not in ("nifti", "dicom"):
         raise ValueError(f"expected format 'nifti' or 'dicom', got {format!r}")
@@ -740,6 +735,7 @@ def write_phantom(phantom: Phantom, out_dir: str | os.PathLike, name: str, forma
     if format == "dicom":
         final = out / f"{name}_dicom"
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}_dicom.", dir=out))
+        os.chmod(tmp, usual_mode(directory=True))  # mkdtemp makes 0700; this folder becomes the series
         try:
             write_ct_series(
                 phantom.ct,

@@ -47,6 +47,10 @@ def _left_overs(folder):
 def test_directory_round_trip_bit_exact(model, x, tmp_path):
     out = save_checkpoint(model, tmp_path / "ckpt", provenance={"seed": 7, "metrics": {"auc": 0.9}})
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    from medvit_explain.io.writer import usual_mode
+
+    assert out.stat().st_mode & 0o777 == usual_mode(directory=True)
+    assert all(p.stat().st_mode & 0o777 == usual_mode() for p in out.iterdir())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["format"] == FORMAT and cfg["name"] == "tiny"
     assert cfg["architecture"] == {

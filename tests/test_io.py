@@ -86,6 +86,9 @@ def test_write_volume_round_trip(tmp_path, rng):
     assert back.same_grid(volume, atol=1e-5)
     np.testing.assert_array_equal(back.array, volume.array)
     assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
+    from medvit_explain.io.writer import usual_mode
+
+    assert path.stat().st_mode & 0o777 == usual_mode()  # not mkstemp's private 0600
 
 
 def test_index_physical_inverse(rng):

@@ -225,5 +225,4 @@ def write_dicom_maps(result, folder: str | os.PathLike, stem: str) -> Path:
             path = folder / f"{stem}_{method}_{target}_pm.dcm"
             with atomic_path(path) as tmp:
                 pm.save_as(tmp, enforce_file_format=True)
-                os.chmod(tmp, 0o644)
     return folder

@@ -14,6 +14,14 @@ import SimpleITK as sitk
 from ..volume import Volume
 
 
+def usual_mode(directory: bool = False) -> int:
+    """The permissions a new file (or folder) gets under the process umask. ``mkstemp`` / ``mkdtemp``
+    make private 0600 / 0700 files; results are meant to be read by others."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it onto ``final`` only if the block succeeds."""
@@ -23,9 +31,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; a result file gets the usual permissions
+    os.chmod(tmp_path, usual_mode())
     try:
         yield tmp_path
         os.replace(tmp_path, final)

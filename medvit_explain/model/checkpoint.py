@@ -257,11 +257,11 @@ def _write_pair(model: MedViT, config: dict[str, Any], weights: Path, config_pat
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(weights), metadata={"format": "pt", "medvit_format": FORMAT})
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(weights.parent, 0o777 & ~umask)  # mkdtemp makes 0700: a checkpoint gets the usual permissions
+    from medvit_explain.io.writer import usual_mode
+
+    os.chmod(weights.parent, usual_mode(directory=True))  # the temporary folder becomes the checkpoint
     for p in (weights, config_path):
-        os.chmod(p, 0o666 & ~umask)
+        os.chmod(p, usual_mode())
 
 
 CARD_NAMES = ("MODEL_CARD.md", "model_card.json")  # documentation that may sit beside a checkpoint

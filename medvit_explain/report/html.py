@@ -363,11 +363,4 @@ def write_report(result, path: str | os.PathLike, *, top: int = 3, overlay: bool
     path = Path(path)
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report is meant to be shared
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
