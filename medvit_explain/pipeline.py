@@ -21,6 +21,7 @@ import torch
 from .errors import MedvitInputError
 from .prediction import PredictionBuilder, PredictionTable, model_inputs, primary_target
 from .transforms import RoiInputs, SliceInputs, centers_from_mask, reoriented_view
+from .versions import package_versions
 from .volume import Volume
 
 DEFAULT_METHODS = ("cdam", "agcam")
@@ -132,18 +133,6 @@ def volume_stem(path: str | os.PathLike) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("medvit-explain", "torch", "timm", "monai", "SimpleITK", "pydicom", "nibabel", "numpy"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return out
 
 
 def explain_volume(

@@ -214,26 +214,6 @@ def load_model(
 
 
 # -- writing ----------------------------------------------------------------------------------------
-def _versions() -> dict[str, str]:
-    import numpy
-    import safetensors
-    import timm
-
-    try:
-        from importlib.metadata import version
-
-        ours = version("medvit-explain")
-    except Exception:  # not installed (running from a source tree)
-        ours = "unknown"
-    return {
-        "medvit_explain": ours,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "safetensors": safetensors.__version__,
-        "numpy": numpy.__version__,
-    }
-
-
 def checkpoint_config(model: MedViT, provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The config that :func:`save_checkpoint` writes: ``model.config`` with provenance merged
     (given keys win) plus ``saved_at`` and library versions."""
@@ -245,7 +225,9 @@ def checkpoint_config(model: MedViT, provenance: Mapping[str, Any] | None = None
     merged = dict(config.get("provenance") or {})
     merged.update(jsonable(dict(provenance or {})))
     merged["saved_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    merged.setdefault("versions", _versions())
+    from medvit_explain.versions import package_versions
+
+    merged.setdefault("versions", package_versions())
     config["provenance"] = merged
     config["format"] = FORMAT
     return config

@@ -261,7 +261,7 @@ def _all_rows_section(result, scales) -> str:
 
 
 def _versions() -> dict[str, str]:
-    from ..pipeline import package_versions
+    from ..versions import package_versions
 
     out = {"python": platform.python_version()}
     out.update(package_versions())

@@ -1,0 +1,18 @@
+"""Versions of the packages a result depends on (recorded in checkpoints, summary.json and reports)."""
+
+from __future__ import annotations
+
+PACKAGES = ("medvit-explain", "torch", "timm", "monai", "safetensors", "SimpleITK", "pydicom", "nibabel", "numpy")
+
+
+def package_versions() -> dict[str, str]:
+    """{distribution: version} for the installed ones among :data:`PACKAGES`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
