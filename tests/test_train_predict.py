@@ -24,9 +24,8 @@ def phantoms(tmp_path_factory):
     return out
 
 
-def test_train_then_resume(tmp_path, phantoms):
-    import yaml
-
+def tiny_recipe(**training):
+    """The tiny test model with a two-epoch training recipe (``training`` overrides its keys)."""
     config = tiny_config()
     config["training"] = {
         "seed": 1,
@@ -37,7 +36,15 @@ def test_train_then_resume(tmp_path, phantoms):
         "min_area_mm2": 20.0,
         "val_fraction": 0.34,
         "token_label_weight": 1.0,
+        **training,
     }
+    return config
+
+
+def test_train_then_resume(tmp_path, phantoms):
+    import yaml
+
+    config = tiny_recipe(seed=1)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "ckpt"
@@ -204,18 +211,7 @@ def test_resume_continues_exactly(tmp_path, phantoms):
     """Two epochs in one go and one epoch + a resumed one give the same weights (token head included)."""
     from medvit_explain.train import train
 
-    config = tiny_config()
-    config["training"] = {
-        "seed": 2,
-        "epochs": 2,
-        "batch_size": 8,
-        "lr": 1e-3,
-        "warmup_epochs": 1,
-        "min_area_mm2": 20.0,
-        "val_fraction": 0.34,
-        "token_label_weight": 1.0,
-        "select_by": "val_loss",
-    }
+    config = tiny_recipe(seed=2, select_by="val_loss")
     train(config, phantoms, tmp_path / "a", epochs=2, device="cpu", progress=False)
     train(config, phantoms, tmp_path / "b", epochs=1, device="cpu", progress=False)
     train(config, phantoms, tmp_path / "b", epochs=2, device="cpu", progress=False, resume=True)
