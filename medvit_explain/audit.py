@@ -172,7 +172,7 @@ def audit(
             }
             has_nodule = bool((mask_canon > 0).any())  # a lesion the top slices miss scores 0
             for m in methods:
-                pos = np.clip(reoriented_view(result.maps[m][0], ornt)[:, :, top], 0, None)
+                pos = np.clip(result.map_slices(m, "malignancy", top), 0, None)
                 total = float(pos.sum())
                 row[f"{m}_in_nodule"] = _share(pos, nod_canon, total) if has_nodule else None
                 row[f"{m}_in_lungs"] = _share(pos, lung_canon, total)

@@ -1,13 +1,15 @@
-"""From a volume to explanation maps on its own voxel grid: ``explain_volume`` and its result.
+"""From a volume to explanation maps: ``explain_volume`` and its result.
 
-Slices stream through in batches: each batch is preprocessed, scored, explained for every requested
-target by every method, and its maps are written straight into preallocated source-grid arrays
-(``[T, X, Y, Z]`` per method). Nothing proportional to slices × targets × layers is kept.
+Slices stream through in batches: each batch is preprocessed, scored and explained for every
+requested target by every method. Maps stay at the model's resolution (``[items, T, gh, gw]`` per
+method: kilobytes to a few megabytes), next to the preprocessing that made the inputs; a map is put on
+the source grid only when it is asked for (:meth:`ExplainResult.map_array`), one (method, target) at
+a time, so memory holds the CT plus a few maps whatever the number of targets and methods. Writing the
+files is the output layer's job (:mod:`medvit_explain.outputs`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -31,30 +33,52 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class ExplainResult:
-    """Maps on the source grid, predictions and provenance of one explained volume."""
+    """Model-space maps, predictions and provenance of one explained volume; maps on the source grid
+    on demand.
+
+    ``model_maps[method]`` is ``[items, T, h, w]`` float32 (items: the canonical slices in order, or the
+    ROI views ROI-major; h × w: the token grid, or the model input for a pixel-space custom method),
+    raw signed values, on the device the model ran on.
+    """
 
     volume: Volume
     methods: list[str]
     targets: list[str]
-    maps: dict[str, np.ndarray]  # method -> [T, X, Y, Z] float32, raw signed values
+    model_maps: dict[str, torch.Tensor]
     predictions: PredictionTable
     inputs: SliceInputs | RoiInputs
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     model_info: dict[str, Any] = field(default_factory=dict)
 
+    def _model_map(self, method: str, target: str) -> torch.Tensor:
+        if method not in self.model_maps:
+            raise KeyError(f"no map for method {method!r}; expected one of {', '.join(self.methods)}")
+        if target not in self.targets:
+            raise KeyError(f"no map for target {target!r}; expected one of {', '.join(self.targets)}")
+        return self.model_maps[method][:, self.targets.index(target)]
+
+    def map_array(self, method: str, target: str) -> np.ndarray:
+        """One map on the source grid: float32 ``[X, Y, Z]`` (raw signed values; a view of a C-ordered
+        ``[Z, Y, X]`` buffer). Computed on each call (bilinear upsampling and the inverse crop and
+        reorientation); hold on to it only as long as you need it."""
+        return self.inputs.project(self._model_map(method, target))
+
     def map_volume(self, method: str, target: str) -> Volume:
-        """One map as a :class:`Volume` on the source grid."""
-        return self.volume.with_array(self.maps[method][self.targets.index(target)])
+        """One map as a :class:`Volume` on the source grid (see :meth:`map_array`)."""
+        return self.volume.with_array(self.map_array(method, target))
+
+    def map_slices(self, method: str, target: str, slices: Sequence[int]) -> np.ndarray:
+        """Canonical (LPS-reoriented) slices ``slices`` of one map: ``[X, Y, len(slices)]`` float32. In
+        slice mode only those slices are interpolated."""
+        return self.inputs.canonical_slices(self._model_map(method, target), list(slices))
 
     # ------------------------------------------------------------------ display helpers (report)
     def display_slice(self, k: int, method: str | None = None, target: str | None = None) -> np.ndarray:
         """Canonical slice ``k`` shown the radiological way ([rows, cols]): the CT in HU, or a map."""
         if method is None:
-            array = self.volume.array
-        else:
-            array = self.maps[method][self.targets.index(target)]
-        return np.ascontiguousarray(reoriented_view(array, self.inputs.ornt)[:, :, k].T)
+            return np.ascontiguousarray(reoriented_view(self.volume.array, self.inputs.ornt)[:, :, k].T)
+        return np.ascontiguousarray(self.map_slices(method, target, [k])[:, :, 0].T)
 
     def display_aspect(self) -> float:
         """Pixel aspect (row spacing / column spacing) of displayed slices."""
@@ -90,49 +114,12 @@ class ExplainResult:
             "results": self.predictions.summary(),
         }
 
-    def save(
-        self, out_dir: str | os.PathLike, *, stem: str | None = None, report: bool = True, dicom: bool = False
-    ) -> dict[str, Path]:
-        """Write overlays, predictions.csv, summary.json (and report.html / DICOM) into ``out_dir``.
+    def save(self, out_dir: str | os.PathLike, **options: Any) -> dict[str, Path]:
+        """``medvit_explain.outputs.write_outputs(self, out_dir, **options)``: overlays, predictions.csv,
+        summary.json (and report.html / DICOM) in ``out_dir``."""
+        from .outputs import write_outputs
 
-        Every file is written under a temporary name and renamed when complete."""
-        from .io.writer import atomic_path, write_volume
-
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stem = stem or volume_stem(self.volume.metadata.get("path", "volume"))
-        self.input_checksum()
-        t0 = time.perf_counter()
-        written: dict[str, Path] = {}
-        for method in self.methods:
-            for target in self.targets:
-                path = out_dir / f"{stem}_{method}_{target}.nii.gz"
-                written[f"{method}/{target}"] = write_volume(self.map_volume(method, target), path)
-        written["predictions"] = out_dir / "predictions.csv"
-        self.predictions.to_csv(written["predictions"])
-        if dicom:
-            from .io.dicom_output import write_dicom_maps
-
-            written["dicom"] = write_dicom_maps(self, out_dir / "dicom", stem=stem)
-        self.timings["write"] = time.perf_counter() - t0
-        if report:
-            from .report import write_report
-
-            written["report"] = write_report(self, out_dir / "report.html")
-        summary = self.summary()
-        summary["files"] = {k: str(Path(v).name) for k, v in written.items()}
-        written["summary"] = out_dir / "summary.json"
-        with atomic_path(written["summary"]) as tmp:
-            Path(tmp).write_text(json.dumps(summary, indent=2))
-        return written
-
-
-def volume_stem(path: str | os.PathLike) -> str:
-    name = Path(str(path).rstrip("/")).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+        return write_outputs(self, out_dir, **options)
 
 
 def explain_volume(
@@ -164,7 +151,7 @@ def explain_volume(
         progress: called with the number of inputs done after each batch.
 
     Returns:
-        an :class:`ExplainResult` whose maps are float32 ``[T, X, Y, Z]`` on the volume's grid.
+        an :class:`ExplainResult`: model-space maps, and each map on the volume's grid on demand.
     """
     from .explainers import explain, explain_many
     from .registry import method_names
@@ -192,7 +179,7 @@ def explain_volume(
         for m in methods:
             if m not in custom:
                 options[m].setdefault("autocast_dtype", PRECISIONS[precision])
-    maps = {m: np.zeros((len(target_idx), *volume.shape), np.float32) for m in methods}
+    kept: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
     # CDAM and AG-CAM share one forward pass when both are asked for (explain_many)
     shared = [m for m in SHARED_FORWARD if m in methods and m not in custom]
     shared = shared if len(shared) == len(SHARED_FORWARD) else []
@@ -224,17 +211,15 @@ def explain_volume(
         t0 = time.perf_counter()
         images = inputs.images()
         timings["preprocess"] += time.perf_counter() - t0
-        raws, per_method = [], {m: [] for m in methods}
+        raws = []
         for i in range(0, len(images), batch_size):
             raw, batch_maps = run(images[i : i + batch_size])
             raws.append(raw)
             for m in methods:
-                per_method[m].append(batch_maps[m].cpu())
+                kept[m].append(batch_maps[m].detach().float())
             if progress:
                 progress(len(raw))
         builder.add_rois(np.concatenate(raws))
-        for m in methods:
-            inputs.to_source(torch.cat(per_method[m]), maps[m])
     else:
         t_pre = time.perf_counter()
         for batch in _prefetched(inputs.batches(batch_size), device):
@@ -242,10 +227,11 @@ def explain_volume(
             raw, batch_maps = run(batch.images)
             builder.add_slices(raw, batch.slices, batch.source_k)
             for m in methods:
-                inputs.to_source(batch_maps[m], batch.slices, maps[m])
+                kept[m].append(batch_maps[m].detach().float())
             if progress:
                 progress(len(batch.slices))
             t_pre = time.perf_counter()
+    maps = {m: torch.cat(kept[m]) if kept[m] else torch.zeros(0, len(target_idx), 1, 1) for m in methods}
     info = {"name": model.config.get("name", type(model).__name__) if hasattr(model, "config") else "model"}
     info.update(getattr(model, "source_info", {}) or {})
     return ExplainResult(volume, list(methods), target_names, maps, builder.table, inputs, timings, str(device), info)

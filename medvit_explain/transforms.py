@@ -6,7 +6,7 @@ Two input modes (DESIGN.md, "Input modes"):
 * **slice** – the volume is reoriented to LPS axis codes (i → patient left, j → posterior,
   k → superior) so each k-slice is an axial image shown the radiological way (rows run anterior →
   posterior, columns patient right → left), optionally cropped to the body, HU-windowed and scaled to
-  ``scale_to`` (default [0, 1]; MONAI ``ScaleIntensityRange``) and resized to the model input (MONAI ``Resize``).
+  ``scale_to`` (default [0, 1]) and resized (bilinear) to the model input.
 * **roi** – nodule-centred cubes (``size_mm`` at ``spacing_mm``, trilinear) on the reoriented axes,
   HU-windowed, cut through the centre in axial / coronal / sagittal views and resized.
 
@@ -15,6 +15,17 @@ MONAI's ``Orientation`` uses) applied as numpy *views*: nothing is resampled or 
 map into the reoriented view of an output array writes the source grid directly, which is the exact
 inverse. Every model pixel can be traced back to a continuous source voxel index
 (:meth:`SliceInputs.pixel_to_voxel`, :meth:`RoiInputs.pixel_to_voxel`).
+
+The HU window and the resize are MONAI's ``ScaleIntensityRange(clip=True)`` and
+``Resize(mode="bilinear", align_corners=False, anti_aliasing=False)`` written as the torch operations
+those transforms run (a test checks they agree bit for bit): ``import monai`` loads every MONAI
+submodule and costs 5 s of every command's start on a laptop, for two lines of arithmetic.
+
+Maps stay at the model's resolution while a volume is explained; :meth:`SliceInputs.project` and
+:meth:`RoiInputs.project` put one map ([N, h, w], one target) on the source grid when it is needed,
+with batched torch interpolation (on the maps' device) and one strided copy per chunk of slices. The
+result is an ``[X, Y, Z]`` view of a ``[Z, Y, X]`` C-ordered buffer: the NIfTI voxel order, so a
+writer streams it without another copy.
 """
 
 from __future__ import annotations
@@ -26,7 +37,6 @@ import nibabel.orientations as nio
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import Resize, ScaleIntensityRange
 
 from .volume import Volume
 
@@ -52,11 +62,44 @@ def reoriented_view(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
     return out.transpose(*inverse, *range(3, array.ndim))
 
 
-def window(preprocessing: dict) -> ScaleIntensityRange:
+@dataclass(frozen=True)
+class HUWindow:
+    """HU window ``[lo, hi]`` scaled linearly onto ``[a, b]`` and clipped there (MONAI's
+    ``ScaleIntensityRange(a_min=lo, a_max=hi, b_min=a, b_max=b, clip=True)``, same operations)."""
+
+    lo: float
+    hi: float
+    a: float
+    b: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.lo) / (self.hi - self.lo)
+        x = x * (self.b - self.a) + self.a
+        return torch.clamp(x, self.a, self.b)
+
+
+def window(preprocessing: dict) -> HUWindow:
     """HU clamp to ``hu_window`` and linear scaling to ``scale_to`` (default [0, 1])."""
     lo, hi = preprocessing["hu_window"]
     a, b = preprocessing.get("scale_to", (0.0, 1.0))
-    return ScaleIntensityRange(a_min=lo, a_max=hi, b_min=float(a), b_max=float(b), clip=True)
+    return HUWindow(float(lo), float(hi), float(a), float(b))
+
+
+def resize_planes(planes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[N, h, w] → [N, *size], bilinear, ``align_corners=False``, no anti-aliasing (MONAI ``Resize``
+    with those settings on a channel-first [N, h, w] image: each plane resized on its own)."""
+    if tuple(planes.shape[-2:]) == tuple(size):
+        return planes
+    return F.interpolate(planes[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
+def new_source_buffer(shape: tuple[int, int, int]) -> np.ndarray:
+    """A zero float32 map on a grid of ``shape`` [X, Y, Z], stored as a C-ordered [Z, Y, X] buffer
+    (the NIfTI voxel order); the [X, Y, Z] view is returned."""
+    return np.zeros(tuple(shape)[::-1], np.float32).transpose(2, 1, 0)
+
+
+PROJECT_CHUNK = 32  # slices interpolated per step: bounds the float32 temporaries of a projection
 
 
 def window_mean(preprocessing: dict) -> float:
@@ -95,7 +138,6 @@ class SliceInputs:
                 aspect=self.image_size[0] / self.image_size[1],
             )
         self._window = window(self.preprocessing)
-        self._resize = Resize(spatial_size=self.image_size, mode="bilinear", align_corners=False, anti_aliasing=False)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -126,10 +168,8 @@ class SliceInputs:
         idx = np.asarray(slices, dtype=np.int64)
         block = self.canonical[x0:x1, y0:y1][:, :, idx]  # [X', Y', B] (copy of just these slices)
         block = torch.from_numpy(np.ascontiguousarray(block.transpose(2, 1, 0), dtype=np.float32))  # [B, Y', X']
-        block = self._window(block)
-        images = self._resize(block)  # each slice as a channel: [B, H, W]
-        images = torch.as_tensor(images).float().unsqueeze(1)
-        return images.expand(-1, self.in_chans, -1, -1).contiguous()
+        images = resize_planes(self._window(block), self.image_size)  # [B, H, W]
+        return images.unsqueeze(1).expand(-1, self.in_chans, -1, -1).contiguous()
 
     def batches(self, batch_size: int, slices: Sequence[int] | None = None) -> Iterator[SliceBatch]:
         order = np.arange(self.n_slices) if slices is None else np.asarray(slices, dtype=np.int64)
@@ -143,25 +183,34 @@ class SliceInputs:
         n = self.volume.shape[axis_for_k]
         return np.where(self.ornt[axis_for_k, 1] == -1, n - 1 - slices, slices)
 
-    def to_source(self, maps: torch.Tensor, slices: Sequence[int], out: np.ndarray) -> None:
-        """Write model-space maps into source-grid arrays.
-
-        Args:
-            maps: [B, T, h, w] maps (token grid or model input size); upsampled bilinearly to the model
-                input size first, then resized (bilinear) to the cropped slice and placed in the crop box.
-            slices: [B] canonical slice indices of the batch.
-            out: [T, X, Y, Z] float32 array on the source grid (written in place, zeros elsewhere kept).
-        """
+    def crop_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """[N, h, w] maps (token grid or model input size) → [N, rows, cols] on the cropped slice:
+        bilinear to the model input size, then bilinear to the crop (the inverse of the resize)."""
         maps = maps.detach().float()
-        if tuple(maps.shape[-2:]) != self.image_size:
-            maps = F.interpolate(maps, size=self.image_size, mode="bilinear", align_corners=False)
-        rows, cols = self.crop_shape
-        maps = F.interpolate(maps, size=(rows, cols), mode="bilinear", align_corners=False)
-        crop = maps.permute(1, 3, 2, 0).cpu().numpy()  # [T, X', Y', B]
+        maps = resize_planes(maps, self.image_size)
+        return resize_planes(maps, self.crop_shape)
+
+    def canonical_slices(self, maps: torch.Tensor, slices: Sequence[int]) -> np.ndarray:
+        """Canonical slices ``slices`` ([X, Y, len(slices)] float32, zeros outside the crop) of the map
+        whose model-space maps are ``maps`` ([n_slices, h, w]); only those slices are interpolated."""
         x0, x1, y0, y1 = self.box
-        canon_out = reoriented_view(np.moveaxis(out, 0, -1), self.ornt)  # [X, Y, Z, T] view
-        idx = np.asarray(slices, dtype=np.int64)
-        canon_out[x0:x1, y0:y1, idx, :] = np.moveaxis(crop, 0, -1)
+        nx, ny, _ = self.canonical.shape
+        out = np.zeros((nx, ny, len(slices)), np.float32)
+        out[x0:x1, y0:y1] = self.crop_maps(maps[list(slices)]).cpu().numpy().transpose(2, 1, 0)
+        return out
+
+    def project(self, maps: torch.Tensor) -> np.ndarray:
+        """One map on the source grid: [n_slices, h, w] (every canonical slice, in order) → [X, Y, Z]
+        float32 (a view of a [Z, Y, X] buffer), zeros outside the crop box."""
+        if maps.shape[0] != self.n_slices:
+            raise ValueError(f"expected maps for all {self.n_slices} slices, got {maps.shape[0]}")
+        out = new_source_buffer(self.volume.shape)
+        canon = reoriented_view(out, self.ornt)
+        x0, x1, y0, y1 = self.box
+        for k in range(0, self.n_slices, PROJECT_CHUNK):
+            crop = self.crop_maps(maps[k : k + PROJECT_CHUNK]).cpu().numpy()  # [n, rows, cols]
+            canon[x0:x1, y0:y1, k : k + PROJECT_CHUNK] = crop.transpose(2, 1, 0)
+        return out
 
     def pixel_to_voxel(self, slice_index: int, row: float, col: float) -> np.ndarray:
         """The continuous source voxel index (i, j, k) of model pixel (row, col) of a canonical slice."""
@@ -263,7 +312,6 @@ class RoiInputs:
         h, w = self.preprocessing["image_size"]
         self.image_size = (int(h), int(w))
         self.in_chans = int(self.preprocessing.get("in_chans", 1))
-        self._resize = Resize(spatial_size=self.image_size, mode="bilinear", align_corners=False, anti_aliasing=False)
         # canonical index step (voxels per cube sample) along each canonical axis
         src_axis_of = np.argsort(self.ornt[:, 0])  # canonical axis -> source axis
         self._step = self.spacing_mm / self.volume.spacing[src_axis_of]
@@ -303,29 +351,28 @@ class RoiInputs:
             planes.extend(np.ascontiguousarray(_view_plane(cube, v)) for v in self.views)
         if not planes:
             return torch.zeros((0, self.in_chans, *self.image_size))
-        block = self._window(torch.from_numpy(np.stack(planes)))
-        images = torch.as_tensor(self._resize(block)).float().unsqueeze(1)
-        return images.expand(-1, self.in_chans, -1, -1).contiguous()
+        images = resize_planes(self._window(torch.from_numpy(np.stack(planes))), self.image_size)
+        return images.unsqueeze(1).expand(-1, self.in_chans, -1, -1).contiguous()
 
     def cube_maps(self, maps: torch.Tensor) -> np.ndarray:
-        """[R·V, T, h, w] view maps → [R, T, n, n, n] cube maps (each view extruded along its normal,
-        then averaged over views)."""
-        maps = maps.detach().float()
-        if tuple(maps.shape[-2:]) != self.image_size:
-            maps = F.interpolate(maps, size=self.image_size, mode="bilinear", align_corners=False)
-        maps = F.interpolate(maps, size=(self.n, self.n), mode="bilinear", align_corners=False).cpu().numpy()
+        """[R·V, h, w] view maps (one target) → [R, n, n, n] cube maps (each view extruded along its
+        normal, then averaged over views)."""
+        maps = resize_planes(resize_planes(maps.detach().float(), self.image_size), (self.n, self.n))
         R, V = len(self.centers_mm), len(self.views)
-        maps = maps.reshape(R, V, maps.shape[1], self.n, self.n)
-        cubes = np.zeros((R, maps.shape[2], self.n, self.n, self.n), np.float32)
+        maps = maps.cpu().numpy().reshape(R, V, self.n, self.n)
+        cubes = np.zeros((R, self.n, self.n, self.n), np.float32)
         for v, view in enumerate(self.views):
             cubes += _extrude(maps[:, v], view, self.n)
         return cubes / V
 
-    def to_source(self, maps: torch.Tensor, out: np.ndarray) -> None:
-        """Write [R·V, T, h, w] view maps into ``out`` [T, X, Y, Z] (source grid) inside each cube
-        (trilinear from the cube map; voxels outside every cube are left as they are)."""
+    def project(self, maps: torch.Tensor) -> np.ndarray:
+        """One map on the source grid: [R·V, h, w] view maps → [X, Y, Z] float32 (a view of a [Z, Y, X]
+        buffer), trilinear from each ROI's cube map inside its cube, zero outside every cube."""
         from scipy.ndimage import map_coordinates
 
+        if maps.shape[0] != self.n_inputs:
+            raise ValueError(f"expected maps for all {self.n_inputs} ROI views, got {maps.shape[0]}")
+        out = new_source_buffer(self.volume.shape)
         cubes = self.cube_maps(maps)
         for r in range(len(self.centers_mm)):
             corners = self._cube_coords(r)[:, [0, -1]][:, :, [0, -1]][:, :, :, [0, -1]].reshape(3, -1)
@@ -338,9 +385,13 @@ class RoiInputs:
             coords = (canon - self._center_canonical(r)[:, None]) / self._step[:, None] + (self.n - 1) / 2.0
             inside = np.all((coords >= -0.5) & (coords <= self.n - 0.5), axis=0).reshape(idx.shape[1:])
             region = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
-            for t in range(cubes.shape[1]):
-                values = map_coordinates(cubes[r, t], coords, order=1, mode="nearest").reshape(idx.shape[1:])
-                out[t][region] = np.where(inside, values, out[t][region])
+            values = map_coordinates(cubes[r], coords, order=1, mode="nearest").reshape(idx.shape[1:])
+            out[region] = np.where(inside, values, out[region])
+        return out
+
+    def canonical_slices(self, maps: torch.Tensor, slices: Sequence[int]) -> np.ndarray:
+        """Canonical slices ``slices`` ([X, Y, len(slices)]) of the projected map."""
+        return np.ascontiguousarray(reoriented_view(self.project(maps), self.ornt)[:, :, list(slices)])
 
     def pixel_to_voxel(self, roi: int, view: str, row: float, col: float) -> np.ndarray:
         """The continuous source voxel index of model pixel (row, col) of a view of ROI ``roi``."""

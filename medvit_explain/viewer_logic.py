@@ -7,7 +7,8 @@ does not need the viewer lives here, so our test suite covers it:
 * building the ``medvit-explain explain`` command (an argument list, never a shell string) and running
   it while streaming its stderr (:func:`build_explain_command`, :func:`run_command`);
 * reading its progress bar and its one-line error (:func:`parse_progress`, :func:`cli_error_message`);
-* finding its overlay files (``<stem>_<method>_<target>.nii.gz``) and parsing ``predictions.csv``
+* finding its overlay files (``<stem>_<method>_<target>.nii.gz``; the names come from the output layer,
+  :mod:`medvit_explain.outputs.layout`, re-exported here) and parsing ``predictions.csv``
   (:func:`find_outputs`, :func:`parse_overlay_name`, :func:`parse_predictions`, :func:`top_slice`);
 * the display window of a signed map, symmetric around 0 (:func:`color_range`).
 """
@@ -23,6 +24,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .outputs.layout import (
+    OVERLAY_SUFFIX,
+    find_outputs,
+    known_methods,
+    overlay_name,
+    parse_overlay_name,
+    volume_stem,
+)
+from .vocabulary import DEFAULT_MAP_DTYPE, MAP_DTYPES
 
 __all__ = [
     "DEFAULT_OPACITY",
@@ -44,10 +55,8 @@ __all__ = [
     "volume_stem",
 ]
 
-OVERLAY_SUFFIX = ".nii.gz"
 DEFAULT_OPACITY = 0.7
 DEVICES = ("auto", "cpu", "cuda", "mps")
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 PRIMARY_COLUMN = "malignancy_prob"
 _MASK_SUFFIXES = ("_nodules.nii.gz", "_lungs.nii.gz", "_mask.nii.gz", "_seg.nii.gz")
 _INT_COLUMNS = frozenset({"slice", "source_index", "roi"})
@@ -62,13 +71,6 @@ class ExplainCommandError(RuntimeError):
 
 
 # -- command ----------------------------------------------------------------------------------------
-def known_methods() -> list[str]:
-    """Method names from the import-light registry (no torch import)."""
-    from medvit_explain.registry import method_names
-
-    return method_names()
-
-
 def build_explain_command(
     python_exe: str | os.PathLike,
     input_path: str | os.PathLike,
@@ -78,12 +80,14 @@ def build_explain_command(
     targets: Sequence[str] = (),
     device: str = "auto",
     batch_size: int | None = None,
+    map_dtype: str = DEFAULT_MAP_DTYPE,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
     """The argument list that runs ``python -m medvit_explain explain`` (for ``subprocess``, no shell).
 
     ``model=None`` uses the shipped model; empty ``methods`` / ``targets`` use the CLI's defaults.
-    Each method and target is passed as its own ``--method`` / ``--target`` option.
+    Each method and target is passed as its own ``--method`` / ``--target`` option. ``map_dtype``:
+    ``int16`` (compact overlays, the default) or ``float32`` (exact values).
 
     Raises:
         ValueError: unknown method or device, or a non-positive batch size ("expected X, got Y").
@@ -98,6 +102,8 @@ def build_explain_command(
         raise ValueError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)} or cuda:N")
     if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
         raise ValueError(f"expected a positive integer batch size, got {batch_size!r}")
+    if map_dtype not in MAP_DTYPES:
+        raise ValueError(f"unknown map dtype {map_dtype!r}; expected one of {', '.join(MAP_DTYPES)}")
     cmd = [os.fspath(python_exe), "-m", "medvit_explain", "explain", os.fspath(input_path), "--out", os.fspath(out_dir)]
     if model is not None and str(model).strip():
         cmd += ["--model", os.fspath(model)]
@@ -108,6 +114,8 @@ def build_explain_command(
     cmd += ["--device", device]
     if batch_size is not None:
         cmd += ["--batch-size", str(int(batch_size))]
+    if map_dtype != DEFAULT_MAP_DTYPE:
+        cmd += ["--map-dtype", map_dtype]
     cmd += [str(a) for a in extra_args]
     return cmd
 
@@ -200,87 +208,6 @@ def cli_error_message(stderr_text: str) -> str | None:
 
 
 # -- outputs ----------------------------------------------------------------------------------------
-def volume_stem(path: str | os.PathLike) -> str:
-    """The file-name stem the CLI gives outputs of ``path`` (``scan.nii.gz`` → ``scan``; a folder: its name)."""
-    name = Path(str(path).rstrip("/\\")).name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def overlay_name(stem: str, method: str, target: str) -> str:
-    """``<stem>_<method>_<target>.nii.gz``: the CLI's overlay file name."""
-    return f"{stem}_{method}_{target}{OVERLAY_SUFFIX}"
-
-
-def parse_overlay_name(
-    name: str | os.PathLike,
-    methods: Iterable[str] | None = None,
-    targets: Iterable[str] | None = None,
-    stem: str | None = None,
-) -> tuple[str, str, str] | None:
-    """``(stem, method, target)`` of an overlay file name, or None if it is not one.
-
-    The stem and the target may contain underscores; method names may contain ``-`` but not ``_``.
-    The name is split at ``_<method>_`` for a known method (the last such place when ``stem`` is not
-    given); ``targets``, when given, must contain the target.
-    """
-    name = Path(name).name
-    if not name.endswith(OVERLAY_SUFFIX):
-        return None
-    core = name[: -len(OVERLAY_SUFFIX)]
-    method_list = sorted(methods if methods is not None else known_methods(), key=len, reverse=True)
-    target_set = set(targets) if targets is not None else None
-    if stem is not None:
-        if not core.startswith(stem + "_"):
-            return None
-        rest = core[len(stem) + 1 :]
-        for method in method_list:
-            if rest.startswith(method + "_"):
-                target = rest[len(method) + 1 :]
-                if target and (target_set is None or target in target_set):
-                    return stem, method, target
-        return None
-    best: tuple[int, str, str, str] | None = None
-    for method in method_list:
-        token = f"_{method}_"
-        at = core.rfind(token)
-        while at > 0:
-            target = core[at + len(token) :]
-            if target and (target_set is None or target in target_set):
-                if best is None or at > best[0]:
-                    best = (at, core[:at], method, target)
-                break
-            at = core.rfind(token, 0, at)
-    return None if best is None else best[1:]
-
-
-def find_outputs(
-    out_dir: str | os.PathLike,
-    stem: str,
-    methods: Iterable[str] | None = None,
-    targets: Iterable[str] | None = None,
-) -> dict[tuple[str, str], Path]:
-    """Overlay files of ``stem`` in ``out_dir``: ``{(method, target): path}``, sorted by name.
-
-    Temporary files the CLI is still writing (``.name.XXXX.nii.gz``) are ignored.
-    """
-    out_dir = Path(out_dir)
-    method_list = list(methods) if methods is not None else known_methods()
-    target_list = list(targets) if targets is not None else None
-    found: dict[tuple[str, str], Path] = {}
-    if not out_dir.is_dir():
-        return found
-    for path in sorted(out_dir.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
-            continue
-        parsed = parse_overlay_name(path.name, method_list, target_list, stem=stem)
-        if parsed is not None:
-            found[(parsed[1], parsed[2])] = path
-    return found
-
-
 def bundled_sample_ct() -> Path | None:
     """The sample CT shipped with the package (``assets/sample_data``) or beside a source checkout
     (``sample_data/``): the first ``*.nii.gz`` that is not a mask; None when there is none."""

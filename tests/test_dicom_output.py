@@ -60,7 +60,7 @@ def test_parametric_maps_reference_source(model, tmp_path, direction):
     assert volume.metadata["format"] == "dicom-series"
     result = explain_volume(model, volume, ["attention", "cdam"], TARGETS, batch_size=8)
 
-    out = write_dicom_maps(result, tmp_path / "out", stem="ct")
+    out = write_dicom_maps(result, tmp_path / "out", stem="ct", map_dtype="float32")
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(f"ct_{m}_{t}_pm.dcm" for m in ("attention", "cdam") for t in TARGETS)
 
@@ -97,7 +97,7 @@ def test_parametric_maps_reference_source(model, tmp_path, direction):
                 pos = np.array(group.PlanePositionSequence[0].ImagePositionPatient, dtype=np.float64)
                 k = int(np.argmin(np.linalg.norm(slice_pos - pos, axis=1)))
                 assert np.allclose(slice_pos[k], pos, atol=1e-3)
-                np.testing.assert_array_equal(frames[n], result.maps[method][t][:, :, k].T)
+                np.testing.assert_array_equal(frames[n], result.map_array(method, target)[:, :, k].T)
                 ref = group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
                 assert np.allclose(np.array(source[ref].ImagePositionPatient, dtype=np.float64), pos, atol=1e-3)
                 seen.append(k)
@@ -110,7 +110,7 @@ def test_parametric_maps_reference_source(model, tmp_path, direction):
     assert pm.ContentLabel == "CDAM_MALIGNANCY"
     # nothing left over from the atomic writes; a rerun gives the same UIDs (deterministic)
     uid_before = pydicom.dcmread(out / "ct_cdam_malignancy_pm.dcm").SOPInstanceUID
-    write_dicom_maps(result, out, stem="ct")
+    write_dicom_maps(result, out, stem="ct", map_dtype="float32")
     assert sorted(p.name for p in out.iterdir()) == names
     assert pydicom.dcmread(out / "ct_cdam_malignancy_pm.dcm").SOPInstanceUID == uid_before
 
@@ -153,10 +153,38 @@ def test_single_dicom_file(model, tmp_path):
     volume = load_volume(path)
     assert volume.metadata["format"] == "dicom"
     result = explain_volume(model, volume, ["attention"], ["malignancy"])
-    out = write_dicom_maps(result, tmp_path / "out", stem="one")
+    out = write_dicom_maps(result, tmp_path / "out", stem="one", map_dtype="float32")
     ds = pydicom.dcmread(out / "one_attention_malignancy_pm.dcm")
     src = pydicom.dcmread(path)
     assert ds.NumberOfFrames == 1 and ds.StudyInstanceUID == src.StudyInstanceUID
     refs = [i.ReferencedSOPInstanceUID for s in ds.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence]
     assert refs == [src.SOPInstanceUID]
-    np.testing.assert_array_equal(ds.pixel_array, result.maps["attention"][0][:, :, 0].T)
+    np.testing.assert_array_equal(ds.pixel_array, result.map_array("attention", result.targets[0])[:, :, 0].T)
+
+
+def test_int16_parametric_map_round_trip(model, tmp_path):
+    """The default storage: unsigned 16-bit pixels whose real-world value mapping gives the map back
+    within half a quantisation step (max|map| / 2047 / 2), zero exactly at the stored offset."""
+    from medvit_explain.io.nifti import INT16_LEVELS
+
+    write_ct_series(_ct(np.eye(3)), tmp_path / "ct", uid_seed=7)
+    result = explain_volume(model, load_volume(tmp_path / "ct"), ["cdam"], ["malignancy"])
+    out = write_dicom_maps(result, tmp_path / "out", stem="ct")
+    ds = pydicom.dcmread(out / "ct_cdam_malignancy_pm.dcm")
+    assert "PixelData" in ds and "FloatPixelData" not in ds and ds.BitsAllocated == 16
+    assert ds.PixelRepresentation == 0
+    rwvm = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    slope, intercept = float(rwvm.RealWorldValueSlope), float(rwvm.RealWorldValueIntercept)
+    exact = result.map_array("cdam", "malignancy")
+    peak = float(np.abs(exact).max())
+    assert slope == pytest.approx(peak / INT16_LEVELS, rel=1e-6)
+    assert intercept == pytest.approx(-(INT16_LEVELS + 1) * slope, rel=1e-6)
+    slice_pos = exact.shape[2]
+    values = ds.pixel_array.astype(np.float64) * slope + intercept  # [frames, rows, cols]
+    positions = [
+        np.array(g.PlanePositionSequence[0].ImagePositionPatient, float) for g in ds.PerFrameFunctionalGroupsSequence
+    ]
+    ks = [int(np.argmin(np.abs(result.volume.physical_to_index(p)[2] - np.arange(slice_pos)))) for p in positions]
+    for n, k in enumerate(ks):
+        np.testing.assert_allclose(values[n], exact[:, :, k].T, atol=0.5 * slope * (1 + 1e-4))
+    assert np.abs(values).max() == pytest.approx(peak, rel=1e-3)

@@ -183,7 +183,9 @@ def test_widget_explains_the_ct_layer(viewer, plugin, qtbot, tmp_path, checkpoin
     assert [value for _, value in widget._ct_choices()] == [ct]
     # the map equals the pipeline's map on the same data
     result = widget.result
-    np.testing.assert_array_equal(widget.added_layers[1].data, result.maps["cdam"][1].transpose(2, 1, 0))
+    np.testing.assert_array_equal(
+        widget.added_layers[1].data, result.map_array("cdam", result.targets[1]).transpose(2, 1, 0)
+    )
 
 
 def test_widget_reports_errors_in_its_status(viewer, plugin, qtbot, tmp_path):

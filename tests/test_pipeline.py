@@ -51,7 +51,8 @@ def test_identity_explainer_reproduces_input_on_every_geometry():
         )
         expected = np.clip((volume.array - WINDOW[0]) / (WINDOW[1] - WINDOW[0]), 0, 1)
         for t in range(2):
-            np.testing.assert_allclose(result.maps["input_explainer"][t], expected, atol=1e-6)
+            target = ["malignancy", "texture"][t]
+            np.testing.assert_allclose(result.map_array("input_explainer", target), expected, atol=1e-6)
 
 
 def test_identity_explainer_with_resize_and_crop_keeps_structure():
@@ -62,7 +63,7 @@ def test_identity_explainer_with_resize_and_crop_keeps_structure():
     model = tiny_model(image_size=(48, 48), patch=8, crop_body=True)
     result = explain_volume(model, ph.ct, methods=[input_explainer], targets=[0])
     expected = np.clip((ph.ct.array - WINDOW[0]) / (WINDOW[1] - WINDOW[0]), 0, 1)
-    got = result.maps["input_explainer"][0]
+    got = result.map_array("input_explainer", result.targets[0])
     body = got > 0
     r = np.corrcoef(got[body], expected[body])[0, 1]
     assert r > 0.9, r
@@ -186,8 +187,9 @@ def test_maps_are_raw_and_equal_to_the_explainer(checkpoint):
     images = result.inputs.images([1])
     raw = explain(model, images, "cdam", targets=["malignancy"])
     up = torch.nn.functional.interpolate(raw, size=(32, 32), mode="bilinear", align_corners=False)
-    np.testing.assert_allclose(result.maps["cdam"][0][:, :, 1], up[0, 0].numpy().T, rtol=1e-5, atol=1e-6)
-    assert result.maps["cdam"].min() < 0 < result.maps["cdam"].max()
+    on_grid = result.map_array("cdam", "malignancy")
+    np.testing.assert_allclose(on_grid[:, :, 1], up[0, 0].numpy().T, rtol=1e-5, atol=1e-6)
+    assert on_grid.min() < 0 < on_grid.max()
 
 
 def test_roi_mode_writes_zero_outside(tmp_path, checkpoint):

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from medvit_explain.transforms import RoiInputs, SliceInputs, centers_from_mask
+from medvit_explain.transforms import (
+    RoiInputs,
+    SliceInputs,
+    centers_from_mask,
+    reoriented_view,
+    resize_planes,
+    window,
+)
 from medvit_explain.volume import Volume
 
 from .conftest import GEOMETRIES
@@ -48,10 +55,14 @@ def test_slice_inverse_reproduces_input(name, direction, spacing):
     probe = SliceInputs(volume, {"image_size": [1, 1], "in_chans": 1, "hu_window": WINDOW, "crop_body": False})
     rows, cols = canonical_slice_shape(probe)
     si = SliceInputs(volume, {"image_size": [rows, cols], "in_chans": 1, "hu_window": WINDOW, "crop_body": False})
-    out = np.zeros((1, *volume.shape), np.float32)
-    for batch in si.batches(batch_size=4):
-        si.to_source(batch.images, batch.slices, out)
-    np.testing.assert_allclose(out[0], windowed(volume.array), atol=1e-6)
+    images = torch.cat([batch.images for batch in si.batches(batch_size=4)])
+    out = si.project(images[:, 0])
+    assert out.transpose(2, 1, 0).flags.c_contiguous  # [X, Y, Z] view of a NIfTI-ordered buffer
+    np.testing.assert_allclose(out, windowed(volume.array), atol=1e-6)
+    k = si.n_slices // 2
+    np.testing.assert_array_equal(
+        si.canonical_slices(images[:, 0], [k])[:, :, 0], reoriented_view(out, si.ornt)[:, :, k]
+    )
 
 
 def test_slice_orientation_is_radiological():
@@ -87,8 +98,9 @@ def test_slice_resize_and_crop_inverse_localises():
     assert x0 <= 8 and x1 >= 56 and y0 <= 6 and y1 >= 44
     images = si.images([2])
     assert images.shape == (1, 3, 24, 24)
-    out = np.zeros((1, *shape), np.float32)
-    si.to_source(images[:, :1] ** 4, np.array([2]), out)
+    maps = torch.zeros(si.n_slices, 24, 24)
+    maps[2] = images[0, 0] ** 4
+    out = si.project(maps)[None]
     peak = np.unravel_index(int(out[0].argmax()), shape)
     assert peak[2] == 2 and 29 <= peak[0] <= 36 and 19 <= peak[1] <= 26
     r, c = np.unravel_index(int(images[0, 0].argmax()), (24, 24))
@@ -131,9 +143,7 @@ def test_roi_inverse_writes_inside_cube_only():
         "roi": {"size_mm": 16.0, "spacing_mm": 1.0, "views": ["axial", "coronal", "sagittal"]},
     }
     roi = RoiInputs(volume, pre, centre[None])
-    maps = torch.ones(3, 2, 4, 4)
-    out = np.zeros((2, *shape), np.float32)
-    roi.to_source(maps, out)
+    out = roi.project(torch.ones(3, 4, 4))[None]
     touched = np.argwhere(out[0] > 0)
     assert np.allclose(out[out > 0], 1.0)
     assert touched[:, 0].min() >= 25 - 9 and touched[:, 0].max() <= 25 + 9
@@ -149,3 +159,20 @@ def test_centers_from_mask():
     assert labels == [1, 2]
     np.testing.assert_allclose(centres[0], mask.index_to_physical(np.array([3, 3, 3])))
     np.testing.assert_allclose(centres[1], mask.index_to_physical(np.array([10.5, 11.5, 6.5])))
+
+
+@pytest.mark.parametrize("size", [(24, 24), (7, 31), (5, 5)])
+def test_window_and_resize_equal_monai_bit_for_bit(size):
+    """The HU window and the resize are MONAI's ScaleIntensityRange(clip=True) and
+    Resize(bilinear, align_corners=False, no anti-aliasing), run as plain torch ops."""
+    from monai.transforms import Resize, ScaleIntensityRange
+
+    rng = np.random.default_rng(3)
+    planes = torch.from_numpy(rng.uniform(-1500, 1500, size=(6, 17, 13)).astype(np.float32))
+    pre = {"hu_window": [-1000.0, 400.0], "scale_to": [-2.0, 2.0]}
+    ours = window(pre)(planes)
+    theirs = ScaleIntensityRange(a_min=-1000.0, a_max=400.0, b_min=-2.0, b_max=2.0, clip=True)(planes)
+    np.testing.assert_array_equal(ours.numpy(), np.asarray(theirs))
+    resized = resize_planes(ours, size)
+    reference = Resize(spatial_size=size, mode="bilinear", align_corners=False, anti_aliasing=False)(theirs)
+    np.testing.assert_array_equal(resized.numpy(), np.asarray(reference))

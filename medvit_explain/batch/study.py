@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MedvitInputError
+from ..vocabulary import DEFAULT_MAP_DTYPE
 from .manifest import Study
 from .records import clear_study_dir, list_outputs, now_iso
 
@@ -47,6 +48,7 @@ class BatchSettings:
     dicom: bool = False
     roi_from_mask: bool = False
     allow_modality: bool = False
+    map_dtype: str = DEFAULT_MAP_DTYPE
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -65,6 +67,7 @@ class OutputSpec:
     report: bool
     dicom: bool
     roi_from_mask: bool
+    map_dtype: str = DEFAULT_MAP_DTYPE
     extra: dict[str, Any] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
@@ -83,6 +86,7 @@ def output_spec(model, settings: BatchSettings) -> OutputSpec:
         report=settings.report,
         dicom=settings.dicom,
         roi_from_mask=settings.roi_from_mask,
+        map_dtype=settings.map_dtype,
     )
 
 
@@ -139,6 +143,7 @@ class StudyRunner:
 
     def process(self, loaded: LoadedStudy) -> dict[str, Any]:
         """Explain a loaded study and write its outputs; the outcome says ``done`` or ``failed`` (and why)."""
+        from ..outputs import write_outputs
         from ..pipeline import explain_volume
 
         study = loaded.study
@@ -168,7 +173,14 @@ class StudyRunner:
             )
             t1 = time.perf_counter()
             dicom = self.settings.dicom and str(loaded.volume.metadata.get("format", "")).startswith("dicom")
-            result.save(study_dir, stem=study.study_id, report=self.settings.report, dicom=dicom)
+            write_outputs(
+                result,
+                study_dir,
+                stem=study.study_id,
+                map_dtype=self.settings.map_dtype,
+                report=self.settings.report,
+                dicom=dicom,
+            )
             t2 = time.perf_counter()
             outputs = list_outputs(study_dir)
         except Exception as exc:  # one study's failure must not stop the others; it is recorded with its trace

@@ -7,6 +7,7 @@ import click
 from .options import (
     batch_size_option,
     device_option,
+    map_dtype_option,
     method_option,
     modality_option,
     model_config_option,
@@ -62,6 +63,7 @@ from .options import (
 @precision_option
 @click.option("--dicom", is_flag=True, help="Also write DICOM Parametric Maps (for the DICOM studies).")
 @click.option("--no-report", is_flag=True, help="Skip report.html.")
+@map_dtype_option
 @click.option(
     "--roi-from-mask",
     is_flag=True,
@@ -88,6 +90,7 @@ def batch(
     precision,
     dicom,
     no_report,
+    map_dtype,
     roi_from_mask,
     allow_modality,
 ):
@@ -126,6 +129,7 @@ def batch(
         dicom=dicom,
         roi_from_mask=roi_from_mask,
         allow_modality=allow_modality,
+        map_dtype=map_dtype,
     )
     summary = run_batch(
         manifest,

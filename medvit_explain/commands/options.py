@@ -6,6 +6,8 @@ import re
 
 import click
 
+from ..vocabulary import DEFAULT_MAP_DTYPE, MAP_DTYPES
+
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -57,6 +59,14 @@ series_option = click.option(
     help="SeriesInstanceUID to load when a DICOM folder holds several series.",
 )
 modality_option = click.option("--allow-modality", is_flag=True, help="Load a non-CT DICOM instead of refusing it.")
+map_dtype_option = click.option(
+    "--map-dtype",
+    type=click.Choice(MAP_DTYPES),
+    default=DEFAULT_MAP_DTYPE,
+    show_default=True,
+    help="Overlay storage: int16 (compact, NIfTI scl_slope; within max|map|/4094 of the exact values) "
+    "or float32 (exact). Also used for the DICOM Parametric Maps.",
+)
 
 
 def method_option(default=("cdam", "agcam")):

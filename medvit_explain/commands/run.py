@@ -11,6 +11,7 @@ from .options import (
     batch_size_option,
     device_option,
     load_model_cli,
+    map_dtype_option,
     method_option,
     modality_option,
     model_config_option,
@@ -23,10 +24,10 @@ from .options import (
 from .roi import resolve_roi, roi_centers_option, roi_mask_option
 
 
-def _progress_bar(total: int, desc: str):
+def _progress_bar(total: int, desc: str, unit: str = "slice"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="slice", file=click.get_text_stream("stderr"), leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, file=click.get_text_stream("stderr"), leave=False)
 
 
 @click.command()
@@ -161,6 +162,7 @@ def train(config_path, data, out, val_data, epochs, seed, resume, device):
 @precision_option
 @click.option("--dicom", is_flag=True, help="Also write the maps as DICOM Parametric Maps (DICOM input only).")
 @click.option("--no-report", is_flag=True, help="Skip report.html.")
+@map_dtype_option
 @series_option
 @modality_option
 @roi_centers_option
@@ -177,6 +179,7 @@ def explain(
     precision,
     dicom,
     no_report,
+    map_dtype,
     series_uid,
     allow_modality,
     roi_centers,
@@ -191,7 +194,9 @@ def explain(
     """
     from ..errors import MedvitInputError
     from ..io import load_volume
-    from ..pipeline import explain_volume, volume_stem
+    from ..outputs import write_outputs
+    from ..outputs.layout import volume_stem
+    from ..pipeline import explain_volume
 
     # everything that can fail on bad input is checked before the output folder is touched
     model = load_model_cli(model_path, device, model_config)
@@ -218,7 +223,11 @@ def explain(
             roi_mask=mask,
             progress=bar.update,
         )
-    written = result.save(out, stem=stem, report=not no_report, dicom=dicom)
+    n_maps = len(result.methods) * len(result.targets)
+    with _progress_bar(n_maps, "write", unit="map") as bar:
+        written = write_outputs(
+            result, out, stem=stem, map_dtype=map_dtype, report=not no_report, dicom=dicom, progress=bar.update
+        )
     summary = result.predictions.summary()
     where = f"{len(written)} files in {out}" + (f"; report: {written['report']}" if "report" in written else "")
     if "max_malignancy_slice" in summary:

@@ -1,12 +1,19 @@
 """Explanation maps as DICOM Parametric Map objects (highdicom) that reference the source CT.
 
 One Parametric Map Storage instance per method × target, each in a series of its own within the
-source study: the raw signed map, float32 (Float Pixel Data), one frame per source slice on the
-source grid, frame ``n`` at the plane position of the ``n``-th source image (highdicom takes plane
-positions, orientation and pixel spacing from the source images, and records the source instances
-in the per-frame derivation references and in the Referenced Series Sequence). The real-world value
-mapping is the identity (stored value = map value, UCUM unit ``1``: the map is unitless), labelled
-with the method; a VOI window centred at 0 (±max|map|) gives viewers a diverging default display.
+source study: the raw signed map, one frame per source slice on the source grid, frame ``n`` at the
+plane position of the ``n``-th source image (highdicom takes plane positions, orientation and pixel
+spacing from the source images, and records the source instances in the per-frame derivation
+references and in the Referenced Series Sequence). Two storage types, as for the NIfTI overlays:
+
+* ``int16`` (default): 16-bit unsigned Pixel Data holding ``round(map / slope) + OFFSET`` (Parametric
+  Maps allow only unsigned integers), with the Real World Value Mapping ``map = slope · stored −
+  OFFSET · slope``; ``slope = max|map| / INT16_LEVELS`` as in :mod:`medvit_explain.io.nifti`, so the
+  value a viewer shows is within half a step of the exact map. Half the size of float32.
+* ``float32``: Float Pixel Data, the identity mapping (stored value = map value).
+
+The mapping's unit is UCUM ``1`` (the map is unitless) and its label the method; a VOI window centred
+at the stored value of 0 (± max|map|) gives viewers a diverging default display.
 
 Only DICOM input has instances to reference: any other input raises ``MedvitInputError``.
 
@@ -29,6 +36,8 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from ..errors import MedvitInputError
+from ..outputs.layout import dicom_map_name
+from .nifti import INT16_LEVELS, int16_slope
 from .writer import atomic_path
 
 __all__ = ["DICOM_FORMATS", "METHOD_LABELS", "parametric_map", "write_dicom_maps"]
@@ -49,6 +58,7 @@ METHOD_LABELS = {
     "smoothgrad": "SmoothGrad",
     "inputxgrad": "InputXGrad",
 }
+OFFSET = INT16_LEVELS + 1  # stored value of a zero map value (int16 storage)
 SERIES_NUMBER_BASE = 900  # output series are numbered 901, 902, … in method-major order
 
 
@@ -127,30 +137,41 @@ def parametric_map(
     series_number: int,
     model_name: str = "medvit-explain",
     instance_number: int = 1,
+    map_dtype: str = "int16",
 ):
-    """A ``highdicom.pm.ParametricMap`` of ``frames`` ([n, rows, cols] float32, frame ``n`` on
-    ``sources[n]``) for one method and target."""
+    """A ``highdicom.pm.ParametricMap`` of ``frames`` ([n, rows, cols] float, frame ``n`` on
+    ``sources[n]``) for one method and target, stored as ``map_dtype`` (``int16`` or ``float32``)."""
     import highdicom as hd
 
-    frames = np.ascontiguousarray(frames, dtype=np.float32)
-    finite = frames[np.isfinite(frames)]
-    v = float(np.max(np.abs(finite))) if finite.size else 0.0
-    v = v if v > 0 else 1.0
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (-v, v)
-    if hi <= lo:
-        lo, hi = lo - 1.0, hi + 1.0
+    frames = np.asarray(frames, dtype=np.float32)
     label = _label(method)
-    mapping = hd.pm.RealWorldValueMapping(
-        lut_label=label[:16],
-        lut_explanation=f"{label} {target} (raw signed attribution)"[:64],
-        unit=codes.UCUM.NoUnits,
-        value_range=(lo, hi),
-        slope=1.0,
-        intercept=0.0,
-    )
+    mapping_text = {
+        "lut_label": label[:16],
+        "lut_explanation": f"{label} {target} (raw signed attribution)"[:64],
+        "unit": codes.UCUM.NoUnits,
+    }
+    if map_dtype == "int16":
+        slope = int16_slope(frames)
+        pixels = (np.rint(frames * np.float32(1.0 / slope)) + OFFSET).astype(np.uint16)
+        mapping = hd.pm.RealWorldValueMapping(
+            value_range=(0, 2 * OFFSET), slope=slope, intercept=-OFFSET * slope, **mapping_text
+        )
+        centre, width = float(OFFSET), 2.0 * INT16_LEVELS
+    elif map_dtype == "float32":
+        pixels = np.ascontiguousarray(frames)
+        finite = frames[np.isfinite(frames)]
+        v = float(np.max(np.abs(finite))) if finite.size else 0.0
+        v = v if v > 0 else 1.0
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (-v, v)
+        if hi <= lo:
+            lo, hi = lo - 1.0, hi + 1.0
+        mapping = hd.pm.RealWorldValueMapping(value_range=(lo, hi), slope=1.0, intercept=0.0, **mapping_text)
+        centre, width = 0.0, 2.0 * v
+    else:
+        raise ValueError(f"expected map_dtype int16 or float32, got {map_dtype!r}")
     return hd.pm.ParametricMap(
         source_images=list(sources),
-        pixel_array=frames,
+        pixel_array=pixels,
         series_instance_uid=series_uid,
         series_number=int(series_number),
         sop_instance_uid=sop_uid,
@@ -162,7 +183,9 @@ def parametric_map(
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[
-            hd.VOILUTTransformation(window_center=0.0, window_width=2.0 * v, window_explanation="symmetric about 0")
+            hd.VOILUTTransformation(
+                window_center=centre, window_width=width, window_explanation="symmetric about 0"
+            )
         ],
         content_label=_code_string(f"{method}_{target}"),
         content_description=f"{label} explanation map for {target}"[:64],
@@ -170,7 +193,7 @@ def parametric_map(
     )
 
 
-def write_dicom_maps(result, folder: str | os.PathLike, stem: str) -> Path:
+def write_dicom_maps(result, folder: str | os.PathLike, stem: str, map_dtype: str = "int16") -> Path:
     """Write one Parametric Map per method × target of ``result`` into ``folder``.
 
     Files are named ``<stem>_<method>_<target>_pm.dcm`` and written atomically (temporary name, then
@@ -180,6 +203,7 @@ def write_dicom_maps(result, folder: str | os.PathLike, stem: str) -> Path:
         result: an :class:`~medvit_explain.pipeline.ExplainResult` whose volume was read from DICOM.
         folder: output folder (created if needed).
         stem: file name prefix.
+        map_dtype: ``int16`` (16-bit integers with a value mapping; default) or ``float32``.
 
     Returns:
         ``folder``.
@@ -206,11 +230,10 @@ def write_dicom_maps(result, folder: str | os.PathLike, stem: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     n = 0
     for method in result.methods:
-        for t, target in enumerate(result.targets):
+        for target in result.targets:
             n += 1
-            stack = result.maps[method][t]  # [X, Y, Z]
-            frames = np.ascontiguousarray(np.transpose(stack, (2, 1, 0)), dtype=np.float32)  # [Z, rows=j, cols=i]
-            digest = hashlib.sha256(frames.tobytes()).hexdigest()
+            frames = result.map_array(method, target).transpose(2, 1, 0)  # [Z, rows=j, cols=i], no copy
+            digest = hashlib.sha256(np.ascontiguousarray(frames).data).hexdigest()
             entropy = [source_series, method, target, digest]
             pm = parametric_map(
                 sources,
@@ -221,8 +244,10 @@ def write_dicom_maps(result, folder: str | os.PathLike, stem: str) -> Path:
                 sop_uid=generate_uid(entropy_srcs=[*entropy, "sop"]),
                 series_number=SERIES_NUMBER_BASE + n,
                 model_name=model_name,
+                map_dtype=map_dtype,
             )
-            path = folder / f"{stem}_{method}_{target}_pm.dcm"
+            del frames
+            path = folder / dicom_map_name(stem, method, target)
             with atomic_path(path) as tmp:
                 pm.save_as(tmp, enforce_file_format=True)
     return folder
