@@ -10,7 +10,12 @@
 * pytorch-grad-cam's Grad-CAM on the same ViT and slices, one call per target (optional dependency);
 * end to end on a phantom volume: load → ``explain_volume`` (CDAM + AG-CAM) → overlays written;
 * peak memory of two subprocesses explaining N and 4·N slices, with the input and output volume bytes,
-  so "growth beyond the volumes themselves" is explicit.
+  so "growth beyond the volumes themselves" is explicit;
+* ``clinical`` (``--e2e-size X Y Z``, e.g. 512 512 300 at 0.7 × 0.7 × 1.0 mm): the whole ``explain`` job
+  as a user runs it (imports, model load, load, preprocess, model, explain, project, write, report) in
+  a fresh subprocess, with every stage's seconds, the bytes written and the process's peak RSS; run
+  once for all the model's targets and once for the primary target alone, so the memory that depends
+  on the number of maps is explicit.
 
 Timings are wall-clock (``torch.cuda.synchronize`` around each on a GPU). Each ratio is the median over
 runs of (time / a plain forward timed just before it), which holds up on a shared machine whose load
@@ -46,6 +51,9 @@ TARGET_LOOP_SPEEDUP = {"cpu": 20.0, "cuda": 100.0}
 TARGET_MEMORY_EXCESS = 0.10
 LOOP_METHODS = ("cdam", "agcam")
 DEFAULT_VOLUME = (192, 192, 32)
+CLINICAL_SPACING = (0.7, 0.7, 1.0)  # mm: a chest CT's usual in-plane and slice spacing
+TARGET_CLINICAL = {"seconds": 45.0, "peak_rss_bytes": 2.5e9, "bytes_written": 400e6, "targets_rss_growth": 0.10}
+TARGET_CLINICAL_GPU_SECONDS = 5.0
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -336,12 +344,16 @@ def run_bench(
     long_s: float = 20.0,
     model_source: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    clinical_size: Sequence[int] | None = None,
+    clinical_only: bool = False,
+    map_dtype: str = "int16",
 ) -> dict[str, Any]:
     """Run the benchmark on ``model`` (on its device); returns the result dict (see ``format_table``).
 
     ``model_source`` tells the memory subprocesses how to rebuild the model
     (``{"model_path": ...}`` or ``{"arch": ..., "image_size": ..., "seed": ...}``); without it the model is
-    saved to a temporary checkpoint for them.
+    saved to a temporary checkpoint for them. ``clinical_size`` ([X, Y, Z]) adds the whole ``explain``
+    job on a phantom of that size (see :func:`clinical_case`); ``clinical_only`` runs only that.
     """
     from .explainers import explain, explain_many
     from .registry import method_names
@@ -349,6 +361,17 @@ def run_bench(
     say = progress or (lambda msg: None)
     device = next(model.parameters()).device
     model.eval()
+    if clinical_only:
+        if clinical_size is None:
+            raise ValueError("clinical_only needs a clinical_size")
+        result = {"machine": machine_info(device), "model": model_info(model), "workload": {"batch_size": batch_size}}
+        with tempfile.TemporaryDirectory(prefix="medvit-bench-") as tmp:
+            source = _model_source(model, model_source, Path(tmp))
+            result["clinical"] = clinical_case(
+                source, str(device), Path(tmp), clinical_size, batch_size, precision, map_dtype, say
+            )
+        result["targets_check"] = check_targets(result)
+        return result
     methods = list(methods) if methods else method_names()
     k = len(model.targets)
     targets = list(range(k))
@@ -429,17 +452,27 @@ def run_bench(
         tmp_path = Path(tmp)
         say("end to end")
         result["end_to_end"] = _end_to_end(model, tmp_path, volume, batch_size, precision, repeats, device, long_s)
+        source = _model_source(model, model_source, tmp_path) if memory or clinical_size else {}
         if memory:
-            source = dict(model_source or {})
-            if not source:
-                from .model import save_checkpoint
-
-                source = {"model_path": str(save_checkpoint(model, tmp_path / "model"))}
             result["memory"] = _memory(source, str(device), tmp_path, volume, batch_size, precision, say)
         else:
             result["memory"] = None
+        if clinical_size:
+            result["clinical"] = clinical_case(
+                source, str(device), tmp_path, clinical_size, batch_size, precision, map_dtype, say
+            )
     result["targets_check"] = check_targets(result)
     return result
+
+
+def _model_source(model: nn.Module, model_source: dict[str, Any] | None, tmp: Path) -> dict[str, Any]:
+    """How a subprocess rebuilds ``model``: ``model_source``, else a temporary checkpoint of it."""
+    source = dict(model_source or {})
+    if not source:
+        from .model import save_checkpoint
+
+        source = {"model_path": str(save_checkpoint(model, tmp / "model"))}
+    return source
 
 
 def _version(dist: str) -> str:
@@ -451,29 +484,31 @@ def _version(dist: str) -> str:
         return "?"
 
 
-def _write_phantom(path: Path, shape: Sequence[int], seed: int = 0) -> Path:
+def _write_phantom(path: Path, shape: Sequence[int], seed: int = 0, spacing: Sequence[float] | None = None) -> Path:
     from .io import write_volume
     from .phantom import generate_phantom
 
-    return write_volume(generate_phantom(seed, size=tuple(int(s) for s in shape), n_nodules=3).ct, path)
+    extra = {"spacing": tuple(float(s) for s in spacing)} if spacing is not None else {}
+    return write_volume(generate_phantom(seed, size=tuple(int(s) for s in shape), n_nodules=3, **extra).ct, path)
 
 
 def _explain_file(model: nn.Module, path: Path, out_dir: Path, batch_size: int, precision: str) -> dict[str, Any]:
     """load → explain_volume (CDAM + AG-CAM, all targets) → overlays written (no HTML report)."""
     from .io import load_volume
+    from .outputs import write_outputs
     from .pipeline import explain_volume
 
     t0 = time.perf_counter()
     volume = load_volume(path)
     load_s = time.perf_counter() - t0
     result = explain_volume(model, volume, methods=["cdam", "agcam"], batch_size=batch_size, precision=precision)
-    written = result.save(out_dir, report=False)
+    written = write_outputs(result, out_dir, report=False)
     return {
         "load": load_s,
         **result.timings,
         "files": len(written),
         "input_bytes": int(volume.array.nbytes),
-        "output_bytes": int(sum(a.nbytes for a in result.maps.values())),
+        "output_bytes": int(sum(Path(p).stat().st_size for p in written.values())),  # on disk; maps are not held
     }
 
 
@@ -509,6 +544,116 @@ def _end_to_end(
     }
 
 
+# ------------------------------------------------------------------------------- clinical size
+
+CLINICAL_STAGES = ("import", "model_load", "load", "preprocess", "model", "explain", "project", "write", "report")
+
+
+def clinical_case(
+    source: dict[str, Any],
+    device: str,
+    tmp: Path,
+    size: Sequence[int],
+    batch_size: int,
+    precision: str,
+    map_dtype: str,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """The whole ``explain`` job (CDAM + AG-CAM, overlays + table + summary + report) on a phantom of
+    ``size`` at :data:`CLINICAL_SPACING`, in fresh subprocesses: once for every target of the model,
+    once for the primary target alone. Each run reports its stage seconds (``write`` is the wall time
+    of the overlays, ``project`` the projection seconds inside it summed over the writer threads),
+    ``bytes_written`` and the process's ``peak_rss_bytes``."""
+    shape = tuple(int(s) for s in size)
+    say(f"clinical: writing a {' x '.join(map(str, shape))} phantom")
+    path = _write_phantom(tmp / "clinical.nii.gz", shape, seed=99, spacing=CLINICAL_SPACING)
+    runs = {}
+    for label, targets in (("all_targets", None), ("one_target", "primary")):
+        say(f"clinical: explain ({label.replace('_', ' ')})")
+        job = {
+            **source,
+            "device": device,
+            "path": str(path),
+            "out": str(tmp / f"clinical_{label}"),
+            "batch_size": batch_size,
+            "precision": precision,
+            "map_dtype": map_dtype,
+            "targets": targets,
+            "threads": torch.get_num_threads(),
+        }
+        runs[label] = _subprocess_worker("--clinical-worker", job)
+    full, one = runs["all_targets"], runs["one_target"]
+    return {
+        "size": list(shape),
+        "spacing_mm": list(CLINICAL_SPACING),
+        "map_dtype": map_dtype,
+        **full,
+        "one_target": one,
+        "targets_rss_growth": full["peak_rss_bytes"] / one["peak_rss_bytes"] - 1.0,
+    }
+
+
+def _subprocess_worker(flag: str, job: dict[str, Any]) -> dict[str, Any]:
+    job = {**job, "launched": time.perf_counter()}  # a monotonic clock shared with the child process
+    proc = subprocess.run(
+        [sys.executable, "-m", "medvit_explain.bench", flag, json.dumps(job)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"bench worker {flag} failed: {tail[0]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _clinical_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """One ``explain`` job in this fresh process; ``import`` counts from the parent's launch of it."""
+    started = float(job["launched"])
+    torch.set_num_threads(int(job.get("threads") or torch.get_num_threads()))
+    from .io import load_volume
+    from .outputs import write_outputs
+    from .pipeline import explain_volume
+
+    stages: dict[str, float] = {"import": time.perf_counter() - started}
+    t0 = time.perf_counter()
+    model = bench_model(job.get("model_path"), job.get("arch"), job["device"], job.get("image_size"), 0)
+    stages["model_load"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    volume = load_volume(job["path"])
+    stages["load"] = time.perf_counter() - t0
+    targets = None
+    if job.get("targets") == "primary":
+        from .prediction import primary_target
+
+        targets = [model.targets[primary_target(model.targets, model.task_spec.kinds)]]
+    t0 = time.perf_counter()
+    result = explain_volume(
+        model, volume, ["cdam", "agcam"], targets, batch_size=int(job["batch_size"]), precision=job["precision"]
+    )
+    _sync(next(model.parameters()).device)
+    explain_wall = time.perf_counter() - t0
+    out = Path(job["out"])
+    write_outputs(result, out, map_dtype=job["map_dtype"], report=True)
+    timings = result.timings
+    stages["preprocess"] = timings.get("preprocess", 0.0)
+    stages["model"] = timings.get("predict", 0.0)
+    stages["explain"] = sum(v for k, v in timings.items() if k.startswith("explain_"))
+    stages["explain_volume_other"] = explain_wall - stages["preprocess"] - stages["model"] - stages["explain"]
+    for key in ("project", "write", "report"):
+        stages[key] = timings.get(key, 0.0)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    return {
+        "seconds": time.perf_counter() - started,
+        "stages_s": {k: round(v, 3) for k, v in stages.items()},
+        "maps": len(result.methods) * len(result.targets),
+        "files_written": len(files),
+        "bytes_written": int(sum(p.stat().st_size for p in files)),
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "device": str(next(model.parameters()).device),
+    }
+
+
 # ----------------------------------------------------------------------------------------- memory
 
 
@@ -536,23 +681,14 @@ def _memory(
             "precision": precision,
             "threads": torch.get_num_threads(),
         }
-        proc = subprocess.run(
-            [sys.executable, "-m", "medvit_explain.bench", "--memory-worker", json.dumps(job)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-            raise RuntimeError(f"memory worker for {shape[2]} slices failed: {tail[0]}")
-        runs.append({"slices": shape[2], **json.loads(proc.stdout.strip().splitlines()[-1])})
+        runs.append({"slices": shape[2], **_subprocess_worker("--memory-worker", job)})
     small, large = runs
     out: dict[str, Any] = {"runs": runs}
     for key in ("peak_rss_bytes", "cuda_max_allocated_bytes"):
         if small.get(key) is None or large.get(key) is None:
             continue
         growth = large[key] - small[key]
-        io_growth = (large["input_bytes"] + large["output_bytes"]) - (small["input_bytes"] + small["output_bytes"])
+        io_growth = large["input_bytes"] - small["input_bytes"]  # maps live at model resolution, not on the grid
         if key.startswith("cuda"):
             io_growth = 0  # the volumes stay on the host
         excess = growth - io_growth
@@ -654,6 +790,15 @@ def check_targets(result: dict[str, Any]) -> dict[str, Any]:
     for key in ("peak_rss", "cuda_max_allocated"):
         if key in mem:
             checks[f"{key} excess (4x slices)"] = _check(mem[key]["excess_fraction"], "<", TARGET_MEMORY_EXCESS)
+    clinical = result.get("clinical")
+    if clinical and tuple(clinical["size"]) == (512, 512, 300):  # the issue's bounds are for this size
+        seconds = TARGET_CLINICAL_GPU_SECONDS if kind == "cuda" else TARGET_CLINICAL["seconds"]
+        checks["clinical seconds"] = _check(clinical["seconds"], "<=", seconds)
+        checks["clinical peak_rss_bytes"] = _check(clinical["peak_rss_bytes"], "<=", TARGET_CLINICAL["peak_rss_bytes"])
+        checks["clinical bytes_written"] = _check(clinical["bytes_written"], "<=", TARGET_CLINICAL["bytes_written"])
+        checks["clinical rss growth, all vs 1 target"] = _check(
+            clinical["targets_rss_growth"], "<", TARGET_CLINICAL["targets_rss_growth"]
+        )
     return checks
 
 
@@ -671,6 +816,18 @@ def _mib(n: float | None) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """The human-readable report: machine and workload first, then every measurement."""
+    lines = _header_lines(result)
+    if "forward_s" in result:
+        lines += _method_lines(result)
+    if result.get("clinical"):
+        lines += _clinical_lines(result["clinical"])
+    lines += ["", "targets"]
+    for name, c in result["targets_check"].items():
+        lines.append(f"  {name:40s} {c['value']:10.3f}  {c['target']:8s} {'met' if c['met'] else 'NOT MET'}")
+    return "\n".join(lines)
+
+
+def _header_lines(result: dict[str, Any]) -> list[str]:
     m, w, mod = result["machine"], result["workload"], result["model"]
     lines = [
         f"machine   {m['host']} | {m['platform']} | {m['cpu_count']} CPUs, {m['torch_threads']} torch threads"
@@ -681,9 +838,34 @@ def format_table(result: dict[str, Any]) -> str:
         f"model     {mod['name']}: {mod['image_size']} px, grid {mod['patch_grid']}, depth {mod['depth']}, "
         f"dim {mod['embed_dim']}, {mod['num_heads']} heads, {mod['targets']} targets, "
         f"{mod['parameters'] / 1e6:.2f} M parameters",
-        f"workload  {w['slices']} slices x {w['targets']} targets, median of up to {w['repeats']} warm runs, "
-        f"loop on {w['loop_slices']} slice(s) scaled, volume {' x '.join(map(str, w['volume']))}, "
-        f"batch {w['batch_size']}, {w['precision']}",
+    ]
+    if "slices" in w:
+        lines.append(
+            f"workload  {w['slices']} slices x {w['targets']} targets, median of up to {w['repeats']} warm runs, "
+            f"loop on {w['loop_slices']} slice(s) scaled, volume {' x '.join(map(str, w['volume']))}, "
+            f"batch {w['batch_size']}, {w['precision']}"
+        )
+    return lines
+
+
+def _clinical_lines(c: dict[str, Any]) -> list[str]:
+    one = c["one_target"]
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in c["stages_s"].items())
+    return [
+        "",
+        f"clinical  explain (cdam + agcam, {c['maps']} maps, {c['map_dtype']} overlays, report) on a "
+        f"{' x '.join(map(str, c['size']))} CT at {' x '.join(f'{s:g}' for s in c['spacing_mm'])} mm, "
+        f"fresh process on {c['device']}:",
+        f"          {c['seconds']:.1f} s end to end, peak RSS {_mib(c['peak_rss_bytes'])}, "
+        f"{c['files_written']} files, {c['bytes_written'] / 1e6:.1f} MB written",
+        f"          stages (s): {stages}  (write: overlays wall time; project: inside write, summed over threads)",
+        f"          one target ({one['maps']} maps): {one['seconds']:.1f} s, peak RSS {_mib(one['peak_rss_bytes'])} "
+        f"-> all targets use {100 * c['targets_rss_growth']:+.1f} % RSS",
+    ]
+
+
+def _method_lines(result: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         f"{'measurement':34s} {'seconds':>10s} {'x forward':>10s} {'best':>7s} {'runs':>5s}"
         "   (x forward: median of paired runs; best: fastest run / fastest forward)",
@@ -729,7 +911,7 @@ def format_table(result: dict[str, Any]) -> str:
                 f"memory    {run['slices']:4d} slices: peak RSS ({run['peak_scope']}) "
                 f"{_mib(run['peak_rss_bytes'])} "
                 f"(after model load {_mib(run['rss_after_model_bytes'])}), input {_mib(run['input_bytes'])}, "
-                f"output maps {_mib(run['output_bytes'])}"
+                f"written {_mib(run['output_bytes'])}"
                 + (
                     f", CUDA max allocated {_mib(run['cuda_max_allocated_bytes'])}"
                     if run.get("cuda_max_allocated_bytes") is not None
@@ -744,10 +926,7 @@ def format_table(result: dict[str, Any]) -> str:
                     f"{_mib(r['volumes_growth_bytes'])}, excess {_mib(r['excess_bytes'])} = "
                     f"{100 * r['excess_fraction']:.1f} % of the smaller run's peak"
                 )
-    lines += ["", "targets"]
-    for name, c in result["targets_check"].items():
-        lines.append(f"  {name:40s} {c['value']:10.3f}  {c['target']:8s} {'met' if c['met'] else 'NOT MET'}")
-    return "\n".join(lines)
+    return lines
 
 
 def _json_default(obj: Any) -> Any:
@@ -761,9 +940,12 @@ def to_json(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--memory-worker":
+    if len(sys.argv) == 3 and sys.argv[1] in ("--memory-worker", "--clinical-worker"):
         with contextlib.redirect_stdout(sys.stderr):
-            report = _memory_worker(json.loads(sys.argv[2]))
+            job = json.loads(sys.argv[2])
+            report = _memory_worker(job) if sys.argv[1] == "--memory-worker" else _clinical_worker(job)
         print(json.dumps(report))
     else:
-        sys.exit("usage: python -m medvit_explain.bench --memory-worker JSON (use `medvit-explain bench`)")
+        sys.exit(
+            "usage: python -m medvit_explain.bench --memory-worker|--clinical-worker JSON (use `medvit-explain bench`)"
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import DEVICE, model_option
+from .options import DEVICE, map_dtype_option, model_option
 
 
 def _volume(ctx, param, value):
@@ -79,6 +79,18 @@ def _volume(ctx, param, value):
     help="Autocast precision end to end.",
 )
 @click.option("--no-memory", is_flag=True, help="Skip the two memory subprocesses.")
+@click.option(
+    "--e2e-size",
+    "e2e_size",
+    type=(int, int, int),
+    default=None,
+    callback=_volume,
+    metavar="X Y Z",
+    help="Also run the whole explain job (overlays and report) on a phantom of this size at 0.7 x 0.7 x 1.0 mm "
+    "in fresh processes, e.g. 512 512 300: stage seconds, bytes written, peak RSS.",
+)
+@click.option("--e2e-only", is_flag=True, help="Run only the --e2e-size case.")
+@map_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON instead of the table.")
 def bench(
     model_path,
@@ -93,6 +105,9 @@ def bench(
     batch_size,
     precision,
     no_memory,
+    e2e_size,
+    e2e_only,
+    map_dtype,
     as_json,
 ):
     """Time every explainer against a plain forward pass, the papers' per-slice loop and pytorch-grad-cam;
@@ -102,12 +117,15 @@ def bench(
     Example:
       medvit-explain bench                                        # the sample model, a few minutes on CPU
       medvit-explain bench --arch vit_small_patch16_224 --slices 8 --json
+      medvit-explain bench --e2e-size 512 512 300 --e2e-only          # a clinical-size CT, ~2 minutes
     """
     from ..bench import DEFAULT_VOLUME, bench_model, format_table, run_bench, to_json
     from ..registry import method_names
 
     if model_path and arch:
         raise click.BadParameter("expected --model or --arch, got both")
+    if e2e_only and not e2e_size:
+        raise click.BadParameter("--e2e-only needs --e2e-size X Y Z")
     if image_size and not arch:
         raise click.BadParameter("--image-size needs --arch (a checkpoint has its own input size)")
     unknown = [m for m in methods if m not in method_names()]
@@ -137,5 +155,8 @@ def bench(
         precision=precision,
         model_source=source,
         progress=say,
+        clinical_size=e2e_size,
+        clinical_only=e2e_only,
+        map_dtype=map_dtype,
     )
     click.echo(to_json(result) if as_json else format_table(result))

@@ -183,9 +183,7 @@ def parametric_map(
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[
-            hd.VOILUTTransformation(
-                window_center=centre, window_width=width, window_explanation="symmetric about 0"
-            )
+            hd.VOILUTTransformation(window_center=centre, window_width=width, window_explanation="symmetric about 0")
         ],
         content_label=_code_string(f"{method}_{target}"),
         content_description=f"{label} explanation map for {target}"[:64],
