@@ -152,7 +152,7 @@ def parametric_map(
     }
     if map_dtype == "int16":
         slope = int16_slope(frames)
-        pixels = (np.rint(frames * np.float32(1.0 / slope)) + OFFSET).astype(np.uint16)
+        pixels = (np.rint(frames.astype(np.float64) / slope) + OFFSET).astype(np.uint16)
         mapping = hd.pm.RealWorldValueMapping(
             value_range=(0, 2 * OFFSET), slope=slope, intercept=-OFFSET * slope, **mapping_text
         )

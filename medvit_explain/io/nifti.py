@@ -33,7 +33,7 @@ from .writer import atomic_path
 __all__ = ["INT16_LEVELS", "MAP_DTYPES", "int16_slope", "nifti_header", "write_map"]
 
 INT16_LEVELS = 2047  # stored integers lie in [-INT16_LEVELS, INT16_LEVELS]
-_CHUNK_BYTES = 8 << 20  # z-planes quantised and compressed per step
+_CHUNK_BYTES = 4 << 20  # bytes of stored voxels quantised and compressed per step
 
 try:  # ISA-L's deflate: same gzip format, much faster at its low levels
     from isal import isal_zlib as _deflate
@@ -46,9 +46,10 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib keeps a sou
 
 
 def int16_slope(array: np.ndarray) -> float:
-    """``scl_slope`` for ``array``: ``max|array| / INT16_LEVELS`` (1.0 for an all-zero map)."""
+    """``scl_slope`` for ``array``: ``max|array| / INT16_LEVELS`` (1.0 for an all-zero map), rounded to
+    float32 as the header stores it, so values are quantised with the slope readers apply."""
     peak = max(float(np.max(array)), -float(np.min(array))) if array.size else 0.0
-    return peak / INT16_LEVELS if peak > 0 else 1.0
+    return float(np.float32(peak / INT16_LEVELS)) if peak > 0 else 1.0
 
 
 def nifti_header(like: Volume, dtype: str, slope: float = 1.0, description: str = ""):
@@ -98,9 +99,10 @@ def write_map(
         gz = _deflate.compressobj(COMPRESS_LEVEL, _deflate.DEFLATED, 31)  # wbits 31: one gzip member
         stream.write(gz.compress(header.binaryblock + b"\0\0\0\0"))
         for z in range(0, planes.shape[0], step):
-            chunk = np.asarray(planes[z : z + step], dtype=np.float32)
-            if dtype == "int16":
-                chunk = np.rint(chunk * np.float32(1.0 / slope)).astype(np.int16)
+            if dtype == "int16":  # in float64, so the error stays within half a step of the float32 slope
+                chunk = np.rint(np.asarray(planes[z : z + step], dtype=np.float64) / slope).astype(np.int16)
+            else:
+                chunk = np.asarray(planes[z : z + step], dtype=np.float32)
             stream.write(gz.compress(np.ascontiguousarray(chunk).data))
         stream.write(gz.flush())
     return path
