@@ -22,6 +22,7 @@ _API = {
     "list_methods": "medvit_explain.registry",
     "predict": "medvit_explain.prediction",
     "explain_volume": "medvit_explain.pipeline",
+    "write_outputs": "medvit_explain.outputs",
 }
 
 __all__ = sorted(_API) + ["__version__"]

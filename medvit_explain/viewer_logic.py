@@ -33,10 +33,12 @@ from .outputs.layout import (
     parse_overlay_name,
     volume_stem,
 )
-from .vocabulary import DEFAULT_MAP_DTYPE, MAP_DTYPES
+from .vocabulary import DEFAULT_MAP_DTYPE, IMAGE_SUFFIXES, MAP_DTYPES
 
 __all__ = [
     "DEFAULT_OPACITY",
+    "IMAGE_SUFFIXES",
+    "MAP_DTYPES",
     "OVERLAY_SUFFIX",
     "ExplainCommandError",
     "Progress",

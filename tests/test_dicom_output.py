@@ -67,7 +67,7 @@ def test_parametric_maps_reference_source(model, tmp_path, direction):
     series_uids = set()
     slice_pos = volume.index_to_physical(np.stack([np.zeros(5), np.zeros(5), np.arange(5.0)], axis=1))
     for method in ("attention", "cdam"):
-        for t, target in enumerate(TARGETS):
+        for target in TARGETS:
             ds = pydicom.dcmread(out / f"ct_{method}_{target}_pm.dcm")
             assert ds.SOPClassUID == ParametricMapStorage and ds.file_meta.MediaStorageSOPClassUID == ds.SOPClassUID
             assert ds.StudyInstanceUID == study and ds.FrameOfReferenceUID == frame_of_ref

@@ -72,6 +72,16 @@ def test_build_explain_command_defaults_and_paths():
     cmd = vl.build_explain_command(Path("py"), Path("ct.nii.gz"), Path("out"))
     assert cmd == ["py", "-m", "medvit_explain", "explain", "ct.nii.gz", "--out", "out", "--device", "auto"]
     assert "--model" not in vl.build_explain_command("py", "ct", "out", model="  ")
+    exact = vl.build_explain_command("py", "ct", "out", map_dtype="float32")
+    assert exact[-2:] == ["--map-dtype", "float32"]
+
+
+def test_build_explain_command_map_dtype_is_a_cli_choice():
+    """The viewers offer exactly the CLI's --map-dtype choices (one vocabulary)."""
+    from medvit_explain.commands.run import explain
+
+    option = next(p for p in explain.params if p.name == "map_dtype")
+    assert tuple(option.type.choices) == vl.MAP_DTYPES and option.default == "int16"
 
 
 @pytest.mark.parametrize(
@@ -81,6 +91,7 @@ def test_build_explain_command_defaults_and_paths():
         ({"device": "gpu"}, "unknown device 'gpu'"),
         ({"batch_size": 0}, "positive integer batch size, got 0"),
         ({"batch_size": True}, "positive integer batch size"),
+        ({"map_dtype": "float16"}, "unknown map dtype 'float16'"),
     ],
 )
 def test_build_explain_command_refuses_bad_values(kwargs, match):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from collections.abc import Iterator
@@ -38,6 +39,15 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_leftovers(finals: list[Path]) -> None:
+    """Remove the temporary files of :func:`atomic_path` (``.<name>.XXXXXXXX<suffix>``) that a killed
+    process left beside these final paths; nothing else is touched."""
+    for final in finals:
+        for path in Path(final).parent.glob(f".{glob.escape(Path(final).name)}.*"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
 
 
 def to_sitk(volume: Volume, dtype=np.float32) -> sitk.Image:

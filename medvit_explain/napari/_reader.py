@@ -12,7 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from ..viewer_logic import IMAGE_SUFFIXES, parse_overlay_name
+from ..outputs.layout import parse_overlay_name
+from ..vocabulary import IMAGE_SUFFIXES
 
 _DICOM_PROBE = 8  # files looked at when deciding whether a folder holds DICOM
 

@@ -18,7 +18,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from ..io.nifti import write_map
-from ..io.writer import atomic_path
+from ..io.writer import atomic_path, remove_leftovers
 from ..vocabulary import DEFAULT_MAP_DTYPE, MAP_DTYPES
 from .layout import DICOM_FOLDER, PREDICTIONS, REPORT, SUMMARY, overlay_name, volume_stem
 
@@ -64,6 +64,8 @@ def write_outputs(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = stem or volume_stem(result.volume.metadata.get("path", "volume"))
+    finals = [overlay_name(stem, m, t) for m in result.methods for t in result.targets]
+    remove_leftovers([out_dir / name for name in (*finals, PREDICTIONS, REPORT, SUMMARY)])
     result.input_checksum()
     t0 = time.perf_counter()
     written = _write_overlays(result, out_dir, stem, map_dtype, workers, progress)

@@ -299,6 +299,7 @@ class MedViTExplainLogic(ScriptedLoadableModuleLogic):
         targets=("malignancy",),
         device="auto",
         batchSize=None,
+        mapDtype="int16",
         outputDir=None,
         progressCallback=None,
         showResult=True,
@@ -322,6 +323,7 @@ class MedViTExplainLogic(ScriptedLoadableModuleLogic):
             targets=list(targets),
             device=device,
             batch_size=batchSize,
+            map_dtype=mapDtype,
         )
         logging.info("MedViTExplain: running %s", cmd)
 
