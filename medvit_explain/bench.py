@@ -489,7 +489,8 @@ def _write_phantom(path: Path, shape: Sequence[int], seed: int = 0, spacing: Seq
     from .phantom import generate_phantom
 
     extra = {"spacing": tuple(float(s) for s in spacing)} if spacing is not None else {}
-    return write_volume(generate_phantom(seed, size=tuple(int(s) for s in shape), n_nodules=3, **extra).ct, path)
+    ct = generate_phantom(seed, size=tuple(int(s) for s in shape), n_nodules=3, **extra).ct
+    return write_volume(ct, path, dtype=np.int16)  # whole HU values, stored as scanners store them
 
 
 def _explain_file(model: nn.Module, path: Path, out_dir: Path, batch_size: int, precision: str) -> dict[str, Any]:

@@ -68,6 +68,12 @@ class ExplainResult:
         """One map as a :class:`Volume` on the source grid (see :meth:`map_array`)."""
         return self.volume.with_array(self.map_array(method, target))
 
+    def map_planes(self, method: str, target: str, z0: int, z1: int) -> np.ndarray:
+        """Source voxel planes ``z0:z1`` (third voxel axis) of one map on the source grid: ``[X, Y, z1 - z0]``
+        float32, equal to ``map_array(method, target)[:, :, z0:z1]``; for an axial acquisition only those
+        planes are computed (what a viewer showing one plane needs)."""
+        return self.inputs.project_planes(self._model_map(method, target), int(z0), int(z1))
+
     def map_slices(self, method: str, target: str, slices: Sequence[int]) -> np.ndarray:
         """Canonical (LPS-reoriented) slices ``slices`` of one map: ``[X, Y, len(slices)]`` float32. In
         slice mode only those slices are interpolated."""

@@ -212,6 +212,21 @@ class SliceInputs:
             canon[x0:x1, y0:y1, k : k + PROJECT_CHUNK] = crop.transpose(2, 1, 0)
         return out
 
+    def project_planes(self, maps: torch.Tensor, z0: int, z1: int) -> np.ndarray:
+        """Source voxel planes ``z0:z1`` (along the source's third axis) of the projected map: [X, Y, n].
+
+        When that axis is the slicing axis (an axial acquisition) only the matching canonical slices are
+        interpolated, so a viewer can show one plane at the cost of one slice; otherwise the whole map is
+        projected and cut."""
+        if int(np.argsort(self.ornt[:, 0])[2]) != 2:
+            return np.ascontiguousarray(self.project(maps)[:, :, z0:z1])
+        out = np.zeros((*self.volume.shape[:2], z1 - z0), np.float32)
+        view = reoriented_view(out, self.ornt)  # [Xc, Yc, n]: canonical in-plane axes (the block flipped too)
+        j = np.arange(z1 - z0)
+        source_z = z0 + (z1 - z0 - 1 - j if self.ornt[2, 1] == -1 else j)  # the source plane view[:, :, j] is
+        view[...] = self.canonical_slices(maps, self.canonical_to_source_k(source_z))  # source z <-> canonical k
+        return out
+
     def pixel_to_voxel(self, slice_index: int, row: float, col: float) -> np.ndarray:
         """The continuous source voxel index (i, j, k) of model pixel (row, col) of a canonical slice."""
         rows, cols = self.crop_shape
@@ -392,6 +407,10 @@ class RoiInputs:
     def canonical_slices(self, maps: torch.Tensor, slices: Sequence[int]) -> np.ndarray:
         """Canonical slices ``slices`` ([X, Y, len(slices)]) of the projected map."""
         return np.ascontiguousarray(reoriented_view(self.project(maps), self.ornt)[:, :, list(slices)])
+
+    def project_planes(self, maps: torch.Tensor, z0: int, z1: int) -> np.ndarray:
+        """Source voxel planes ``z0:z1`` of the projected map ([X, Y, n]; ROI maps are cheap to project)."""
+        return np.ascontiguousarray(self.project(maps)[:, :, z0:z1])
 
     def pixel_to_voxel(self, roi: int, view: str, row: float, col: float) -> np.ndarray:
         """The continuous source voxel index of model pixel (row, col) of a view of ROI ``roi``."""

@@ -176,3 +176,19 @@ def test_window_and_resize_equal_monai_bit_for_bit(size):
     resized = resize_planes(ours, size)
     reference = Resize(spatial_size=size, mode="bilinear", align_corners=False, anti_aliasing=False)(theirs)
     np.testing.assert_array_equal(resized.numpy(), np.asarray(reference))
+
+
+@pytest.mark.parametrize(
+    "direction",
+    [g[1] for g in GEOMETRIES] + [np.diag([1.0, 1.0, -1.0]), np.diag([-1.0, -1.0, 1.0])],
+    ids=[g[0] for g in GEOMETRIES] + ["flip-z", "flip-xy"],
+)
+def test_project_planes_equal_the_full_projection(direction):
+    """A block of source planes (what a viewer shows) equals the same planes of the whole projection,
+    whether the slicing axis is the source's third axis (the fast path) or not."""
+    volume = make_volume(direction, (0.9, 1.1, 1.7), shape=(20, 18, 7))
+    si = SliceInputs(volume, {"image_size": [8, 8], "in_chans": 1, "hu_window": WINDOW, "crop_body": True})
+    maps = torch.randn(si.n_slices, 4, 4, generator=torch.Generator().manual_seed(1))
+    full = si.project(maps)
+    for z0, z1 in [(0, 7), (2, 5), (6, 7)]:
+        np.testing.assert_array_equal(si.project_planes(maps, z0, z1), full[:, :, z0:z1])

@@ -84,12 +84,16 @@ def overlay_layer_data(
     name: str | None = None,
     blending: str = "translucent",
     extra: Mapping[str, Any] | None = None,
-) -> tuple[np.ndarray, dict[str, Any], str]:
+    data: Any = None,
+    window_values: Any = None,
+) -> tuple[Any, dict[str, Any], str]:
     """A napari ``LayerDataTuple`` for a signed map: diverging colormap centred at 0 (window ± the
-    99.5th percentile of |map|), ``translucent`` or ``additive`` blending, the source's geometry."""
+    99.5th percentile of |map|, or of ``window_values`` when given), ``translucent`` or ``additive``
+    blending, the source's geometry. ``data`` replaces the ``[Z, Y, X]`` view of ``volume.array`` (a
+    lazy array of the same shape, see :func:`lazy_overlay_layer_data`)."""
     if blending not in OVERLAY_BLENDINGS:
         raise ValueError(f"expected blending in {OVERLAY_BLENDINGS}, got {blending!r}")
-    lo, hi = color_range(volume.array, percentile=OVERLAY_PERCENTILE)
+    lo, hi = color_range(volume.array if window_values is None else window_values, percentile=OVERLAY_PERCENTILE)
     meta = {
         "kind": "overlay",
         "method": method,
@@ -99,7 +103,7 @@ def overlay_layer_data(
         **dict(extra or {}),
     }
     return (
-        layer_data(volume),
+        layer_data(volume) if data is None else data,
         {
             "name": name or f"{method}/{target}",
             "affine": napari_affine(volume.affine_lps),
@@ -112,6 +116,35 @@ def overlay_layer_data(
         },
         "image",
     )
+
+
+LAZY_PLANES = 8  # source planes computed together when napari shows one of them
+
+
+def lazy_overlay_layer_data(result, method: str, target: str, name: str | None = None, blending: str = "translucent"):
+    """:func:`overlay_layer_data` for one map of an :class:`~medvit_explain.pipeline.ExplainResult`,
+    computed only where napari looks: the layer is a dask array whose blocks of ``LAZY_PLANES`` source
+    planes are projected on demand (:meth:`ExplainResult.map_planes`), so 18 maps of a 512 × 512 × 300 CT
+    cost what the shown planes cost instead of 5.7 GB. The window comes from the model-resolution map
+    (the same values, before bilinear upsampling)."""
+    import dask
+    import dask.array as da
+
+    shape = result.volume.shape  # [X, Y, Z]
+    blocks = []
+    for z0 in range(0, shape[2], LAZY_PLANES):
+        z1 = min(shape[2], z0 + LAZY_PLANES)
+        planes = dask.delayed(_planes_zyx)(result, method, target, z0, z1)
+        blocks.append(da.from_delayed(planes, shape=(z1 - z0, shape[1], shape[0]), dtype=np.float32))
+    data = da.concatenate(blocks, axis=0)
+    window = result.model_maps[method][:, result.targets.index(target)].float().cpu().numpy()
+    return overlay_layer_data(
+        result.volume, method, target, name=name, blending=blending, data=data, window_values=window
+    )
+
+
+def _planes_zyx(result, method: str, target: str, z0: int, z1: int) -> np.ndarray:
+    return np.ascontiguousarray(result.map_planes(method, target, z0, z1).transpose(2, 1, 0))
 
 
 def full_affine(layer) -> np.ndarray:

@@ -28,7 +28,7 @@ from qtpy.QtCore import QObject, Signal
 
 from ..registry import method_names
 from ..viewer_logic import top_slice
-from ._layers import OVERLAY_BLENDINGS, overlay_layer_data, volume_from_layer
+from ._layers import OVERLAY_BLENDINGS, lazy_overlay_layer_data, volume_from_layer
 
 SCORE_COLUMNS_FIRST = ("slice", "source_index", "z_mm", "malignancy_prob")
 DEFAULT_TARGETS = ("malignancy",)
@@ -195,12 +195,8 @@ class ExplainWidget(Container):
         blending = self.blending.value
         for method in result.methods:
             for target in result.targets:
-                data, kwargs, _ = overlay_layer_data(
-                    result.map_volume(method, target),
-                    method,
-                    target,
-                    name=f"{ct_layer.name} {method}/{target}",
-                    blending=blending,
+                data, kwargs, _ = lazy_overlay_layer_data(
+                    result, method, target, name=f"{ct_layer.name} {method}/{target}", blending=blending
                 )
                 self.added_layers.append(self._viewer.add_image(data, **kwargs))
         table = result.predictions
