@@ -112,8 +112,10 @@ def _sources_in_k_order(volume, sources: list[pydicom.Dataset]) -> list[pydicom.
     expected = volume.index_to_physical(np.stack([np.zeros(nz), np.zeros(nz), np.arange(nz)], axis=1))
     order = []
     tol = 0.1 * float(volume.spacing[2])
+    positions = np.array([np.asarray(s.ImagePositionPatient, dtype=np.float64) for s in sources])  # [n, 3]
+    distances = np.linalg.norm(expected[:, None, :] - positions[None, :, :], axis=2)  # [slice k, source]
     for k in range(nz):
-        dist = [np.linalg.norm(np.asarray(s.ImagePositionPatient, dtype=np.float64) - expected[k]) for s in sources]
+        dist = distances[k]
         best = int(np.argmin(dist))
         if dist[best] > tol:
             raise MedvitInputError(
@@ -124,6 +126,23 @@ def _sources_in_k_order(volume, sources: list[pydicom.Dataset]) -> list[pydicom.
     if len(set(order)) != nz:
         raise MedvitInputError("several slices match the same source DICOM image; cannot reference the sources")
     return [sources[i] for i in order]
+
+
+def stored_pixels(frames: np.ndarray, map_dtype: str = "int16") -> tuple[np.ndarray, float]:
+    """The Pixel Data of a map ([n, rows, cols] float) and its real-world slope.
+
+    ``int16``: ``uint16`` values ``round(map / slope) + OFFSET`` (quantised a block of frames at a time,
+    in float64 against the float32 slope, so no full-size float64 copy is made); ``float32``: the map."""
+    if map_dtype == "float32":
+        return np.ascontiguousarray(frames, dtype=np.float32), 1.0
+    if map_dtype != "int16":
+        raise ValueError(f"expected map_dtype int16 or float32, got {map_dtype!r}")
+    slope = int16_slope(frames)
+    pixels = np.empty(frames.shape, np.uint16)
+    for n in range(0, frames.shape[0], 16):
+        block = np.asarray(frames[n : n + 16], dtype=np.float64)
+        pixels[n : n + 16] = np.rint(block / slope) + OFFSET
+    return pixels, slope
 
 
 def parametric_map(
@@ -141,34 +160,54 @@ def parametric_map(
 ):
     """A ``highdicom.pm.ParametricMap`` of ``frames`` ([n, rows, cols] float, frame ``n`` on
     ``sources[n]``) for one method and target, stored as ``map_dtype`` (``int16`` or ``float32``)."""
+    pixels, slope = stored_pixels(frames, map_dtype)
+    return _parametric_map(
+        sources,
+        pixels,
+        slope,
+        method=method,
+        target=target,
+        series_uid=series_uid,
+        sop_uid=sop_uid,
+        series_number=series_number,
+        model_name=model_name,
+        instance_number=instance_number,
+    )
+
+
+def _parametric_map(
+    sources,
+    pixels: np.ndarray,
+    slope: float,
+    *,
+    method,
+    target,
+    series_uid,
+    sop_uid,
+    series_number,
+    model_name,
+    instance_number=1,
+):
     import highdicom as hd
 
-    frames = np.asarray(frames, dtype=np.float32)
     label = _label(method)
     mapping_text = {
         "lut_label": label[:16],
         "lut_explanation": f"{label} {target} (raw signed attribution)"[:64],
         "unit": codes.UCUM.NoUnits,
     }
-    if map_dtype == "int16":
-        slope = int16_slope(frames)
-        pixels = (np.rint(frames.astype(np.float64) / slope) + OFFSET).astype(np.uint16)
+    if pixels.dtype == np.uint16:
         mapping = hd.pm.RealWorldValueMapping(
             value_range=(0, 2 * OFFSET), slope=slope, intercept=-OFFSET * slope, **mapping_text
         )
         centre, width = float(OFFSET), 2.0 * INT16_LEVELS
-    elif map_dtype == "float32":
-        pixels = np.ascontiguousarray(frames)
-        finite = frames[np.isfinite(frames)]
-        v = float(np.max(np.abs(finite))) if finite.size else 0.0
-        v = v if v > 0 else 1.0
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (-v, v)
+    else:
+        lo, hi = float(np.nanmin(pixels)), float(np.nanmax(pixels))
+        v = max(abs(lo), abs(hi)) or 1.0
         if hi <= lo:
             lo, hi = lo - 1.0, hi + 1.0
         mapping = hd.pm.RealWorldValueMapping(value_range=(lo, hi), slope=1.0, intercept=0.0, **mapping_text)
         centre, width = 0.0, 2.0 * v
-    else:
-        raise ValueError(f"expected map_dtype int16 or float32, got {map_dtype!r}")
     return hd.pm.ParametricMap(
         source_images=list(sources),
         pixel_array=pixels,
@@ -191,17 +230,19 @@ def parametric_map(
     )
 
 
-def write_dicom_maps(result, folder: str | os.PathLike, stem: str, map_dtype: str = "int16") -> Path:
+def write_dicom_maps(result, folder: str | os.PathLike, stem: str, map_dtype: str = "int16", workers: int = 1) -> Path:
     """Write one Parametric Map per method × target of ``result`` into ``folder``.
 
     Files are named ``<stem>_<method>_<target>_pm.dcm`` and written atomically (temporary name, then
-    rename). Each is a new series in the source study referencing every source CT instance.
+    rename). Each is a new series in the source study referencing every source CT instance. Maps are
+    projected, quantised and written ``workers`` at a time (each holds one map on the source grid).
 
     Args:
         result: an :class:`~medvit_explain.pipeline.ExplainResult` whose volume was read from DICOM.
         folder: output folder (created if needed).
         stem: file name prefix.
         map_dtype: ``int16`` (16-bit integers with a value mapping; default) or ``float32``.
+        workers: maps written at once.
 
     Returns:
         ``folder``.
@@ -209,6 +250,8 @@ def write_dicom_maps(result, folder: str | os.PathLike, stem: str, map_dtype: st
     Raises:
         MedvitInputError: the input was not DICOM, or its source files cannot be matched to the slices.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     volume = result.volume
     meta = volume.metadata
     fmt = meta.get("format")
@@ -226,26 +269,29 @@ def write_dicom_maps(result, folder: str | os.PathLike, stem: str, map_dtype: st
     model_name = (result.model_info or {}).get("name", "medvit-explain")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    n = 0
-    for method in result.methods:
-        for target in result.targets:
-            n += 1
-            frames = result.map_array(method, target).transpose(2, 1, 0)  # [Z, rows=j, cols=i], no copy
-            digest = hashlib.sha256(np.ascontiguousarray(frames).data).hexdigest()
-            entropy = [source_series, method, target, digest]
-            pm = parametric_map(
-                sources,
-                frames,
-                method=method,
-                target=target,
-                series_uid=generate_uid(entropy_srcs=[*entropy, "series"]),
-                sop_uid=generate_uid(entropy_srcs=[*entropy, "sop"]),
-                series_number=SERIES_NUMBER_BASE + n,
-                model_name=model_name,
-                map_dtype=map_dtype,
-            )
-            del frames
-            path = folder / dicom_map_name(stem, method, target)
-            with atomic_path(path) as tmp:
-                pm.save_as(tmp, enforce_file_format=True)
+    jobs = [(m, t) for m in result.methods for t in result.targets]
+
+    def write_one(n: int, method: str, target: str) -> None:
+        frames = result.map_array(method, target).transpose(2, 1, 0)  # [Z, rows=j, cols=i], no copy
+        pixels, slope = stored_pixels(frames, map_dtype)
+        del frames  # only the stored pixels from here on
+        digest = hashlib.sha256(pixels.data).hexdigest() + f"/{slope!r}"
+        entropy = [source_series, method, target, digest]
+        pm = _parametric_map(
+            sources,
+            pixels,
+            slope,
+            method=method,
+            target=target,
+            series_uid=generate_uid(entropy_srcs=[*entropy, "series"]),
+            sop_uid=generate_uid(entropy_srcs=[*entropy, "sop"]),
+            series_number=SERIES_NUMBER_BASE + n,
+            model_name=model_name,
+        )
+        with atomic_path(folder / dicom_map_name(stem, method, target)) as tmp:
+            pm.save_as(tmp, enforce_file_format=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="dicom") as pool:
+        for future in [pool.submit(write_one, n, m, t) for n, (m, t) in enumerate(jobs, start=1)]:
+            future.result()
     return folder

@@ -74,7 +74,13 @@ def write_outputs(
     if dicom:
         from ..io.dicom_output import write_dicom_maps
 
-        written["dicom"] = write_dicom_maps(result, out_dir / DICOM_FOLDER, stem=stem, map_dtype=map_dtype)
+        written["dicom"] = write_dicom_maps(
+            result,
+            out_dir / DICOM_FOLDER,
+            stem=stem,
+            map_dtype=map_dtype,
+            workers=workers or overlay_workers(len(result.methods) * len(result.targets)),
+        )
     result.timings["write"] = time.perf_counter() - t0
     if report:
         from ..report import write_report
