@@ -824,7 +824,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines += _clinical_lines(result["clinical"])
     lines += ["", "targets"]
     for name, c in result["targets_check"].items():
-        lines.append(f"  {name:40s} {c['value']:10.3f}  {c['target']:8s} {'met' if c['met'] else 'NOT MET'}")
+        lines.append(f"  {name:40s} {c['value']:10.4g}  {c['target']:8s} {'met' if c['met'] else 'NOT MET'}")
     return "\n".join(lines)
 
 
