@@ -571,17 +571,8 @@ def clinical_case(
     runs = {}
     for label, targets in (("all_targets", None), ("one_target", "primary")):
         say(f"clinical: explain ({label.replace('_', ' ')})")
-        job = {
-            **source,
-            "device": device,
-            "path": str(path),
-            "out": str(tmp / f"clinical_{label}"),
-            "batch_size": batch_size,
-            "precision": precision,
-            "map_dtype": map_dtype,
-            "targets": targets,
-            "threads": torch.get_num_threads(),
-        }
+        job = _job(source, device, path, tmp / f"clinical_{label}", batch_size, precision)
+        job.update(map_dtype=map_dtype, targets=targets)
         runs[label] = _subprocess_worker("--clinical-worker", job)
     full, one = runs["all_targets"], runs["one_target"]
     return {
@@ -591,6 +582,19 @@ def clinical_case(
         **full,
         "one_target": one,
         "targets_rss_growth": full["peak_rss_bytes"] / one["peak_rss_bytes"] - 1.0,
+    }
+
+
+def _job(source: dict[str, Any], device: str, path: Path, out: Path, batch_size: int, precision: str) -> dict[str, Any]:
+    """What a worker subprocess needs: how to rebuild the model, where to read and write, how to run."""
+    return {
+        **source,
+        "device": device,
+        "path": str(path),
+        "out": str(out),
+        "batch_size": batch_size,
+        "precision": precision,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -673,15 +677,7 @@ def _memory(
         shape = (int(volume[0]), int(volume[1]), int(volume[2]) * factor)
         say(f"memory {shape[2]} slices")
         path = _write_phantom(tmp / f"mem_{shape[2]}.nii.gz", shape)
-        job = {
-            **source,
-            "device": device,
-            "path": str(path),
-            "out": str(tmp / f"mem_out_{shape[2]}"),
-            "batch_size": batch_size,
-            "precision": precision,
-            "threads": torch.get_num_threads(),
-        }
+        job = _job(source, device, path, tmp / f"mem_out_{shape[2]}", batch_size, precision)
         runs.append({"slices": shape[2], **_subprocess_worker("--memory-worker", job)})
     small, large = runs
     out: dict[str, Any] = {"runs": runs}

@@ -9,38 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..vocabulary import DEFAULT_MAP_DTYPE, MAP_DTYPES
-from .layout import (
-    DICOM_FOLDER,
-    IMAGE_SUFFIXES,
-    OVERLAY_SUFFIX,
-    PREDICTIONS,
-    REPORT,
-    SUMMARY,
-    dicom_map_name,
-    find_outputs,
-    known_methods,
-    overlay_name,
-    parse_overlay_name,
-    volume_stem,
-)
+from . import layout
+from .layout import *  # noqa: F403 - the names of the files are this layer's public API
 
-__all__ = [
-    "DEFAULT_MAP_DTYPE",
-    "DICOM_FOLDER",
-    "IMAGE_SUFFIXES",
-    "MAP_DTYPES",
-    "OVERLAY_SUFFIX",
-    "PREDICTIONS",
-    "REPORT",
-    "SUMMARY",
-    "dicom_map_name",
-    "find_outputs",
-    "known_methods",
-    "overlay_name",
-    "parse_overlay_name",
-    "volume_stem",
-    "write_outputs",
-]
+__all__ = [*layout.__all__, "DEFAULT_MAP_DTYPE", "MAP_DTYPES", "write_outputs"]
 
 
 def write_outputs(result, out_dir, **options: Any):
