@@ -10,7 +10,6 @@ files is the output layer's job (:mod:`medvit_explain.outputs`).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -119,13 +118,6 @@ class ExplainResult:
             "versions": package_versions(),
             "results": self.predictions.summary(),
         }
-
-    def save(self, out_dir: str | os.PathLike, **options: Any) -> dict[str, Path]:
-        """``medvit_explain.outputs.write_outputs(self, out_dir, **options)``: overlays, predictions.csv,
-        summary.json (and report.html / DICOM) in ``out_dir``."""
-        from .outputs import write_outputs
-
-        return write_outputs(self, out_dir, **options)
 
 
 def explain_volume(

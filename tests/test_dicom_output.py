@@ -14,6 +14,7 @@ from medvit_explain.io import load_volume
 from medvit_explain.io.dicom_output import write_dicom_maps
 from medvit_explain.io.dicom_series import write_ct_file, write_ct_series
 from medvit_explain.model import build_model
+from medvit_explain.outputs import write_outputs
 from medvit_explain.pipeline import explain_volume
 from medvit_explain.volume import Volume
 
@@ -138,10 +139,10 @@ def test_unmatched_source_files_refused(model, tmp_path):
 
 
 def test_save_with_dicom_and_report(model, tmp_path):
-    """``ExplainResult.save(dicom=True)``: overlays, report and Parametric Maps side by side."""
+    """``write_outputs(dicom=True)``: overlays, report and Parametric Maps side by side."""
     write_ct_series(_ct(np.eye(3)), tmp_path / "ct", uid_seed=5)
     result = explain_volume(model, load_volume(tmp_path / "ct"), ["attention"], ["malignancy"])
-    written = result.save(tmp_path / "out", dicom=True, report=True)
+    written = write_outputs(result, tmp_path / "out", dicom=True, report=True)
     assert written["dicom"] == tmp_path / "out" / "dicom"
     assert [p.name for p in written["dicom"].iterdir()] == ["ct_attention_malignancy_pm.dcm"]
     assert written["report"].is_file() and "data:image/png;base64," in written["report"].read_text()
