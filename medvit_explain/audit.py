@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputNotFoundError, MedvitInputError, MethodError
+from .errors import InputNotFoundError, MedvitInputError
 
 __all__ = ["AuditResult", "audit", "calibration", "curves", "write_audit"]
 
@@ -115,14 +115,13 @@ def audit(
     from .io import load_volume
     from .metrics.masks import body_mask
     from .pipeline import explain_volume
-    from .registry import METHODS
+    from .registry import explainer_class
     from .report.evaluation import study_figure
     from .train import find_studies, slice_targets
     from .transforms import reoriented_view
 
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise MethodError(f"unknown method {unknown[0]!r}; expected one of: {', '.join(METHODS)}")
+    for m in methods:
+        explainer_class(m)  # MethodError for an unknown name, before any study is read
     if not Path(data).exists():
         raise InputNotFoundError(f"audit data not found: {data}")
     studies = find_studies(data)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InputNotFoundError, MedvitInputError, MethodError
+from .errors import InputNotFoundError, MedvitInputError
 from .metrics import (
     class_sensitivity,
     compactness,
@@ -175,10 +175,10 @@ def _primary(spec) -> int:
 
 
 def _method_opts(method: str, seed: int, extra: dict | None) -> dict[str, Any]:
-    from .registry import METHODS
+    from .registry import explainer_class
 
     opts = dict(extra or {})
-    if "seed" in METHODS[method].options:
+    if "seed" in explainer_class(method).defaults:
         opts.setdefault("seed", seed)
     return opts
 
@@ -224,7 +224,7 @@ def evaluate_explanations(
     from tqdm.auto import tqdm
 
     from .explainers import explain, upsample
-    from .registry import METHODS, method_names
+    from .registry import explainer_class, method_names
     from .transforms import window_mean
 
     if fill is None:  # the window's mean intensity in model-input units
@@ -232,9 +232,7 @@ def evaluate_explanations(
     from .train import find_studies
 
     methods = list(methods) if methods else method_names()
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise MethodError(f"unknown method {unknown[0]!r}; expected one of: {', '.join(METHODS)}")
+    classes = {m: explainer_class(m) for m in methods}  # MethodError for an unknown name
     spec = model.task_spec
     target_idx = spec.resolve(targets)
     names = [spec.names[k] for k in target_idx]
@@ -290,7 +288,7 @@ def evaluate_explanations(
     for method in methods:
         t_method = time.perf_counter()
         opts = _method_opts(method, seed, (method_options or {}).get(method))
-        sensitive = METHODS[method].class_sensitive
+        sensitive = classes[method].class_sensitive
         maps, loc_maps, morf, lerf = [], [], [], []
         rand_maps: dict[int, list] = {k: [] for k in randomized}
         for b in range(n_batches):

@@ -26,7 +26,6 @@ from .versions import package_versions
 from .volume import Volume
 
 DEFAULT_METHODS = ("cdam", "agcam")
-SHARED_FORWARD = ("cdam", "agcam")  # methods explain_many runs on one shared forward pass
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -151,13 +150,12 @@ def explain_volume(
     Returns:
         an :class:`ExplainResult`: model-space maps, and each map on the volume's grid on demand.
     """
-    from .explainers import explain, explain_many
-    from .registry import method_names
+    from .explainers import explain_many
+    from .registry import explainer_class
 
     methods, custom = _method_table(methods)
-    unknown = [m for m in methods if m not in method_names() and m not in custom]
-    if unknown:
-        raise MedvitInputError(f"unknown method {unknown[0]!r}; expected one of {', '.join(method_names())}")
+    registered = [m for m in methods if m not in custom]
+    classes = {m: explainer_class(m) for m in registered}  # MethodError (exit 2) for an unknown name
     if precision not in PRECISIONS:
         raise MedvitInputError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     target_idx = model.task_spec.resolve(targets)
@@ -174,14 +172,13 @@ def explain_volume(
     device = next(model.parameters()).device
     options = {m: dict((method_options or {}).get(m, {})) for m in methods}
     if PRECISIONS[precision] is not None:
-        for m in methods:
-            if m not in custom:
-                options[m].setdefault("autocast_dtype", PRECISIONS[precision])
+        for m in registered:
+            options[m].setdefault("autocast_dtype", PRECISIONS[precision])
+    for m, cls in classes.items():
+        cls.check_options(options[m])  # bad options fail before the first slice
     kept: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
-    # CDAM and AG-CAM share one forward pass when both are asked for (explain_many)
-    shared = [m for m in SHARED_FORWARD if m in methods and m not in custom]
-    shared = shared if len(shared) == len(SHARED_FORWARD) else []
-    groups = ([shared] if shared else []) + [[m] for m in methods if m not in shared]
+    # the registered methods run together (explain_many shares forwards where a method declares it)
+    groups = ([registered] if registered else []) + [[m] for m in custom]
     timings = {"preprocess": 0.0, "predict": 0.0, **{"explain_" + "+".join(g): 0.0 for g in groups}}
 
     def run(images: torch.Tensor) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
@@ -193,15 +190,12 @@ def explain_volume(
         out = {}
         for group in groups:
             t0 = time.perf_counter()
-            m = group[0]
-            if len(group) > 1:
+            if group[0] in custom:
+                out[group[0]] = custom[group[0]](model, images, target_idx, **options[group[0]])
+            else:
                 out.update(
                     explain_many(model, images, group, targets=target_idx, options={g: options[g] for g in group})
                 )
-            elif m in custom:
-                out[m] = custom[m](model, images, target_idx, **options[m])
-            else:
-                out[m] = explain(model, images, m, targets=target_idx, **options[m])
             timings["explain_" + "+".join(group)] += time.perf_counter() - t0
         return raw, out
 

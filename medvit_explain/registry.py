@@ -1,178 +1,115 @@
-"""Import-light tables: explanation methods (no torch import here; the CLI and plugins read this).
+"""The one registry of explanation methods.
 
-Each method's option defaults live here too, so ``--help`` and the explainers agree on one source.
+A method is one class (a subclass of :class:`medvit_explain.explainers.Explainer` that declares its
+name, title, citation, kind, options, …) in one file:
+
+* built-in methods live in ``medvit_explain/explainers/`` and are registered with :func:`register`;
+  every module of that package is imported when the registry is first read, so a new file is enough;
+* a package of yours registers its methods through the entry-point group ``medvit_explain.explainers``
+  (``name = module:Class`` in its ``entry_points.txt``), loaded the same way.
+
+The registry is read lazily (the first call of :func:`method_names`, :func:`explainer_class` or
+:func:`list_methods` imports the explainers, and so torch), so importing this module and the CLI's
+``--help`` stay light. ``list-methods``, the CLI's ``--method``, ``explain``, ``explain_volume``,
+``batch``, ``evaluate``, ``audit``, the bench and the napari widget read it here; the Slicer module reads
+it through ``medvit-explain list-methods --json``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from types import MappingProxyType
+import re
+import threading
+import warnings
 from typing import Any
 
-__all__ = ["MethodInfo", "METHODS", "list_methods", "method_info", "method_names"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "explainer_class",
+    "list_methods",
+    "method_info",
+    "method_names",
+    "register",
+]
 
-_CDAM_PAPER = (
-    "Brocki, Binda & Chung, 'Class-Discriminative Attention Maps for Vision Transformers', arXiv:2312.02364 (2023)"
-)
+ENTRY_POINT_GROUP = "medvit_explain.explainers"
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]*$")  # no "_": overlay file names are split at "_"
 
-
-@dataclass(frozen=True)
-class MethodInfo:
-    """One explanation method.
-
-    ``kind``: ``"attention"`` (attention weights only), ``"attention-gradient"`` (attention weighted by
-    gradients), ``"gradient"`` (token or pixel gradients). ``space``: where the raw attribution lives
-    before it is put on the token grid (``"token"`` or ``"pixel"``). ``options``: accepted keyword options
-    and their defaults.
-    """
-
-    name: str
-    title: str
-    citation: str
-    class_sensitive: bool
-    kind: str
-    space: str
-    options: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+_REGISTRY: dict[str, type] = {}
+_LOCK = threading.RLock()
+_LOADED = False
 
 
-def _opts(**kwargs: Any) -> MappingProxyType:
-    return MappingProxyType(dict(kwargs))
+def register(cls: type) -> type:
+    """Class decorator: add an :class:`~medvit_explain.explainers.Explainer` subclass to the registry.
+
+    Raises ``TypeError`` for a class that is not an explainer, ``ValueError`` for a bad name, kind or
+    space, or a name already taken by another class."""
+    from .explainers.base import KINDS, SPACES, Explainer
+
+    if not (isinstance(cls, type) and issubclass(cls, Explainer)):
+        raise TypeError(f"expected a subclass of medvit_explain.explainers.Explainer, got {cls!r}")
+    name = getattr(cls, "name", "")
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise ValueError(f"{cls.__name__}.name: expected lower-case letters, digits and '-', got {name!r}")
+    if cls.kind not in KINDS or cls.space not in SPACES:
+        raise ValueError(
+            f"{cls.__name__}: expected kind in {KINDS} and space in {SPACES}, got {cls.kind!r} and {cls.space!r}"
+        )
+    if not cls.title or not cls.citation:
+        raise ValueError(f"{cls.__name__}: expected a title and a citation")
+    with _LOCK:
+        other = _REGISTRY.get(name)
+        if other is not None and other is not cls and other.__qualname__ != cls.__qualname__:
+            raise ValueError(f"method name {name!r} is taken by {other.__module__}.{other.__qualname__}")
+        _REGISTRY[name] = cls
+    return cls
 
 
-_STOCHASTIC = {"internal_batch_size": None, "seed": 0}
+def _load() -> dict[str, type]:
+    """The registry, loaded on first use: the built-in methods, then the entry-point plugins."""
+    global _LOADED
+    with _LOCK:
+        if not _LOADED:
+            _LOADED = True
+            import medvit_explain.explainers  # noqa: F401 - importing registers the built-in methods
 
-METHODS: dict[str, MethodInfo] = {
-    m.name: m
-    for m in (
-        MethodInfo(
-            "cdam",
-            "Class-discriminative attention map (token × gradient at the last attention input)",
-            _CDAM_PAPER,
-            True,
-            "gradient",
-            "token",
-            _opts(concept=None),
-        ),
-        MethodInfo(
-            "cdam-smooth",
-            "Smooth CDAM (average CDAM over noise added to the last block's input)",
-            _CDAM_PAPER,
-            True,
-            "gradient",
-            "token",
-            _opts(concept=None, noise_level=0.05, n_samples=50, **_STOCHASTIC),
-        ),
-        MethodInfo(
-            "cdam-integrated",
-            "Integrated CDAM (average CDAM along a path from a zero last-block input)",
-            _CDAM_PAPER,
-            True,
-            "gradient",
-            "token",
-            _opts(concept=None, n_steps=50, noise_level=0.0, **_STOCHASTIC),
-        ),
-        MethodInfo(
-            "agcam",
-            "Attention-guided CAM (sigmoid attention scores weighted by ReLU attention gradients)",
-            "Leem & Seo, 'Attention Guided CAM: Visual Explanations of Vision Transformer Guided by "
-            "Self-Attention', AAAI 2024",
-            True,
-            "attention-gradient",
-            "token",
-            _opts(concept=None),
-        ),
-        MethodInfo(
-            "attention",
-            "Last-layer class-token attention (mean over heads)",
-            "Dosovitskiy et al., 'An Image is Worth 16x16 Words', ICLR 2021",
-            False,
-            "attention",
-            "token",
-        ),
-        MethodInfo(
-            "rollout",
-            "Attention rollout (mean heads, (A+I)/2, product over layers)",
-            "Abnar & Zuidema, 'Quantifying Attention Flow in Transformers', ACL 2020",
-            False,
-            "attention",
-            "token",
-        ),
-        MethodInfo(
-            "chefer",
-            "Gradient-weighted attention rollout (R <- R + mean_h[(grad A * A)+] R)",
-            "Chefer, Gur & Wolf, 'Generic Attention-model Explainability for Interpreting Bi-Modal and "
-            "Encoder-Decoder Transformers', ICCV 2021",
-            True,
-            "attention-gradient",
-            "token",
-            _opts(concept=None),
-        ),
-        MethodInfo(
-            "gradcam",
-            "Grad-CAM on the last block's norm1 tokens",
-            "Selvaraju et al., 'Grad-CAM: Visual Explanations from Deep Networks via Gradient-based "
-            "Localization', ICCV 2017",
-            True,
-            "gradient",
-            "token",
-            _opts(concept=None),
-        ),
-        MethodInfo(
-            "ig",
-            "Integrated Gradients (zero baseline, Gauss-Legendre steps), pooled to the token grid",
-            "Sundararajan, Taly & Yan, 'Axiomatic Attribution for Deep Networks', ICML 2017",
-            True,
-            "gradient",
-            "pixel",
-            _opts(concept=None, n_steps=50, pool="sum", internal_batch_size=None),
-        ),
-        MethodInfo(
-            "smoothgrad",
-            "SmoothGrad (signed gradient averaged over Gaussian input noise), pooled",
-            "Smilkov et al., 'SmoothGrad: removing noise by adding noise', arXiv:1706.03825 (2017)",
-            True,
-            "gradient",
-            "pixel",
-            _opts(concept=None, noise_level=0.15, n_samples=50, pool="sum", **_STOCHASTIC),
-        ),
-        MethodInfo(
-            "inputxgrad",
-            "Input x Gradient, pooled to the token grid",
-            "Shrikumar et al., 'Not Just a Black Box: Learning Important Features Through Propagating "
-            "Activation Differences', arXiv:1605.01713 (2016)",
-            True,
-            "gradient",
-            "pixel",
-            _opts(concept=None, pool="sum"),
-        ),
-    )
-}
+            _load_entry_points()
+        return _REGISTRY
 
-# Options every method accepts (the capture base handles them).
-COMMON_OPTIONS = MappingProxyType({"autocast_dtype": None})
+
+def _load_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+            if getattr(cls, "name", None) != ep.name:
+                raise ValueError(f"the entry point is named {ep.name!r} but the class says {cls.name!r}")
+            register(cls)
+        except Exception as exc:  # a broken plugin is reported and skipped; the built-in methods still work
+            warnings.warn(f"medvit-explain: skipped the explainer plugin {ep.name} = {ep.value}: {exc}", stacklevel=2)
 
 
 def method_names() -> list[str]:
-    """Names of every registered method, in table order."""
-    return list(METHODS)
+    """Names of every registered method: built-ins in their documented order, then plugins by name."""
+    registry = _load()
+    return sorted(registry, key=lambda n: (registry[n].rank, n))
 
 
-def method_info(name: str) -> MethodInfo:
-    """The registry row for ``name``; ``KeyError`` if unknown (``explain`` raises ``MethodError``)."""
-    return METHODS[name]
+def explainer_class(name: str) -> type:
+    """The class registered as ``name``; ``MethodError`` (a user error: exit code 2) if there is none."""
+    registry = _load()
+    if name not in registry:
+        from .errors import MethodError
+
+        raise MethodError(f"unknown method {name!r}; expected one of: {', '.join(method_names())}")
+    return registry[name]
+
+
+method_info = explainer_class  # the class carries the metadata: .title, .citation, .class_sensitive, .defaults …
 
 
 def list_methods() -> list[dict[str, Any]]:
-    """The method table as plain dicts: name, title, citation, class_sensitive, kind, space, options."""
-    return [
-        {
-            "name": m.name,
-            "title": m.title,
-            "citation": m.citation,
-            "class_sensitive": m.class_sensitive,
-            "kind": m.kind,
-            "space": m.space,
-            "options": dict(m.options),
-        }
-        for m in METHODS.values()
-    ]
+    """The method table as plain dicts: name, title, citation, class_sensitive, kind, space, options,
+    joint_with (what ``medvit-explain list-methods --json`` prints)."""
+    return [explainer_class(name).describe() for name in method_names()]

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from .options import batch_size_option, device_option, load_model_cli, model_option, parse_targets, target_option
+from .options import (
+    batch_size_option,
+    device_option,
+    load_model_cli,
+    method_option,
+    model_option,
+    parse_targets,
+    target_option,
+)
 
 
 def _all_methods():
@@ -24,26 +32,9 @@ def _out_dir(out: str | None, default: str) -> Path:
     return path
 
 
-def _check_methods(methods) -> list[str]:
-    from ..errors import MethodError
-    from ..registry import method_names
-
-    names = method_names()
-    unknown = [m for m in methods if m not in names]
-    if unknown:
-        raise MethodError(f"unknown method {unknown[0]!r}; expected one of: {', '.join(names)}")
-    return list(methods)
-
-
 @click.command()
 @click.argument("data", metavar="DATA", type=click.Path(path_type=str))
-@click.option(
-    "--method",
-    "methods",
-    multiple=True,
-    metavar="M",
-    help="Explanation method (repeat for several) [default: every method of list-methods].",
-)
+@method_option(default=(), help="Explanation method (repeat for several) [default: every method of list-methods].")
 @target_option
 @click.option(
     "--out",
@@ -111,7 +102,7 @@ def evaluate(
 
     from ..evaluate import evaluate_explanations, format_table, write_evaluation
 
-    methods = _check_methods(methods) if methods else _all_methods()
+    methods = list(methods) if methods else _all_methods()
     out = _out_dir(out_dir, "evaluation")
     model = load_model_cli(model_path, device)
     torch.manual_seed(seed)
@@ -148,15 +139,7 @@ def _num(value) -> str:
 @click.command()
 @click.argument("data", metavar="DATA", type=click.Path(path_type=str))
 @model_option
-@click.option(
-    "--method",
-    "methods",
-    multiple=True,
-    default=("cdam", "agcam"),
-    show_default=True,
-    metavar="M",
-    help="Explanation method for the evidence check (repeat for several).",
-)
+@method_option(help="Explanation method for the evidence check (repeat for several).")
 @click.option(
     "--out",
     "out_dir",
@@ -189,7 +172,7 @@ def audit(data, model_path, methods, out_dir, top_slices, as_json, device, batch
     from ..audit import audit as run_audit
     from ..audit import write_audit
 
-    methods = _check_methods(methods)
+    methods = list(methods)
     out = _out_dir(out_dir, "audit")
     model = load_model_cli(model_path, device)
 

@@ -69,17 +69,35 @@ map_dtype_option = click.option(
 )
 
 
-def method_option(default=("cdam", "agcam")):
-    from ..registry import method_names
+class MethodName(click.ParamType):
+    """A registered explanation method (``medvit-explain list-methods``). The registry is read only when
+    a value is checked, so ``--help`` does not import the explainers (and torch)."""
 
+    name = "method"
+
+    def convert(self, value, param, ctx):
+        from ..registry import method_names
+
+        names = method_names()
+        if value not in names:
+            self.fail(f"unknown method {value!r}; expected one of {', '.join(names)} (see list-methods)", param, ctx)
+        return value
+
+
+METHOD = MethodName()
+
+
+def method_option(default=("cdam", "agcam"), help="Explanation method (repeat for several); see list-methods."):
+    """``--method`` (repeatable) for every command that takes methods; ``default=()`` means "all"."""
     return click.option(
         "--method",
         "methods",
         multiple=True,
         default=default,
-        show_default=True,
-        type=click.Choice(method_names()),
-        help="Explanation method (repeat for several).",
+        show_default=bool(default),
+        type=METHOD,
+        metavar="METHOD",
+        help=help,
     )
 
 

@@ -14,6 +14,10 @@ targets in one batched backward, and α = g·Vᵀ per head. Works with fused att
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -27,14 +31,30 @@ from medvit_explain.explainers.base import (
     target_grads,
     tokens_to_grid,
 )
+from medvit_explain.registry import register
 
 __all__ = ["AGCAM", "agcam_with_cdam", "forward_with_taps"]
 
 
+@register
 class AGCAM(Explainer):
-    """AG-CAM maps [B, T, gh, gw] (non-negative sums over blocks and heads)."""
+    """AG-CAM maps [B, T, gh, gw] (non-negative sums over blocks and heads). Shares its forward pass
+    with CDAM (:meth:`explain_jointly`): both then cost about one forward and two small backward passes."""
 
     name = "agcam"
+    title = "Attention-guided CAM (sigmoid attention scores weighted by ReLU attention gradients)"
+    citation = (
+        "Leem & Seo, 'Attention Guided CAM: Visual Explanations of Vision Transformer Guided by "
+        "Self-Attention', AAAI 2024"
+    )
+    kind, space, rank = "attention-gradient", "token", 20
+    defaults = MappingProxyType({"concept": None})
+    joint_with = ("cdam",)
+
+    def explain_jointly(self, partners: Mapping[str, Explainer], images: Tensor, targets: Any) -> dict[str, Tensor]:
+        with self.session(images, targets) as (x, target_idx):
+            a_map, c_map = agcam_with_cdam(self, partners["cdam"], x, target_idx)
+        return {"agcam": a_map.detach().to(x.dtype), "cdam": c_map.detach().to(x.dtype)}
 
     def attribute(self, images: Tensor, target_idx: list[int]) -> Tensor:
         blocks = self.backbone.blocks

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 from torch import Tensor
 
@@ -13,6 +15,7 @@ from medvit_explain.explainers.base import (
     target_grads,
     tokens_to_grid,
 )
+from medvit_explain.registry import register
 
 __all__ = ["Attention", "Chefer", "Rollout"]
 
@@ -21,10 +24,14 @@ def _softmax_attention(attn, rec: dict[str, Tensor], rows: slice = slice(None)) 
     return ((rec["q"][:, :, rows] * attn.scale) @ rec["k"].transpose(-2, -1)).softmax(-1)
 
 
+@register
 class Attention(Explainer):
     """Last block's class-token attention row, mean over heads (same map for every target)."""
 
     name = "attention"
+    title = "Last-layer class-token attention (mean over heads)"
+    citation = "Dosovitskiy et al., 'An Image is Worth 16x16 Words', ICLR 2021"
+    class_sensitive, kind, space, rank = False, "attention", "token", 30
 
     def attribute(self, images: Tensor, target_idx: list[int]) -> Tensor:
         blocks = self.backbone.blocks
@@ -40,10 +47,14 @@ class Attention(Explainer):
         return maps.unsqueeze(1).expand(-1, len(target_idx), -1, -1).clone()
 
 
+@register
 class Rollout(Explainer):
     """Attention rollout (Abnar & Zuidema 2020): Â = rownorm((mean_h A + I)/2), R = Â_L ⋯ Â_1, CLS row."""
 
     name = "rollout"
+    title = "Attention rollout (mean heads, (A+I)/2, product over layers)"
+    citation = "Abnar & Zuidema, 'Quantifying Attention Flow in Transformers', ACL 2020"
+    class_sensitive, kind, space, rank = False, "attention", "token", 31
 
     def attribute(self, images: Tensor, target_idx: list[int]) -> Tensor:
         blocks = self.backbone.blocks
@@ -62,6 +73,7 @@ class Rollout(Explainer):
         return maps.unsqueeze(1).expand(-1, len(target_idx), -1, -1).clone()
 
 
+@register
 class Chefer(Explainer):
     """Chefer et al. (ICCV 2021): R = I; per block R ← R + mean_h[(∇A ⊙ A)⁺]·R; CLS row, prefix dropped.
 
@@ -70,6 +82,13 @@ class Chefer(Explainer):
     """
 
     name = "chefer"
+    title = "Gradient-weighted attention rollout (R <- R + mean_h[(grad A * A)+] R)"
+    citation = (
+        "Chefer, Gur & Wolf, 'Generic Attention-model Explainability for Interpreting Bi-Modal and "
+        "Encoder-Decoder Transformers', ICCV 2021"
+    )
+    kind, space, rank = "attention-gradient", "token", 32
+    defaults = MappingProxyType({"concept": None})
 
     def attribute(self, images: Tensor, target_idx: list[int]) -> Tensor:
         backbone = self.backbone

@@ -9,14 +9,15 @@ targets, hooks that live one call (``HookSet``), the grad mode and module flags 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from medvit_explain.errors import ModelNotSupportedError, TargetError, UnsupportedImageError
+from medvit_explain.errors import MethodError, ModelNotSupportedError, TargetError, UnsupportedImageError
 
 __all__ = [
     "Explainer",
@@ -366,14 +367,90 @@ def run_prefix_chain(
 # ------------------------------------------------------------------------------------------ explainer
 
 
+KINDS = ("attention", "attention-gradient", "gradient")
+SPACES = ("token", "pixel")
+COMMON_OPTIONS = MappingProxyType({"autocast_dtype": None})  # every method accepts these (the base handles them)
+_POSITIVE_INT = {"n_samples": 1, "n_steps": 1, "internal_batch_size": 1}
+
+
 class Explainer:
     """Base of every method: validation, targets, state capture; subclasses implement ``attribute``.
 
     ``attribute(images, target_idx) -> [B, T, gh, gw]`` runs inside :func:`captured` (eval, grad on) and
     may use ``self.spec``, ``self.backbone``, ``self.scorer``, ``self.options``.
+
+    A method is one class in one file: it declares what it is as class attributes (read by the registry,
+    ``list-methods``, the CLI and the viewers) and is registered with
+    :func:`medvit_explain.registry.register` (built-in) or the ``medvit_explain.explainers`` entry point
+    (a package of yours). ``defaults`` are its options and their default values; ``validate`` checks
+    method-specific rules; ``joint_with`` names methods it can share a forward pass with
+    (:meth:`explain_jointly`, used by :func:`medvit_explain.explainers.explain_many`).
     """
 
-    name: str = ""
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    citation: ClassVar[str] = ""
+    class_sensitive: ClassVar[bool] = True
+    kind: ClassVar[str] = "gradient"  # one of KINDS
+    space: ClassVar[str] = "token"  # where the raw attribution lives before the token grid (SPACES)
+    defaults: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    joint_with: ClassVar[tuple[str, ...]] = ()
+    rank: ClassVar[int] = 1000  # position in list-methods (built-ins first)
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The options of one call, defaults filled in; ``MethodError`` ("expected X, got Y") otherwise."""
+        accepted = {**COMMON_OPTIONS, **cls.defaults}
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise MethodError(
+                f"method {cls.name!r} does not accept option(s) {', '.join(unknown)}; "
+                f"expected one of: {', '.join(sorted(accepted)) or '(none)'}"
+            )
+        opts = {**accepted, **options}
+        for key, low in _POSITIVE_INT.items():
+            value = options.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise MethodError(f"option {key} expected an integer >= {low}, got {value!r}")
+        if "pool" in opts and opts["pool"] not in ("sum", "mean"):
+            raise MethodError(f"option pool expected 'sum' or 'mean', got {opts['pool']!r}")
+        if "noise_level" in opts and (not isinstance(opts["noise_level"], (int, float)) or opts["noise_level"] < 0):
+            raise MethodError(f"option noise_level expected a number >= 0, got {opts['noise_level']!r}")
+        cls.validate(opts)
+        return opts
+
+    @classmethod
+    def validate(cls, options: dict[str, Any]) -> None:
+        """Method-specific option rules (raise ``MethodError``); the base checks the common ones."""
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """The row ``list-methods`` prints: name, title, citation, class_sensitive, kind, space, options."""
+        return {
+            "name": cls.name,
+            "title": cls.title,
+            "citation": cls.citation,
+            "class_sensitive": cls.class_sensitive,
+            "kind": cls.kind,
+            "space": cls.space,
+            "options": dict(cls.defaults),
+            "joint_with": list(cls.joint_with),
+        }
+
+    @classmethod
+    def can_join(cls, own: Mapping[str, Any], partner: Mapping[str, Any]) -> bool:
+        """Whether a call with options ``own`` can share its forward pass with a partner's call (the same
+        scorer and the same autocast): neither explains a concept."""
+        return (
+            own.get("concept") is None
+            and partner.get("concept") is None
+            and own.get("autocast_dtype") == partner.get("autocast_dtype")
+        )
+
+    def explain_jointly(self, partners: Mapping[str, Explainer], images: Tensor, targets: Any) -> dict[str, Tensor]:
+        """This method and its ``joint_with`` partners on one forward pass: ``{name: [B, T, gh, gw]}``, each
+        equal to the partner's own call. Only methods that declare ``joint_with`` implement it."""
+        raise NotImplementedError(f"{self.name} declares no joint forward")
 
     def __init__(self, model: nn.Module, spec: ViTSpec, options: dict[str, Any]) -> None:
         self.model = model

@@ -15,9 +15,12 @@ General path (any other pooling, gated attention): autograd on the last block, b
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 from torch import Tensor, nn
 
+from medvit_explain.errors import MethodError
 from medvit_explain.explainers.base import (
     BlockTap,
     Explainer,
@@ -28,6 +31,12 @@ from medvit_explain.explainers.base import (
     target_grads,
     tokens_to_grid,
 )
+from medvit_explain.registry import register
+
+CDAM_PAPER = (
+    "Brocki, Binda & Chung, 'Class-Discriminative Attention Maps for Vision Transformers', arXiv:2312.02364 (2023)"
+)
+STOCHASTIC = {"internal_batch_size": None, "seed": 0}
 
 __all__ = ["CDAM", "IntegratedCDAM", "SmoothCDAM", "last_block_token_grads"]
 
@@ -52,10 +61,15 @@ def last_block_token_grads(explainer: Explainer, x_in: Tensor, target_idx: list[
     return leaf[0].detach(), grad
 
 
+@register
 class CDAM(Explainer):
     """Class CDAM (or concept CDAM with ``concept=example_images``): [B, T, gh, gw], signed."""
 
     name = "cdam"
+    title = "Class-discriminative attention map (token × gradient at the last attention input)"
+    citation = CDAM_PAPER
+    kind, space, rank = "gradient", "token", 10
+    defaults = MappingProxyType({"concept": None})
     fast_path = True  # tests switch this off to check the general path against the same reference
 
     def _use_fast_path(self) -> bool:
@@ -216,20 +230,33 @@ class CDAM(Explainer):
         return tokens_to_grid((total / len(scales)).transpose(0, 1), self.spec)
 
 
+@register
 class SmoothCDAM(CDAM):
     """Smooth CDAM: mean CDAM over ``n_samples`` noisy copies of the last block's input (λ = noise_level)."""
 
     name = "cdam-smooth"
+    title = "Smooth CDAM (average CDAM over noise added to the last block's input)"
+    rank = 11
+    defaults = MappingProxyType({"concept": None, "noise_level": 0.05, "n_samples": 50, **STOCHASTIC})
 
     def attribute(self, images: Tensor, target_idx: list[int]) -> Tensor:
         n = int(self.options["n_samples"])
         return self._averaged(images, target_idx, [1.0] * n, float(self.options["noise_level"]))
 
 
+@register
 class IntegratedCDAM(CDAM):
     """Integrated CDAM: mean CDAM at last-block inputs (k/m)·x, k = 1 … m−1 (zero baseline)."""
 
     name = "cdam-integrated"
+    title = "Integrated CDAM (average CDAM along a path from a zero last-block input)"
+    rank = 12
+    defaults = MappingProxyType({"concept": None, "n_steps": 50, "noise_level": 0.0, **STOCHASTIC})
+
+    @classmethod
+    def validate(cls, options) -> None:
+        if options["n_steps"] < 2:
+            raise MethodError(f"option n_steps expected an integer >= 2 for cdam-integrated, got {options['n_steps']}")
 
     def attribute(self, images: Tensor, target_idx: list[int]) -> Tensor:
         m = int(self.options["n_steps"])

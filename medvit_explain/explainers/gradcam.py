@@ -5,19 +5,30 @@ weights w_d = mean over patch tokens of ∂f_c/∂T_id; map_i = ReLU(Σ_d w_d T_
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 from torch import Tensor
 
 from medvit_explain.explainers.base import Explainer, HookSet, tokens_to_grid
 from medvit_explain.explainers.cdam import last_block_token_grads
+from medvit_explain.registry import register
 
 __all__ = ["GradCAM"]
 
 
+@register
 class GradCAM(Explainer):
     """Grad-CAM maps [B, T, gh, gw] (non-negative)."""
 
     name = "gradcam"
+    title = "Grad-CAM on the last block's norm1 tokens"
+    citation = (
+        "Selvaraju et al., 'Grad-CAM: Visual Explanations from Deep Networks via Gradient-based "
+        "Localization', ICCV 2017"
+    )
+    kind, space, rank = "gradient", "token", 40
+    defaults = MappingProxyType({"concept": None})
 
     def attribute(self, images: Tensor, target_idx: list[int]) -> Tensor:
         blocks = self.backbone.blocks

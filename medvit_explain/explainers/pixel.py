@@ -10,11 +10,16 @@ IG uses Gauss-Legendre nodes on [0, 1] like Captum's default, so it matches
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from medvit_explain.explainers.base import Explainer, ViTSpec, target_grads
+from medvit_explain.registry import register
+
+STOCHASTIC = {"internal_batch_size": None, "seed": 0}
 
 __all__ = ["InputXGradient", "IntegratedGradients", "SmoothGrad", "gauss_legendre", "pool_to_grid"]
 
@@ -35,6 +40,8 @@ def pool_to_grid(attr: Tensor, spec: ViTSpec, pool: str) -> Tensor:
 
 
 class _PixelExplainer(Explainer):
+    kind, space = "gradient", "pixel"
+
     def _grads(self, x: Tensor, target_idx: list[int]) -> Tensor:
         """∂f_c/∂x for a batch x [M, C, H, W] and every target: [T, M, C, H, W]."""
         x = x.detach().requires_grad_(True)
@@ -58,19 +65,32 @@ class _PixelExplainer(Explainer):
         return pool_to_grid(attr, self.spec, str(self.options.get("pool", "sum"))).transpose(0, 1)
 
 
+@register
 class InputXGradient(_PixelExplainer):
     """x ⊙ ∂f_c/∂x."""
 
     name = "inputxgrad"
+    title = "Input x Gradient, pooled to the token grid"
+    citation = (
+        "Shrikumar et al., 'Not Just a Black Box: Learning Important Features Through Propagating "
+        "Activation Differences', arXiv:1605.01713 (2016)"
+    )
+    rank = 52
+    defaults = MappingProxyType({"concept": None, "pool": "sum"})
 
     def attribute(self, images: Tensor, target_idx: list[int]) -> Tensor:
         return self._finish(images.unsqueeze(0) * self._grads(images, target_idx))
 
 
+@register
 class IntegratedGradients(_PixelExplainer):
     """x ⊙ Σ_k w_k ∂f_c/∂x(α_k x), zero baseline, ``n_steps`` Gauss-Legendre nodes."""
 
     name = "ig"
+    title = "Integrated Gradients (zero baseline, Gauss-Legendre steps), pooled to the token grid"
+    citation = "Sundararajan, Taly & Yan, 'Axiomatic Attribution for Deep Networks', ICML 2017"
+    rank = 50
+    defaults = MappingProxyType({"concept": None, "n_steps": 50, "pool": "sum", "internal_batch_size": None})
 
     def attribute(self, images: Tensor, target_idx: list[int]) -> Tensor:
         alphas, weights = gauss_legendre(int(self.options["n_steps"]))
@@ -93,10 +113,15 @@ def smoothgrad_noise(images: Tensor, n_samples: int, noise_level: float, seed: i
     return [make] * n_samples
 
 
+@register
 class SmoothGrad(_PixelExplainer):
     """Mean of the signed gradient ∂f_c/∂x over ``n_samples`` noisy copies (σ = 0.15·range per image)."""
 
     name = "smoothgrad"
+    title = "SmoothGrad (signed gradient averaged over Gaussian input noise), pooled"
+    citation = "Smilkov et al., 'SmoothGrad: removing noise by adding noise', arXiv:1706.03825 (2017)"
+    rank = 51
+    defaults = MappingProxyType({"concept": None, "noise_level": 0.15, "n_samples": 50, "pool": "sum", **STOCHASTIC})
 
     def attribute(self, images: Tensor, target_idx: list[int]) -> Tensor:
         n = int(self.options["n_samples"])

@@ -33,10 +33,10 @@ def explain_func(model, inputs, targets, method: str = "cdam", **options: Any) -
 
     The raw signed token-grid map is upsampled bilinearly to ``H × W``; no normalisation.
     """
-    from ..explainers import explain, upsample
-    from ..registry import COMMON_OPTIONS, METHODS
+    from ..explainers import COMMON_OPTIONS, explain, upsample
+    from ..registry import explainer_class
 
-    accepted = set(METHODS[method].options) | set(COMMON_OPTIONS) if method in METHODS else set(options)
+    accepted = set(explainer_class(method).defaults) | set(COMMON_OPTIONS)
     options = {k: v for k, v in options.items() if k in accepted}
     device = next(model.parameters()).device
     x = torch.as_tensor(np.asarray(inputs) if not isinstance(inputs, torch.Tensor) else inputs)

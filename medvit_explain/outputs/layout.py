@@ -14,7 +14,11 @@ The stem is the input's file name without its image suffix (a folder: its name).
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -42,11 +46,28 @@ REPORT = "report.html"
 DICOM_FOLDER = "dicom"
 
 
-def known_methods() -> list[str]:
-    """Method names from the import-light registry (no torch import)."""
-    from medvit_explain.registry import method_names
+def known_methods(python_exe: str | os.PathLike | None = None) -> list[str]:
+    """The registered method names (built-in and plugins).
 
-    return method_names()
+    In a process that already imported torch (the CLI, napari), read from the registry; otherwise from
+    ``python -m medvit_explain list-methods --json`` run by ``python_exe`` (default: this interpreter),
+    once per interpreter, so a viewer's own process never imports torch."""
+    if python_exe is None and "torch" in sys.modules:
+        from medvit_explain.registry import method_names
+
+        return method_names()
+    return list(_methods_from_cli(os.fspath(python_exe or sys.executable)))
+
+
+@functools.lru_cache(maxsize=4)
+def _methods_from_cli(python_exe: str) -> tuple[str, ...]:
+    done = subprocess.run(
+        [python_exe, "-m", "medvit_explain", "list-methods", "--json"], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"`{python_exe} -m medvit_explain list-methods --json` failed: {tail[0]}")
+    return tuple(row["name"] for row in json.loads(done.stdout))
 
 
 def volume_stem(path: str | os.PathLike) -> str:

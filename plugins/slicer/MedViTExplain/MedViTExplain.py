@@ -34,20 +34,6 @@ PACKAGE = "medvit_explain"
 PIP_REQUIREMENT_SETTING = "MedViTExplain/PipRequirement"  # e.g. a local wheel or "medvit-explain==0.1.0"
 DEFAULT_PIP_REQUIREMENT = "medvit-explain"
 MAP_ATTRIBUTE = "MedViTExplain.Map"
-# shown before the package is installed (the registry gives the real list afterwards)
-FALLBACK_METHODS = [
-    "cdam",
-    "cdam-smooth",
-    "cdam-integrated",
-    "agcam",
-    "attention",
-    "rollout",
-    "chefer",
-    "gradcam",
-    "ig",
-    "smoothgrad",
-    "inputxgrad",
-]
 DEFAULT_TARGETS = [
     "malignancy",
     "subtlety",
@@ -281,9 +267,11 @@ class MedViTExplainLogic(ScriptedLoadableModuleLogic):
         return importlib.import_module(PACKAGE + ".viewer_logic")
 
     def methodNames(self):
+        """The registered methods (plugins included), from ``medvit-explain list-methods --json`` run by
+        Slicer's Python; none before the package is installed (the Apply button offers to install it)."""
         if not self.isInstalled():
-            return list(FALLBACK_METHODS)
-        return self.helpers().known_methods()
+            return []
+        return self.helpers().known_methods(self.pythonExecutable())
 
     @staticmethod
     def pythonExecutable():
