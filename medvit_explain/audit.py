@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputNotFoundError, MedvitInputError
+from .vocabulary import to_json
 
 __all__ = ["AuditResult", "audit", "calibration", "curves", "write_audit"]
 
@@ -224,7 +225,6 @@ def _order_key(row: dict[str, Any], methods: Sequence[str]):
 
 def write_audit(result: AuditResult, out_dir: str | Path) -> dict[str, Path]:
     """``audit.html``, ``audit.csv`` and ``audit.json`` in ``out_dir`` (each written atomically)."""
-    from .evaluate import _jsonable
     from .io.writer import atomic_path
     from .report.evaluation import render_audit
 
@@ -243,5 +243,5 @@ def write_audit(result: AuditResult, out_dir: str | Path) -> dict[str, Path]:
             for r in result.rows:
                 writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
     with atomic_path(written["json"]) as tmp:
-        tmp.write_text(json.dumps(_jsonable({"summary": result.summary, "studies": result.rows}), indent=2))
+        tmp.write_text(to_json({"summary": result.summary, "studies": result.rows}))
     return written

@@ -629,7 +629,7 @@ def _clinical_worker(job: dict[str, Any]) -> dict[str, Any]:
     stages["load"] = time.perf_counter() - t0
     targets = None
     if job.get("targets") == "primary":
-        from .prediction import primary_target
+        from .vocabulary import primary_target
 
         targets = [model.targets[primary_target(model.targets, model.task_spec.kinds)]]
     t0 = time.perf_counter()
@@ -926,14 +926,10 @@ def _method_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    raise TypeError(type(obj).__name__)
-
-
 def to_json(result: dict[str, Any]) -> str:
-    return json.dumps(result, indent=2, default=_json_default)
+    from .vocabulary import to_json as vocabulary_to_json
+
+    return vocabulary_to_json(result)
 
 
 if __name__ == "__main__":

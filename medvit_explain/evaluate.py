@@ -17,7 +17,6 @@ for every target and the maps are measured (DESIGN.md, "Evaluation definitions")
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from .metrics import (
     spearman,
 )
 from .metrics.faithfulness import auc
+from .vocabulary import primary_target, to_json
 
 __all__ = [
     "EvalSlices",
@@ -168,12 +168,6 @@ def _negated_output(model, k: int):
     return clone.eval()
 
 
-def _primary(spec) -> int:
-    binary = spec.binary_indices
-    names = spec.names
-    return names.index("malignancy") if "malignancy" in names else (binary[0] if binary else 0)
-
-
 def _method_opts(method: str, seed: int, extra: dict | None) -> dict[str, Any]:
     from .registry import explainer_class
 
@@ -250,7 +244,7 @@ def evaluate_explanations(
     overall = model_metrics(model, sl.images, sl.targets, sl.has_nodule)
     images = sl.images[sl.explained]
     h, w = images.shape[-2:]
-    primary = _primary(spec)
+    primary = primary_target(spec.names, spec.kinds)
     with torch.no_grad():
         logits = torch.cat([model(images[i : i + 128].to(device)).float().cpu() for i in range(0, len(images), 128)])
     benign = (logits[:, primary] < 0).numpy() if spec.targets[primary].kind == "binary" else np.zeros(len(images), bool)
@@ -427,7 +421,7 @@ def model_metrics(
 
 
 def _model_block(overall: dict[str, Any], spec) -> dict[str, Any]:
-    primary = spec.names[_primary(spec)]
+    primary = spec.names[primary_target(spec.names, spec.kinds)]
     return {
         "malignancy_auc": overall.get(f"{primary}_auc"),
         "malignancy_accuracy": overall.get(f"{primary}_accuracy"),
@@ -436,18 +430,6 @@ def _model_block(overall: dict[str, Any], spec) -> dict[str, Any]:
         "n_slices": overall.get("n_slices"),
         "n_nodule_slices": overall.get("n_nodule_slices"),
     }
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if np.isfinite(value) else None
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    return value
 
 
 def write_evaluation(result: EvaluationResult, out_dir: str | Path) -> dict[str, Path]:
@@ -461,7 +443,7 @@ def write_evaluation(result: EvaluationResult, out_dir: str | Path) -> dict[str,
     html_text = render_evaluation(result)
     written = {"metrics": out / "metrics.json", "report": out / "evaluation.html"}
     with atomic_path(written["metrics"]) as tmp:
-        tmp.write_text(json.dumps(_jsonable(result.metrics), indent=2))
+        tmp.write_text(to_json(result.metrics))
     with atomic_path(written["report"]) as tmp:
         tmp.write_text(html_text, encoding="utf-8")
     return written

@@ -15,9 +15,8 @@ import torch
 
 from .errors import MedvitInputError
 from .transforms import RoiInputs, SliceInputs, centers_from_mask
+from .vocabulary import PRIMARY_TARGET, primary_target
 from .volume import Volume
-
-PRIMARY_TARGET = "malignancy"
 
 
 def model_inputs(
@@ -32,13 +31,6 @@ def model_inputs(
     if pre.get("mode", "slice") == "roi":
         raise MedvitInputError("this model expects nodule ROIs: pass --roi-centers FILE or --roi-mask FILE")
     return SliceInputs(volume, pre)
-
-
-def primary_target(targets: Sequence[str], kinds: Sequence[str]) -> int:
-    """Index of the malignancy target (else the first binary target, else 0)."""
-    if PRIMARY_TARGET in targets:
-        return list(targets).index(PRIMARY_TARGET)
-    return next((i for i, k in enumerate(kinds) if k == "binary"), 0)
 
 
 def output_columns(task_spec) -> list[str]:

@@ -33,7 +33,14 @@ from .outputs.layout import (
     parse_overlay_name,
     volume_stem,
 )
-from .vocabulary import DEFAULT_MAP_DTYPE, IMAGE_SUFFIXES, MAP_DTYPES
+from .vocabulary import (
+    DEFAULT_MAP_DTYPE,
+    EXPECTED_DEVICES,
+    IMAGE_SUFFIXES,
+    MAP_DTYPES,
+    PRIMARY_COLUMN,
+    is_device,
+)
 
 __all__ = [
     "DEFAULT_OPACITY",
@@ -58,8 +65,6 @@ __all__ = [
 ]
 
 DEFAULT_OPACITY = 0.7
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRIMARY_COLUMN = "malignancy_prob"
 _MASK_SUFFIXES = ("_nodules.nii.gz", "_lungs.nii.gz", "_mask.nii.gz", "_seg.nii.gz")
 _INT_COLUMNS = frozenset({"slice", "source_index", "roi"})
 
@@ -100,8 +105,8 @@ def build_explain_command(
     for method in methods:
         if method not in names:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(names)}")
-    if device not in DEVICES and not re.fullmatch(r"cuda:\d+", device):
-        raise ValueError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)} or cuda:N")
+    if not is_device(device):
+        raise ValueError(f"unknown device {device!r}; expected {EXPECTED_DEVICES}")
     if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
         raise ValueError(f"expected a positive integer batch size, got {batch_size!r}")
     if map_dtype not in MAP_DTYPES:

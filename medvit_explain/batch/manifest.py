@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MedvitInputError
+from ..vocabulary import VOLUME_SUFFIXES
 
 REQUIRED_COLUMNS = ("study_id", "path")
 OPTIONAL_COLUMNS = ("nodule_mask", "labels", "malignancy")
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MASK_SUFFIXES = ("_nodules", "_lungs")  # phantom masks next to a CT are not studies
 RESERVED_IDS = ("audit",)  # DIR/audit/ holds the whole-set audit report
 _STUDY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
@@ -141,7 +141,7 @@ def malignancy_from_labels(labels: str | os.PathLike, where: str = "") -> int:
 # --------------------------------------------------------------------------- folder
 def _image_stem(name: str) -> str | None:
     low = name.lower()
-    for suffix in IMAGE_SUFFIXES:
+    for suffix in VOLUME_SUFFIXES:
         if low.endswith(suffix):
             return name[: -len(suffix)]
     return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import DEVICE, map_dtype_option, method_option, model_option
+from .options import device_option, map_dtype_option, method_option, model_option
 
 
 def _volume(ctx, param, value):
@@ -38,7 +38,7 @@ def _volume(ctx, param, value):
     show_default=True,
     help="Slices in the timed batch (the same slices for every measurement).",
 )
-@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option
 @click.option(
     "--repeats",
     type=click.IntRange(min=1),

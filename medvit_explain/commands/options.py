@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 import click
 
-from ..vocabulary import DEFAULT_MAP_DTYPE, MAP_DTYPES
-
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+from ..vocabulary import DEFAULT_MAP_DTYPE, EXPECTED_DEVICES, MAP_DTYPES, is_device
 
 
 class DeviceType(click.ParamType):
@@ -17,16 +13,19 @@ class DeviceType(click.ParamType):
     name = "device"
 
     def convert(self, value, param, ctx):
-        text = str(value).strip().lower()
-        if not DEVICE_PATTERN.match(text):
-            self.fail(f"expected auto, cpu, cuda or cuda:N, got {value!r}", param, ctx)
-        return text
+        if not is_device(str(value)):
+            self.fail(f"expected {EXPECTED_DEVICES}, got {value!r}", param, ctx)
+        return str(value).strip().lower()
 
 
 DEVICE = DeviceType()
 
 device_option = click.option(
-    "--device", type=DEVICE, default="auto", show_default=True, help="auto (GPU if there is one), cpu, cuda or cuda:N."
+    "--device",
+    type=DEVICE,
+    default="auto",
+    show_default=True,
+    help=f"{EXPECTED_DEVICES} (auto: a GPU if there is one).",
 )
 model_option = click.option(
     "--model",

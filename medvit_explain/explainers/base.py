@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from medvit_explain.errors import MethodError, ModelNotSupportedError, TargetError, UnsupportedImageError
+from medvit_explain import vocabulary
+from medvit_explain.errors import MethodError, ModelNotSupportedError, UnsupportedImageError
 
 __all__ = [
     "Explainer",
@@ -118,29 +119,9 @@ def check_images(images: Any, spec: ViTSpec) -> None:
 
 
 def resolve_targets(names: Sequence[str], targets: Any) -> list[int]:
-    """Target names or indices (or ``None`` = all) → indices, in the order given."""
-    if targets is None:
-        return list(range(len(names)))
-    if isinstance(targets, (str, int)) or (isinstance(targets, Tensor) and targets.ndim == 0):
-        targets = [targets]
-    if isinstance(targets, Tensor):
-        targets = targets.tolist()
-    out: list[int] = []
-    valid = ", ".join(f"{i}={n!r}" for i, n in enumerate(names))
-    for t in targets:
-        if isinstance(t, str):
-            if t not in names:
-                raise TargetError(f"unknown target {t!r}; valid targets: {valid}")
-            out.append(list(names).index(t))
-        elif isinstance(t, int) and not isinstance(t, bool):
-            if not 0 <= t < len(names):
-                raise TargetError(f"target index {t} out of range; valid targets: {valid}")
-            out.append(t)
-        else:
-            raise TargetError(f"expected target names or indices, got {t!r}; valid targets: {valid}")
-    if not out:
-        raise TargetError(f"expected at least one target, got none; valid targets: {valid}")
-    return out
+    """Target names or indices (or ``None`` = all) → indices, in the order given (the one rule,
+    :func:`medvit_explain.vocabulary.resolve_targets`)."""
+    return vocabulary.resolve_targets(names, targets)
 
 
 # ------------------------------------------------------------------------------------- state & hooks

@@ -22,12 +22,12 @@ from ..errors import (
     UnreadableImageError,
     UnsupportedImageError,
 )
+from ..vocabulary import VOLUME_SUFFIXES
 from ..volume import Volume
 
 log = logging.getLogger(__name__)
 sitk.ProcessObject_SetGlobalWarningDisplay(False)
 
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 SLICE_SPACING_RTOL = 0.01  # relative tolerance on slice-to-slice distance within a series
 SLICE_SPACING_ATOL = 1e-3  # mm
 
@@ -65,7 +65,7 @@ def load_volume(path: str | os.PathLike, *, series_uid: str | None = None, allow
     if path.stat().st_size == 0:
         raise UnreadableImageError(f"{path} is an empty file, not an image")
     name = path.name.lower()
-    if name.endswith(IMAGE_SUFFIXES):
+    if name.endswith(VOLUME_SUFFIXES):
         if name.endswith(".gz"):
             _check_gzip(path)
         if name.endswith((".mha", ".mhd", ".nrrd", ".nhdr")):

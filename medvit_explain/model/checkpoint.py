@@ -32,7 +32,8 @@ import yaml
 
 from medvit_explain.errors import CheckpointError
 from medvit_explain.model.device import resolve_device
-from medvit_explain.model.network import FORMAT, MedViT, build_model, jsonable
+from medvit_explain.model.network import FORMAT, MedViT, build_model
+from medvit_explain.vocabulary import jsonable
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from medvit_explain.errors import DeviceError
-
-EXPECTED_DEVICES = "auto, cpu, cuda or cuda:N"
-_CUDA_RE = re.compile(r"^cuda(?::(\d+))?$")
+from medvit_explain.vocabulary import DEVICE_PATTERN, EXPECTED_DEVICES
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -22,19 +18,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         device = str(device)
     if not isinstance(device, str):
         raise DeviceError(f"expected a device string ({EXPECTED_DEVICES}), got {device!r}")
-    text = device.strip().lower()
-    if text == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    if text == "cpu":
-        return torch.device("cpu")
-    match = _CUDA_RE.match(text)
+    match = DEVICE_PATTERN.match(device.strip().lower())
     if match is None:
         raise DeviceError(f"unknown device {device!r}; expected {EXPECTED_DEVICES}")
+    if match.group(1) == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if match.group(1) == "cpu":
+        return torch.device("cpu")
     if not torch.cuda.is_available():
         raise DeviceError(f"device {device!r} is not available (no CUDA device found); expected {EXPECTED_DEVICES}")
-    if match.group(1) is None:
+    if match.group(2) is None:
         return torch.device("cuda")
-    index = int(match.group(1))
+    index = int(match.group(2))
     count = torch.cuda.device_count()
     if index >= count:
         raise DeviceError(

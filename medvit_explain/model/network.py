@@ -15,6 +15,7 @@ from torch import nn
 from medvit_explain.errors import CheckpointError, ModelNotSupportedError
 from medvit_explain.model.preprocessing import validate_preprocessing
 from medvit_explain.model.task import TaskSpec, load_task_spec
+from medvit_explain.vocabulary import jsonable
 
 FORMAT = "medvit-explain/1"
 CONFIG_KEYS = ("format", "name", "architecture", "task_spec", "preprocessing", "provenance")
@@ -29,17 +30,6 @@ _FORBIDDEN_KWARGS = (
     "features_only",
     "cache_dir",
 )
-
-
-def jsonable(value: Any) -> Any:
-    """Tuples → lists, recursively, so a config equals its own JSON round trip."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 class MedViT(nn.Module):

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from medvit_explain.errors import CheckpointError, TargetError
+from medvit_explain.vocabulary import resolve_targets
 
 KINDS = ("binary", "regression", "multiclass")
 SUPPORTED_KINDS = ("binary", "regression")
@@ -190,52 +191,18 @@ class TaskSpec:
     def regression_indices(self) -> list[int]:
         return [i for i, t in enumerate(self.targets) if t.kind == "regression"]
 
-    def _unknown(self, got: Any) -> TargetError:
-        return TargetError(
-            f"unknown target {got!r}; expected one of {', '.join(self.names)} (or an index 0..{len(self) - 1})"
-        )
-
     def index(self, target: str | int) -> int:
         """Output column of ``target`` (a name, or an index 0..K-1; a string of digits counts as an index
         when no target has that name)."""
-        if isinstance(target, str):
-            key = target.strip()
-            if key in self._index:
-                return self._index[key]
-            if key.isdigit():
-                return self.index(int(key))
-            raise self._unknown(target)
-        if isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer)):
-            raise self._unknown(target)
-        if not 0 <= int(target) < len(self):
-            raise self._unknown(target)
-        return int(target)
+        if isinstance(target, str) and ("," in target or target.strip().lower() == "all"):
+            raise TargetError(f"expected one target, got {target!r}")
+        return resolve_targets(self.names, [target])[0]
 
     def resolve(self, targets: str | int | Iterable[str | int] | None = None) -> list[int]:
-        """Output columns for ``targets``: None or ``"all"`` → every target; a name, an index, a
-        comma-separated string or a list of those → their indices in the order given (duplicates dropped)."""
-        if targets is None:
-            return list(range(len(self)))
-        if isinstance(targets, str):
-            if targets.strip().lower() == "all" and "all" not in self._index:
-                return list(range(len(self)))
-            items: list[str | int] = [p for p in targets.split(",") if p.strip()]
-            if not items:
-                raise self._unknown(targets)
-        elif isinstance(targets, (int, np.integer)):
-            items = [targets]
-        elif isinstance(targets, Iterable):
-            items = list(targets)
-            if not items:
-                raise TargetError(f"expected at least one target from {', '.join(self.names)}, got none")
-        else:
-            raise self._unknown(targets)
-        out: list[int] = []
-        for item in items:
-            i = self.index(item)
-            if i not in out:
-                out.append(i)
-        return out
+        """Output columns for ``targets`` (:func:`medvit_explain.vocabulary.resolve_targets`): None or
+        ``"all"`` → every target; names, indices or a comma list → their indices in the order given,
+        duplicates dropped."""
+        return resolve_targets(self.names, targets)
 
     # -- value conversion ---------------------------------------------------------------------------
     def _stats(self, like: Any, columns: list[int]) -> tuple[Any, Any, Any]:

@@ -28,6 +28,7 @@ from qtpy.QtCore import QObject, Signal
 
 from ..registry import method_names
 from ..viewer_logic import top_slice
+from ..vocabulary import DEVICE_CHOICES
 from ._layers import OVERLAY_BLENDINGS, lazy_overlay_layer_data, volume_from_layer
 
 SCORE_COLUMNS_FIRST = ("slice", "source_index", "z_mm", "malignancy_prob")
@@ -66,7 +67,7 @@ class ExplainWidget(Container):
         self.targets = Select(
             label="Targets", choices=targets, value=[t for t in DEFAULT_TARGETS if t in targets] or targets[:1]
         )
-        self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda"], value="auto")
+        self.device = ComboBox(label="Device", choices=list(DEVICE_CHOICES), value="auto")
         self.batch_size = SpinBox(label="Batch size", value=16, min=1, max=1024)
         self.blending = ComboBox(label="Blending", choices=list(OVERLAY_BLENDINGS), value="translucent")
         self.run_button = PushButton(text="Explain")
