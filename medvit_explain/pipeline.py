@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from .errors import MedvitInputError
-from .prediction import PredictionBuilder, PredictionTable, model_inputs, primary_target
-from .transforms import RoiInputs, SliceInputs, centers_from_mask, reoriented_view
+from .prediction import PredictionBuilder, PredictionTable, model_batches, model_inputs
+from .transforms import ModelInputs, reoriented_view
 from .versions import package_versions
+from .vocabulary import primary_target
 from .volume import Volume
 
 DEFAULT_METHODS = ("cdam", "agcam")
@@ -44,7 +45,7 @@ class ExplainResult:
     targets: list[str]
     model_maps: dict[str, torch.Tensor]
     predictions: PredictionTable
-    inputs: SliceInputs | RoiInputs
+    inputs: ModelInputs
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     model_info: dict[str, Any] = field(default_factory=dict)
@@ -150,110 +151,74 @@ def explain_volume(
     Returns:
         an :class:`ExplainResult`: model-space maps, and each map on the volume's grid on demand.
     """
-    from .explainers import explain_many
-    from .registry import explainer_class
-
-    methods, custom = _method_table(methods)
-    registered = [m for m in methods if m not in custom]
-    classes = {m: explainer_class(m) for m in registered}  # MethodError (exit 2) for an unknown name
     if precision not in PRECISIONS:
         raise MedvitInputError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    target_idx = model.task_spec.resolve(targets)
-    target_names = [model.targets[i] for i in target_idx]
-    labels = None
-    if roi_mask is not None:
-        if not roi_mask.same_grid(volume, atol=1e-3):
-            raise MedvitInputError("the ROI mask is not on the CT's voxel grid; resample it onto the CT first")
-        roi_centers, labels = centers_from_mask(roi_mask)
-        if len(roi_centers) == 0:
-            raise MedvitInputError("the ROI mask holds no labelled voxel (expected labels 1..n)")
-    inputs = model_inputs(model, volume, roi_centers, labels)
+    runner = _MethodRunner(model, methods, model.task_spec.resolve(targets), precision, method_options)
+    inputs = model_inputs(model, volume, roi_centers, roi_mask)
     builder = PredictionBuilder(model, inputs)
     device = next(model.parameters()).device
-    options = {m: dict((method_options or {}).get(m, {})) for m in methods}
-    if PRECISIONS[precision] is not None:
-        for m in registered:
-            options[m].setdefault("autocast_dtype", PRECISIONS[precision])
-    for m, cls in classes.items():
-        cls.check_options(options[m])  # bad options fail before the first slice
-    kept: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
-    # the registered methods run together (explain_many shares forwards where a method declares it)
-    groups = ([registered] if registered else []) + [[m] for m in custom]
-    timings = {"preprocess": 0.0, "predict": 0.0, **{"explain_" + "+".join(g): 0.0 for g in groups}}
-
-    def run(images: torch.Tensor) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
-        images = _plain(images).to(device)
-        t0 = time.perf_counter()
-        with torch.no_grad(), _autocast(device, PRECISIONS[precision]):
-            raw = model(images).float().cpu().numpy()
-        timings["predict"] += time.perf_counter() - t0
-        out = {}
-        for group in groups:
-            t0 = time.perf_counter()
-            if group[0] in custom:
-                out[group[0]] = custom[group[0]](model, images, target_idx, **options[group[0]])
-            else:
-                out.update(
-                    explain_many(model, images, group, targets=target_idx, options={g: options[g] for g in group})
-                )
-            timings["explain_" + "+".join(group)] += time.perf_counter() - t0
-        return raw, out
-
-    if isinstance(inputs, RoiInputs):
-        t0 = time.perf_counter()
-        images = inputs.images()
-        timings["preprocess"] += time.perf_counter() - t0
-        raws = []
-        for i in range(0, len(images), batch_size):
-            raw, batch_maps = run(images[i : i + batch_size])
-            raws.append(raw)
-            for m in methods:
-                kept[m].append(batch_maps[m].detach().float())
-            if progress:
-                progress(len(raw))
-        builder.add_rois(np.concatenate(raws))
-    else:
+    kept: dict[str, list[torch.Tensor]] = {m: [] for m in runner.methods}
+    t_pre = time.perf_counter()
+    for batch in model_batches(inputs, batch_size, device):
+        runner.timings["preprocess"] += time.perf_counter() - t_pre
+        raw, maps = runner(batch.images)
+        builder.add(raw, batch.items)
+        for m in runner.methods:
+            kept[m].append(maps[m].detach().float())
+        if progress:
+            progress(len(batch.items))
         t_pre = time.perf_counter()
-        for batch in _prefetched(inputs.batches(batch_size), device):
-            timings["preprocess"] += time.perf_counter() - t_pre
-            raw, batch_maps = run(batch.images)
-            builder.add_slices(raw, batch.slices, batch.source_k)
-            for m in methods:
-                kept[m].append(batch_maps[m].detach().float())
-            if progress:
-                progress(len(batch.slices))
-            t_pre = time.perf_counter()
-    maps = {m: torch.cat(kept[m]) if kept[m] else torch.zeros(0, len(target_idx), 1, 1) for m in methods}
+    t = len(runner.target_idx)
+    maps = {m: torch.cat(kept[m]) if kept[m] else torch.zeros(0, t, 1, 1) for m in runner.methods}
     info = {"name": model.config.get("name", type(model).__name__) if hasattr(model, "config") else "model"}
     info.update(getattr(model, "source_info", {}) or {})
-    return ExplainResult(volume, list(methods), target_names, maps, builder.table, inputs, timings, str(device), info)
+    target_names = [model.targets[i] for i in runner.target_idx]
+    return ExplainResult(
+        volume, runner.methods, target_names, maps, builder.finish(), inputs, runner.timings, str(device), info
+    )
 
 
-def _plain(images: torch.Tensor) -> torch.Tensor:
-    """A plain tensor view of MONAI's MetaTensor: every op on a MetaTensor goes through its
-    ``__torch_function__`` (and the model's outputs would become MetaTensors too), which costs time."""
-    return images.as_subclass(torch.Tensor) if type(images) is not torch.Tensor else images
+class _MethodRunner:
+    """One batch through the model (the scores) and every method (the maps), timed per stage.
+
+    Registered methods run together through ``explain_many`` (which shares a forward pass where a method
+    declares it); a callable ``fn(model, images, target_indices, **options)`` runs on its own."""
+
+    def __init__(self, model, methods, target_idx: list[int], precision: str, method_options) -> None:
+        from .registry import explainer_class
+
+        self.model, self.target_idx, self.dtype = model, target_idx, PRECISIONS[precision]
+        self.methods, self.custom = _method_table(methods)
+        self.registered = [m for m in self.methods if m not in self.custom]
+        self.options = {m: dict((method_options or {}).get(m, {})) for m in self.methods}
+        for m in self.registered:
+            if self.dtype is not None:
+                self.options[m].setdefault("autocast_dtype", self.dtype)
+            explainer_class(m).check_options(self.options[m])  # unknown names and bad options fail first
+        self.groups = ([self.registered] if self.registered else []) + [[m] for m in self.custom]
+        self.timings = {"preprocess": 0.0, "predict": 0.0, **{_timing_key(g): 0.0 for g in self.groups}}
+
+    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+        from .explainers import explain_many
+
+        t0 = time.perf_counter()
+        with torch.no_grad(), _autocast(images.device, self.dtype):
+            raw = self.model(images).float().cpu().numpy()
+        self.timings["predict"] += time.perf_counter() - t0
+        out: dict[str, torch.Tensor] = {}
+        for group in self.groups:
+            t0 = time.perf_counter()
+            if group[0] in self.custom:
+                out[group[0]] = self.custom[group[0]](self.model, images, self.target_idx, **self.options[group[0]])
+            else:
+                options = {m: self.options[m] for m in group}
+                out.update(explain_many(self.model, images, group, targets=self.target_idx, options=options))
+            self.timings[_timing_key(group)] += time.perf_counter() - t0
+        return raw, out
 
 
-def _prefetched(batches, device: torch.device):
-    """On a GPU, prepare the next batch (CPU preprocessing, pinned copy) while the current one runs;
-    on the CPU the same work would only compete for the cores, so batches come one after the other."""
-    if device.type != "cuda":
-        yield from batches
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    def prepare():
-        batch = next(batches, None)
-        if batch is not None:
-            batch.images = _plain(batch.images).pin_memory().to(device, non_blocking=True)
-        return batch
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(prepare)
-        while (batch := pending.result()) is not None:
-            pending = pool.submit(prepare)
-            yield batch
+def _timing_key(group: Sequence[str]) -> str:
+    return "explain_" + "+".join(group)
 
 
 def _method_table(methods) -> tuple[list[str], dict[str, Callable]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,23 +14,61 @@ import numpy as np
 import torch
 
 from .errors import MedvitInputError
-from .transforms import RoiInputs, SliceInputs, centers_from_mask
+from .transforms import InputBatch, ModelInputs, RoiInputs, SliceInputs, centers_from_mask
 from .vocabulary import PRIMARY_TARGET, primary_target
 from .volume import Volume
 
 
 def model_inputs(
-    model, volume: Volume, roi_centers: np.ndarray | None = None, roi_labels: Sequence[int] | None = None
-) -> SliceInputs | RoiInputs:
-    """The preprocessing the model expects for this volume: slices, or ROIs when centres are given."""
+    model, volume: Volume, roi_centers: np.ndarray | None = None, roi_mask: Volume | None = None
+) -> ModelInputs:
+    """The model's inputs for this volume: its slices, or nodule ROIs around ``roi_centers`` (LPS mm,
+    [R, 3]) or around each label of ``roi_mask`` (an instance mask on the CT's grid). Every command and
+    the API go through here, so the checks are the same everywhere."""
     pre = model.preprocessing
+    labels = None
+    if roi_mask is not None:
+        if not roi_mask.same_grid(volume, atol=1e-3):
+            raise MedvitInputError("the ROI mask is not on the CT's voxel grid; resample it onto the CT first")
+        roi_centers, labels = centers_from_mask(roi_mask)
+        if len(roi_centers) == 0:
+            raise MedvitInputError("the ROI mask holds no labelled voxel (expected labels 1..n)")
     if roi_centers is not None:
-        roi = RoiInputs(volume, pre, np.asarray(roi_centers, dtype=np.float64).reshape(-1, 3))
-        roi.labels = list(roi_labels) if roi_labels is not None else list(range(1, len(roi.centers_mm) + 1))
-        return roi
+        return RoiInputs(volume, pre, np.asarray(roi_centers, dtype=np.float64).reshape(-1, 3), labels)
     if pre.get("mode", "slice") == "roi":
         raise MedvitInputError("this model expects nodule ROIs: pass --roi-centers FILE or --roi-mask FILE")
     return SliceInputs(volume, pre)
+
+
+def model_batches(inputs: ModelInputs, batch_size: int, device: torch.device) -> Iterator[InputBatch]:
+    """The one batch loop: ``inputs`` in batches of ``batch_size`` items, images as plain tensors on
+    ``device``. On a GPU the next batch is prepared (CPU preprocessing, pinned copy) while the current
+    one runs; on the CPU the same work would only compete for the cores, so batches come in turn."""
+    batches = inputs.batches(batch_size)
+    if device.type != "cuda":
+        for batch in batches:
+            batch.images = _plain(batch.images).to(device)
+            yield batch
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    def prepare():
+        batch = next(batches, None)
+        if batch is not None:
+            batch.images = _plain(batch.images).pin_memory().to(device, non_blocking=True)
+        return batch
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(prepare)
+        while (batch := pending.result()) is not None:
+            pending = pool.submit(prepare)
+            yield batch
+
+
+def _plain(images: torch.Tensor) -> torch.Tensor:
+    """A plain tensor view of a tensor subclass (MONAI's MetaTensor runs every op through its
+    ``__torch_function__``, and the model's outputs would become MetaTensors too)."""
+    return images.as_subclass(torch.Tensor) if type(images) is not torch.Tensor else images
 
 
 def output_columns(task_spec) -> list[str]:
@@ -113,56 +151,37 @@ class PredictionTable:
         return out
 
 
-def _slice_meta(inputs: SliceInputs, slices: np.ndarray, source_k: np.ndarray) -> list[dict[str, Any]]:
-    rows = []
-    nx, ny, _ = inputs.canonical.shape
-    for s, k in zip(slices, source_k):
-        centre = inputs.pixel_to_voxel(int(s), (inputs.image_size[0] - 1) / 2, (inputs.image_size[1] - 1) / 2)
-        z_mm = float(inputs.volume.index_to_physical(centre)[2])
-        rows.append({"slice": int(s), "source_index": int(k), "z_mm": round(z_mm, 4)})
-    return rows
-
-
 class PredictionBuilder:
-    """Collects raw outputs batch by batch into a :class:`PredictionTable`."""
+    """Collects raw outputs batch by batch (``add``) into a :class:`PredictionTable` (``finish``): one row
+    per item; in ROI mode each ROI's views are followed by a ``mean`` row (the logits averaged over
+    views, as the published LIDC experiments did)."""
 
-    def __init__(self, model, inputs: SliceInputs | RoiInputs):
+    def __init__(self, model, inputs: ModelInputs):
         self.task_spec = model.task_spec
         self.inputs = inputs
-        self.mode = "slice" if isinstance(inputs, SliceInputs) else "roi"
-        meta = (
-            ["slice", "source_index", "z_mm"]
-            if self.mode == "slice"
-            else ["roi", "label", "view", "center_x_mm", "center_y_mm", "center_z_mm"]
-        )
-        targets, kinds = list(self.task_spec.names), list(self.task_spec.kinds)
+        names, kinds = list(self.task_spec.names), list(self.task_spec.kinds)
         self.table = PredictionTable(
-            meta + output_columns(self.task_spec), mode=self.mode, primary=targets[primary_target(targets, kinds)]
+            list(inputs.item_columns) + output_columns(self.task_spec),
+            mode=inputs.mode,
+            primary=names[primary_target(names, kinds)],
         )
-        self._roi_raw: list[np.ndarray] = []
+        self._raw: dict[int, np.ndarray] = {}
 
-    def add_slices(self, raw: np.ndarray, slices: np.ndarray, source_k: np.ndarray) -> None:
-        for meta, out in zip(_slice_meta(self.inputs, slices, source_k), raw):
-            self.table.rows.append({**meta, **output_row(self.task_spec, out)})
+    def add(self, raw: np.ndarray, items: np.ndarray) -> None:
+        """Raw outputs [B, K] of items ``items`` [B]."""
+        for item, out in zip(np.asarray(items).tolist(), raw, strict=True):
+            self._raw[int(item)] = np.asarray(out)
 
-    def add_rois(self, raw: np.ndarray) -> None:
-        """All ROI inputs at once: [R·V, K] raw outputs, ROI-major."""
-        roi: RoiInputs = self.inputs  # type: ignore[assignment]
-        V = len(roi.views)
-        for r, centre in enumerate(roi.centers_mm):
-            base = {
-                "roi": r,
-                "label": int(roi.labels[r]),
-                "center_x_mm": float(centre[0]),
-                "center_y_mm": float(centre[1]),
-                "center_z_mm": float(centre[2]),
-            }
-            for v, view in enumerate(roi.views):
-                self.table.rows.append({**base, "view": view, **output_row(self.task_spec, raw[r * V + v])})
-            # "view outputs averaged": the mean of the raw outputs (logits) over views
-            self.table.rows.append(
-                {**base, "view": "mean", **output_row(self.task_spec, raw[r * V : (r + 1) * V].mean(axis=0))}
-            )
+    def finish(self) -> PredictionTable:
+        items = sorted(self._raw)
+        for meta, item in zip(self.inputs.item_rows(items), items, strict=True):
+            self.table.rows.append({**meta, **output_row(self.task_spec, self._raw[item])})
+            if self.inputs.mode == "roi" and meta["view"] == self.inputs.views[-1]:
+                views = self.table.rows[-len(self.inputs.views) :]
+                raw = np.mean([self._raw[i] for i in range(item - len(views) + 1, item + 1)], axis=0)
+                mean = {k: v for k, v in views[0].items() if k in ("roi", "label") or k.startswith("center")}
+                self.table.rows.append({**mean, "view": "mean", **output_row(self.task_spec, raw)})
+        return self.table
 
 
 @torch.no_grad()
@@ -181,28 +200,11 @@ def predict(
         a :class:`PredictionTable`; binary targets as probability and logit, regression targets on
         their LIDC scale.
     """
-    labels = None
-    if roi_mask is not None:
-        roi_centers, labels = centers_from_mask(roi_mask)
-    inputs = model_inputs(model, volume, roi_centers, labels)
+    inputs = model_inputs(model, volume, roi_centers, roi_mask)
     builder = PredictionBuilder(model, inputs)
     device = next(model.parameters()).device
-    if isinstance(inputs, RoiInputs):
-        images = inputs.images()
-        raw = (
-            torch.cat(
-                [model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
-            )
-            if len(images)
-            else torch.zeros(0, 1)
-        )
-        builder.add_rois(raw.numpy())
+    for batch in model_batches(inputs, batch_size, device):
+        builder.add(model(batch.images).float().cpu().numpy(), batch.items)
         if progress:
-            progress(len(images))
-        return builder.table
-    for batch in inputs.batches(batch_size):
-        raw = model(batch.images.to(device)).float().cpu().numpy()
-        builder.add_slices(raw, batch.slices, batch.source_k)
-        if progress:
-            progress(len(batch.slices))
-    return builder.table
+            progress(len(batch.items))
+    return builder.finish()

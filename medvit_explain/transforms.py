@@ -109,17 +109,48 @@ def window_mean(preprocessing: dict) -> float:
 
 
 @dataclass
-class SliceBatch:
-    """A batch of model inputs: ``images`` [B, C, H, W] and the k index (source grid) of each slice."""
+class InputBatch:
+    """A batch of model inputs: ``images`` [B, C, H, W] and the item index of each (a canonical slice in
+    slice mode, an ROI view ``r * V + v`` in ROI mode)."""
 
     images: torch.Tensor
-    slices: np.ndarray  # [B] canonical slice indices
-    source_k: np.ndarray  # [B] the source voxel index along the axis that became k (for reporting)
+    items: np.ndarray  # [B]
+
+
+class ModelInputs:
+    """What every input mode offers (one interface for slices and ROIs):
+
+    * ``mode`` (``"slice"`` / ``"roi"``), ``n_items``, ``item_columns`` (the table's per-item columns);
+    * ``batches(batch_size)`` → :class:`InputBatch` in item order, ``images(items)``;
+    * ``item_rows(items)`` → one dict of ``item_columns`` per item (where it came from);
+    * the inverse: ``project(maps [n_items, h, w])`` → the map on the source grid, ``canonical_slices``,
+      ``project_planes``; ``ornt`` (the reorientation to LPS axis codes).
+    """
+
+    mode: str = ""
+    item_columns: tuple[str, ...] = ()
+
+    @property
+    def n_items(self) -> int:
+        raise NotImplementedError
+
+    def images(self, items: Sequence[int] | np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batches(self, batch_size: int, items: Sequence[int] | None = None) -> Iterator[InputBatch]:
+        """Model inputs ``batch_size`` items at a time (all items in order by default)."""
+        order = np.arange(self.n_items) if items is None else np.asarray(items, dtype=np.int64)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            yield InputBatch(self.images(chunk), chunk)
 
 
 @dataclass
-class SliceInputs:
+class SliceInputs(ModelInputs):
     """Slice-mode preprocessing of one volume, streamed in batches, and its exact inverse."""
+
+    mode = "slice"
+    item_columns = ("slice", "source_index", "z_mm")
 
     volume: Volume
     preprocessing: dict
@@ -171,11 +202,20 @@ class SliceInputs:
         images = resize_planes(self._window(block), self.image_size)  # [B, H, W]
         return images.unsqueeze(1).expand(-1, self.in_chans, -1, -1).contiguous()
 
-    def batches(self, batch_size: int, slices: Sequence[int] | None = None) -> Iterator[SliceBatch]:
-        order = np.arange(self.n_slices) if slices is None else np.asarray(slices, dtype=np.int64)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            yield SliceBatch(self.images(chunk), chunk, self.canonical_to_source_k(chunk))
+    @property
+    def n_items(self) -> int:
+        return self.n_slices
+
+    def item_rows(self, items: Sequence[int] | np.ndarray) -> list[dict]:
+        """``slice`` (canonical), ``source_index`` (along the source axis that became k) and ``z_mm`` (of the
+        slice's centre pixel) for each item."""
+        slices = np.asarray(items, dtype=np.int64)
+        centre = ((self.image_size[0] - 1) / 2, (self.image_size[1] - 1) / 2)
+        rows = []
+        for s, k in zip(slices, self.canonical_to_source_k(slices)):
+            z_mm = float(self.volume.index_to_physical(self.pixel_to_voxel(int(s), *centre))[2])
+            rows.append({"slice": int(s), "source_index": int(k), "z_mm": round(z_mm, 4)})
+        return rows
 
     def canonical_to_source_k(self, slices: np.ndarray) -> np.ndarray:
         """Source voxel index along the axis that became canonical k, for each slice."""
@@ -304,19 +344,25 @@ def _extrude(plane: np.ndarray, view: str, n: int) -> np.ndarray:
 
 
 @dataclass
-class RoiInputs:
+class RoiInputs(ModelInputs):
     """ROI-mode preprocessing: a cube of ``size_mm`` at ``spacing_mm`` around each centre (LPS mm),
     cut in the configured views, and the inverse that writes view maps back onto the source grid.
 
-    Model inputs are ordered ROI-major: input ``r * V + v`` is view ``v`` of ROI ``r``."""
+    Model inputs are ordered ROI-major: input ``r * V + v`` is view ``v`` of ROI ``r``. ``labels``: the
+    mask label of each ROI (default 1 … R)."""
+
+    mode = "roi"
+    item_columns = ("roi", "label", "view", "center_x_mm", "center_y_mm", "center_z_mm")
 
     volume: Volume
     preprocessing: dict
     centers_mm: np.ndarray  # [R, 3] LPS mm
+    labels: list[int] | None = None
     ornt: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.centers_mm = np.asarray(self.centers_mm, dtype=np.float64).reshape(-1, 3)
+        self.labels = list(range(1, len(self.centers_mm) + 1)) if self.labels is None else list(self.labels)
         self.ornt = orientation_of(self.volume)
         roi = self.preprocessing.get("roi", {})
         self.size_mm = float(roi.get("size_mm", 32.0))
@@ -335,6 +381,20 @@ class RoiInputs:
     @property
     def n_inputs(self) -> int:
         return len(self.centers_mm) * len(self.views)
+
+    @property
+    def n_items(self) -> int:
+        return self.n_inputs
+
+    def item_rows(self, items: Sequence[int] | np.ndarray) -> list[dict]:
+        """``roi``, its mask ``label``, the ``view`` and the ROI centre (LPS mm) for each item."""
+        rows = []
+        for item in np.asarray(items, dtype=np.int64):
+            r, v = divmod(int(item), len(self.views))
+            x, y, z = (float(c) for c in self.centers_mm[r])
+            rows.append({"roi": r, "label": int(self.labels[r]), "view": self.views[v]})
+            rows[-1].update(center_x_mm=x, center_y_mm=y, center_z_mm=z)
+        return rows
 
     def _center_canonical(self, r: int) -> np.ndarray:
         src = self.volume.physical_to_index(self.centers_mm[r])
@@ -358,12 +418,16 @@ class RoiInputs:
 
         return map_coordinates(self.volume.array, self._cube_coords(r), order=1, mode="nearest").astype(np.float32)
 
-    def images(self) -> torch.Tensor:
-        """All model inputs [R·V, C, H, W]."""
+    def images(self, items: Sequence[int] | np.ndarray | None = None) -> torch.Tensor:
+        """Model inputs [len(items), C, H, W] (all R·V by default), each ROI's cube sampled once."""
+        items = np.arange(self.n_inputs) if items is None else np.asarray(items, dtype=np.int64)
+        cubes: dict[int, np.ndarray] = {}
         planes = []
-        for r in range(len(self.centers_mm)):
-            cube = self.cube(r)
-            planes.extend(np.ascontiguousarray(_view_plane(cube, v)) for v in self.views)
+        for item in items:
+            r, v = divmod(int(item), len(self.views))
+            if r not in cubes:
+                cubes[r] = self.cube(r)
+            planes.append(np.ascontiguousarray(_view_plane(cubes[r], self.views[v])))
         if not planes:
             return torch.zeros((0, self.in_chans, *self.image_size))
         images = resize_planes(self._window(torch.from_numpy(np.stack(planes))), self.image_size)

@@ -24,6 +24,13 @@ from .options import (
 from .roi import resolve_roi, roi_centers_option, roi_mask_option
 
 
+def _n_items(model, volume, centres, mask) -> int:
+    """How many model inputs the run has (slices along the axial axis, or ROIs × views): the bar's total."""
+    from ..prediction import model_inputs
+
+    return model_inputs(model, volume, centres, mask).n_items
+
+
 def _progress_bar(total: int, desc: str, unit: str = "slice"):
     from tqdm.auto import tqdm
 
@@ -73,7 +80,7 @@ def predict(
     model = load_model_cli(model_path, device, model_config)
     volume = load_volume(input_path, series_uid=series_uid, allow_modality=allow_modality)
     centres, mask = resolve_roi(roi_centers, roi_mask)
-    total = len(centres) if centres is not None else volume.shape[2]
+    total = _n_items(model, volume, centres, mask)
     with _progress_bar(total, "predict") as bar:
         table = run_predict(
             model, volume, batch_size=batch_size, roi_centers=centres, roi_mask=mask, progress=bar.update
@@ -210,7 +217,7 @@ def explain(
     out = Path(out_dir) if out_dir else Path(str(input_path).rstrip("/")).parent / f"{stem}_explain"
     if out.exists() and not out.is_dir():
         raise MedvitInputError(f"--out {out} exists and is not a folder")
-    total = len(centres) * 3 if centres is not None else volume.shape[2]
+    total = _n_items(model, volume, centres, mask)
     with _progress_bar(total, "explain") as bar:
         result = explain_volume(
             model,
