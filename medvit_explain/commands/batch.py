@@ -4,18 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import (
-    batch_size_option,
-    device_option,
-    map_dtype_option,
-    method_option,
-    modality_option,
-    model_config_option,
-    model_option,
-    parse_targets,
-    precision_option,
-    target_option,
-)
+from .options import explain_options, parse_targets
 
 
 @click.command()
@@ -54,22 +43,12 @@ from .options import (
 )
 @click.option("--retry-failed", is_flag=True, help="Run the studies that failed before again.")
 @click.option("--no-audit", is_flag=True, help="Skip the whole-set audit report (run when studies have labels).")
-@model_option
-@model_config_option
-@method_option()
-@target_option
-@device_option
-@batch_size_option
-@precision_option
-@click.option("--dicom", is_flag=True, help="Also write DICOM Parametric Maps (for the DICOM studies).")
-@click.option("--no-report", is_flag=True, help="Skip report.html.")
-@map_dtype_option
+@explain_options
 @click.option(
     "--roi-from-mask",
     is_flag=True,
     help="Explain nodule ROIs taken from each study's nodule_mask instead of every slice.",
 )
-@modality_option
 @click.pass_context
 def batch(
     ctx,

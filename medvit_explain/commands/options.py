@@ -123,3 +123,32 @@ def load_model_cli(model_path, device, model_config=None):
     from ..model import load_model
 
     return load_model(model_path, device=device, config=model_config)
+
+
+dicom_option = click.option(
+    "--dicom", is_flag=True, help="Also write the maps as DICOM Parametric Maps (for DICOM inputs)."
+)
+no_report_option = click.option("--no-report", is_flag=True, help="Skip report.html.")
+
+
+def explain_options(command):
+    """The options ``explain`` and ``batch`` share, in one order, with one default and one help text each:
+    model, config, methods, targets, device, batch size, precision, DICOM output, report, map storage and
+    modality."""
+    for option in reversed(
+        [
+            model_option,
+            model_config_option,
+            method_option(),
+            target_option,
+            device_option,
+            batch_size_option,
+            precision_option,
+            dicom_option,
+            no_report_option,
+            map_dtype_option,
+            modality_option,
+        ]
+    ):
+        command = option(command)
+    return command

@@ -10,16 +10,13 @@ import click
 from .options import (
     batch_size_option,
     device_option,
+    explain_options,
     load_model_cli,
-    map_dtype_option,
-    method_option,
     modality_option,
     model_config_option,
     model_option,
     parse_targets,
-    precision_option,
     series_option,
-    target_option,
 )
 from .roi import resolve_roi, roi_centers_option, roi_mask_option
 
@@ -153,10 +150,6 @@ def train(config_path, data, out, val_data, epochs, seed, resume, device):
 
 @click.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=str))
-@model_option
-@model_config_option
-@method_option()
-@target_option
 @click.option(
     "--out",
     "out_dir",
@@ -164,14 +157,8 @@ def train(config_path, data, out, val_data, epochs, seed, resume, device):
     default=None,
     help="Output folder [default: <stem>_explain/ next to the input].",
 )
-@device_option
-@batch_size_option
-@precision_option
-@click.option("--dicom", is_flag=True, help="Also write the maps as DICOM Parametric Maps (DICOM input only).")
-@click.option("--no-report", is_flag=True, help="Skip report.html.")
-@map_dtype_option
+@explain_options
 @series_option
-@modality_option
 @roi_centers_option
 @roi_mask_option
 def explain(
