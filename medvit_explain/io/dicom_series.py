@@ -146,24 +146,10 @@ def ct_slice_dataset(
 ) -> Dataset:
     """The pydicom ``Dataset`` (with file meta) of slice ``k`` of ``volume`` as a CT image."""
     normal = _check_geometry(volume)
-    nx, ny, _ = volume.shape
-    slope, intercept = rescale
-    hu = np.asarray(volume.array[:, :, k], dtype=np.float64).T  # [rows = j, cols = i]
-    stored = np.rint((hu - intercept) / slope)
-    if stored.min() < _INT16_MIN or stored.max() > _INT16_MAX:
-        raise UnsupportedImageError("voxel values do not fit int16 storage with the given rescale")
-    stored = stored.astype("<i2")
-
+    stored = _stored_slice(volume, k, rescale)
     sop_uid = generate_uid(uids["prefix"], entropy_srcs=[uids["base"], "sop", str(k)])
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "MEDVIT_EXPLAIN"
-
     ds = Dataset()
-    ds.file_meta = meta
+    ds.file_meta = _file_meta(sop_uid)
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
     ds.SOPClassUID = CTImageStorage
@@ -193,11 +179,39 @@ def ct_slice_dataset(
     ds.SeriesNumber = int(series_number)
     ds.AcquisitionNumber = 1
     ds.InstanceNumber = int(k) + 1
+    ds.FrameOfReferenceUID = uids["frame_of_reference"]
+    _set_image_plane_and_pixels(ds, volume, k, normal, stored, rescale, window)
+    return ds
+
+
+def _stored_slice(volume: Volume, k: int, rescale: tuple[float, float]) -> np.ndarray:
+    """Slice ``k`` as stored int16 values ([rows = j, cols = i]) under ``rescale`` (slope, intercept)."""
+    slope, intercept = rescale
+    hu = np.asarray(volume.array[:, :, k], dtype=np.float64).T
+    stored = np.rint((hu - intercept) / slope)
+    if stored.min() < _INT16_MIN or stored.max() > _INT16_MAX:
+        raise UnsupportedImageError("voxel values do not fit int16 storage with the given rescale")
+    return stored.astype("<i2")
+
+
+def _file_meta(sop_uid: str) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "MEDVIT_EXPLAIN"
+    return meta
+
+
+def _set_image_plane_and_pixels(ds, volume, k, normal, stored, rescale, window) -> None:
+    """The Image Plane and Image Pixel modules of slice ``k``, with the CT's rescale and window."""
+    nx, ny, _ = volume.shape
+    slope, intercept = rescale
     position = volume.index_to_physical(np.array([0.0, 0.0, float(k)]))
     ds.ImagePositionPatient = [_fmt(v) for v in position]
     d = volume.direction
     ds.ImageOrientationPatient = [_fmt(v) for v in (*d[:, 0], *d[:, 1])]
-    ds.FrameOfReferenceUID = uids["frame_of_reference"]
     ds.PositionReferenceIndicator = ""
     ds.SliceLocation = _fmt(float(position @ normal))
     ds.SamplesPerPixel = 1
@@ -215,7 +229,6 @@ def ct_slice_dataset(
     ds.RescaleSlope = _fmt(slope)
     ds.RescaleType = "HU"
     ds.PixelData = stored.tobytes()
-    return ds
 
 
 def _save(ds: Dataset, path: Path) -> None:
