@@ -275,29 +275,30 @@ def run_batch(
         state = "interrupted"
         job.started = time.perf_counter()  # the rate counts this run's work, engine start-up included
         try:
-            if engine == "local":
-                from .local import run_local
-
-                run_local(model, settings, out, todo, job.on_result)
-            else:
-                from .ray_engine import run_ray
-
-                run_ray(
-                    settings,
-                    out,
-                    todo,
-                    job.on_result,
-                    address=ray_address,
-                    workers=workers,
-                    gpus_per_worker=gpus_per_worker,
-                    log=log,
-                )
+            ray_options = {"address": ray_address, "workers": workers, "gpus_per_worker": gpus_per_worker}
+            _run_engine(engine, model, settings, out, todo, job, ray_options, log)
             state = "finished"
         finally:
             job.write_files(state, force=True)
         audit = None
         if audit_enabled and job.counts()["pending"] == 0:
             audit = audit_whole_set(out, studies, job, model, settings, log)
+    return _summary(job, studies, out, audit)
+
+
+def _run_engine(engine: str, model, settings: BatchSettings, out: Path, todo, job, ray_options: dict, log) -> None:
+    """The studies ``todo`` through the local engine (this process) or the Ray engine."""
+    if engine == "local":
+        from .local import run_local
+
+        run_local(model, settings, out, todo, job.on_result)
+    else:
+        from .ray_engine import run_ray
+
+        run_ray(settings, out, todo, job.on_result, log=log, **ray_options)
+
+
+def _summary(job, studies, out: Path, audit) -> BatchSummary:
     counts = job.counts()
     per_min, _ = job.rate()
     failures = [

@@ -58,6 +58,67 @@ def import_ray():
     return ray
 
 
+def _plan_workers(ray, settings: BatchSettings, address, workers, gpus_per_worker, log) -> tuple[int, float]:
+    """How many workers with how many GPUs each, from the options and the cluster's resources; an
+    impossible plan is a user error on a local Ray, a warning on a cluster that may still grow."""
+    resources = ray.cluster_resources()
+    cluster_gpus, cluster_cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if cluster_gpus > 0 and settings.device != "cpu" else 0.0
+    if gpus_per_worker == 0 and settings.device.startswith("cuda"):
+        raise MedvitInputError(f"--device {settings.device} needs --gpus-per-worker > 0 with --engine ray")
+    if workers is None:
+        workers = max(1, int(cluster_gpus // gpus_per_worker)) if gpus_per_worker > 0 else 1
+    need_cpus, need_gpus = float(workers), workers * gpus_per_worker
+    if need_cpus > cluster_cpus or need_gpus > cluster_gpus:
+        message = (
+            f"{workers} worker(s) need {need_cpus:g} CPU and {need_gpus:g} GPU; the Ray cluster has "
+            f"{cluster_cpus:g} CPU and {cluster_gpus:g} GPU (lower --workers or --gpus-per-worker)"
+        )
+        if address is None:
+            raise MedvitInputError(message)
+        log(f"warning: {message}; waiting for the cluster to provide them")
+    log(
+        f"ray: {workers} worker(s), {gpus_per_worker:g} GPU each, on a cluster with {cluster_cpus:g} CPU and "
+        f"{cluster_gpus:g} GPU"
+    )
+    return workers, gpus_per_worker
+
+
+def _drain(ray, actors: list[Any], studies: Sequence[Study], on_result) -> None:
+    """Keep ``TASKS_PER_ACTOR`` studies queued on each actor until all are done; a study whose worker
+    failed is recorded as failed, never lost."""
+    queue = deque(studies)
+    pending: dict[Any, tuple[Study, Any]] = {}
+
+    def submit(actor) -> None:
+        if queue:
+            study = queue.popleft()
+            pending[actor.run.remote(study)] = (study, actor)
+
+    for _ in range(TASKS_PER_ACTOR):
+        for actor in actors:
+            submit(actor)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        study, actor = pending.pop(ready[0])
+        try:
+            outcome = ray.get(ready[0])
+        except ray.exceptions.RayError as exc:  # the worker died or the task could not run: record it
+            outcome = {
+                "study_id": study.study_id,
+                "path": study.path,
+                "status": "failed",
+                "error": f"ray worker failed: {error_line(exc).splitlines()[0]}",
+                "traceback": str(exc),
+                "worker": "ray",
+                "timings_s": {},
+                "finished_at": now_iso(),
+            }
+        on_result(outcome)
+        submit(actor)
+
+
 def run_ray(
     settings: BatchSettings,
     out_dir: Path,
@@ -87,23 +148,7 @@ def run_ray(
         started = True
     actors: list[Any] = []
     try:
-        resources = ray.cluster_resources()
-        cluster_gpus, cluster_cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
-        if gpus_per_worker is None:
-            gpus_per_worker = 1.0 if cluster_gpus > 0 and settings.device != "cpu" else 0.0
-        if gpus_per_worker == 0 and settings.device.startswith("cuda"):
-            raise MedvitInputError(f"--device {settings.device} needs --gpus-per-worker > 0 with --engine ray")
-        if workers is None:
-            workers = max(1, int(cluster_gpus // gpus_per_worker)) if gpus_per_worker > 0 else 1
-        need_cpus, need_gpus = float(workers), workers * gpus_per_worker
-        if need_cpus > cluster_cpus or need_gpus > cluster_gpus:
-            message = (
-                f"{workers} worker(s) need {need_cpus:g} CPU and {need_gpus:g} GPU; the Ray cluster has "
-                f"{cluster_cpus:g} CPU and {cluster_gpus:g} GPU (lower --workers or --gpus-per-worker)"
-            )
-            if address is None:
-                raise MedvitInputError(message)
-            log(f"warning: {message}; waiting for the cluster to provide them")
+        workers, gpus_per_worker = _plan_workers(ray, settings, address, workers, gpus_per_worker, log)
         # on a GPU worker Ray sets CUDA_VISIBLE_DEVICES: the worker's GPU is its "cuda"
         device = "cpu" if settings.device == "cpu" or gpus_per_worker == 0 else "cuda"
         worker_settings = replace(settings, device=device)
@@ -111,39 +156,7 @@ def run_ray(
             StudyActor
         )
         actors = [actor_cls.remote(worker_settings, str(out_dir), i) for i in range(workers)]
-        log(
-            f"ray: {workers} worker(s), {gpus_per_worker:g} GPU each, on a cluster with {cluster_cpus:g} CPU and "
-            f"{cluster_gpus:g} GPU"
-        )
-        queue = deque(studies)
-        pending: dict[Any, tuple[Study, Any]] = {}
-
-        def submit(actor) -> None:
-            if queue:
-                study = queue.popleft()
-                pending[actor.run.remote(study)] = (study, actor)
-
-        for _ in range(TASKS_PER_ACTOR):
-            for actor in actors:
-                submit(actor)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            study, actor = pending.pop(ready[0])
-            try:
-                outcome = ray.get(ready[0])
-            except ray.exceptions.RayError as exc:  # the worker died or the task could not run: record it
-                outcome = {
-                    "study_id": study.study_id,
-                    "path": study.path,
-                    "status": "failed",
-                    "error": f"ray worker failed: {error_line(exc).splitlines()[0]}",
-                    "traceback": str(exc),
-                    "worker": "ray",
-                    "timings_s": {},
-                    "finished_at": now_iso(),
-                }
-            on_result(outcome)
-            submit(actor)
+        _drain(ray, actors, studies, on_result)
     finally:
         for actor in actors:
             ray.kill(actor)
