@@ -85,14 +85,10 @@ def batch(
       medvit-explain batch sample_data --out runs/batch
       medvit-explain batch studies.csv --out runs/batch --engine ray --workers 4 --gpus-per-worker 1
     """
-    if engine == "local":
-        for name, value in (
-            ("--ray-address", ray_address),
-            ("--workers", workers),
-            ("--gpus-per-worker", gpus_per_worker),
-        ):
-            if value is not None:
-                raise click.UsageError(f"{name} needs --engine ray")
+    ray_options = {"--ray-address": ray_address, "--workers": workers, "--gpus-per-worker": gpus_per_worker}
+    for name, value in ray_options.items():
+        if engine == "local" and value is not None:
+            raise click.UsageError(f"{name} needs --engine ray")
 
     from ..batch import BatchSettings, run_batch
 
@@ -122,6 +118,12 @@ def batch(
         audit=not no_audit,
         log=lambda line: click.echo(line, err=True),
     )
+    _echo_summary(summary)
+    if summary.failed:
+        ctx.exit(1)
+
+
+def _echo_summary(summary) -> None:
     rate = "" if summary.studies_per_min is None else f" at {summary.studies_per_min:.1f} studies/min"
     click.echo(
         f"{summary.done}/{summary.total} studies done, {summary.failed} failed "
@@ -131,5 +133,3 @@ def batch(
         click.echo(f"failed: {study_id}: {error}")
     if summary.audit is not None:
         click.echo(f"audit: {summary.audit}")
-    if summary.failed:
-        ctx.exit(1)
