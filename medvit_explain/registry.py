@@ -17,6 +17,7 @@ it through ``medvit-explain list-methods --json``.
 
 from __future__ import annotations
 
+import importlib
 import re
 import threading
 import warnings
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "medvit_explain.explainers"
+BUILT_IN_PACKAGE = "medvit_explain.explainers"  # loaded by name, like the plugins
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]*$")  # no "_": overlay file names are split at "_"
 
 _REGISTRY: dict[str, type] = {}
@@ -71,8 +73,7 @@ def _load() -> dict[str, type]:
     with _LOCK:
         if not _LOADED:
             _LOADED = True
-            import medvit_explain.explainers  # noqa: F401 - importing registers the built-in methods
-
+            importlib.import_module(BUILT_IN_PACKAGE)  # its modules register the built-in methods
             _load_entry_points()
         return _REGISTRY
 

@@ -59,7 +59,9 @@ def overlay_info(path: str | os.PathLike) -> tuple[str, str, str] | None:
         targets = json.loads(summary.read_text()).get("targets") or None
     except (OSError, ValueError, AttributeError):
         targets = None
-    return parse_overlay_name(path.name, targets=targets)
+    from ..registry import method_names
+
+    return parse_overlay_name(path.name, method_names(), targets=targets)
 
 
 def _is_dicom_file(path: Path) -> bool:

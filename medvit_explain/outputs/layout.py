@@ -47,15 +47,10 @@ DICOM_FOLDER = "dicom"
 
 
 def known_methods(python_exe: str | os.PathLike | None = None) -> list[str]:
-    """The registered method names (built-in and plugins).
-
-    In a process that already imported torch (the CLI, napari), read from the registry; otherwise from
-    ``python -m medvit_explain list-methods --json`` run by ``python_exe`` (default: this interpreter),
-    once per interpreter, so a viewer's own process never imports torch."""
-    if python_exe is None and "torch" in sys.modules:
-        from medvit_explain.registry import method_names
-
-        return method_names()
+    """The registered method names (built-in and plugins), as ``python -m medvit_explain list-methods
+    --json`` run by ``python_exe`` (default: this interpreter) prints them, once per interpreter: a
+    viewer's own process never imports torch. Code that has the registry at hand passes ``methods`` to
+    :func:`parse_overlay_name` / :func:`find_outputs` instead."""
     return list(_methods_from_cli(os.fspath(python_exe or sys.executable)))
 
 

@@ -83,7 +83,7 @@ def write_outputs(
         )
     result.timings["write"] = time.perf_counter() - t0
     if report:
-        from ..report import write_report
+        from ..report.html import write_report
 
         t0 = time.perf_counter()
         written["report"] = write_report(result, out_dir / REPORT)
