@@ -5,7 +5,7 @@
 Held-out data: the sample model's test phantoms (configs/sample_model.yaml ``test_groups`` at
 ``test_seed``; never seen in training or model selection) plus as many again drawn with ``test_seed + 500``
 on the same grids, so that at least 200 nodule slices are explained. The evaluation is
-``medvit_explain.evaluate.evaluate_explanations`` with the sample model on CPU (the same as
+``medvit_explain.workflows.evaluate.evaluate_explanations`` with the sample model on CPU (the same as
 ``medvit-explain evaluate runs/evaluation/phantoms --target malignancy --target spiculation``); it writes
 ``metrics.json`` and ``evaluation.html`` to ``--work`` and prints the Markdown table for the README.
 
@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from medvit_explain.evaluate import evaluate_explanations, markdown_table, write_evaluation
 from medvit_explain.model import load_model
 from medvit_explain.phantom import make_phantom_groups
 from medvit_explain.registry import method_names
+from medvit_explain.report.evaluation import markdown_table, write_evaluation
+from medvit_explain.workflows.evaluate import evaluate_explanations
 
 ROOT = Path(__file__).resolve().parents[1]
 

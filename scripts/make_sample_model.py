@@ -17,7 +17,8 @@ import yaml
 
 from medvit_explain.model import load_model
 from medvit_explain.phantom import make_phantom_groups
-from medvit_explain.train import evaluate, find_studies, load_slices, train
+from medvit_explain.workflows.studies import find_studies
+from medvit_explain.workflows.train import evaluate, load_slices, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -126,6 +126,29 @@ def test_manifest_folder_scan_and_csv(data, tmp_path):
         read_manifest(bad_id)
 
 
+def test_one_manifest_format_for_every_workflow(data, tmp_path):
+    """train / evaluate / audit (find_studies) and batch (read_manifest) read the same CSV into one Study
+    type; the older training layout (image instead of path, no study_id) is read too."""
+    from medvit_explain.workflows.studies import Study, find_phantoms, find_studies
+
+    ph = data["ph"]
+    image, mask, labels = ph / "phantom_000.nii.gz", ph / "phantom_000_nodules.nii.gz", ph / "phantom_000.json"
+    legacy = tmp_path / "legacy.csv"
+    legacy.write_text(f"image,nodule_mask,labels\n{image},{mask},{labels}\n")
+    (a,) = find_studies(legacy)
+    (b,) = read_manifest(legacy)
+    assert isinstance(a, Study) and isinstance(b, Study)
+    assert a.study_id == b.study_id == "phantom_000.nii.gz" and a.path == b.path == str(image)
+    assert a.labels == b.labels and a.nodule_mask == b.nodule_mask
+    assert a.malignancy is None and b.malignancy in (0, 1)  # find_studies reads the labels with the study
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text(f"study_id,path,labels\nx,{image},{labels}\n")
+    assert read_manifest(unlabelled)[0].nodule_mask is None
+    with pytest.raises(MedvitInputError, match="nodule_mask"):
+        find_studies(unlabelled)
+    assert [s.study_id for s in find_phantoms(ph)] == ["phantom_000", "phantom_001"]  # not the DICOM series
+
+
 @pytest.mark.parametrize("case", ["missing column", "missing file", "duplicate id", "bad label", "no manifest"])
 def test_bad_manifest_one_line_exit_2(data, tmp_path, case):
     rows = phantom_rows(data["more"], ["extra_000", "extra_001"])

@@ -12,12 +12,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from medvit_explain import bench as bench_mod
 from medvit_explain.bench import format_table, loop_agcam, loop_cdam, run_bench
 from medvit_explain.commands.bench import bench
 from medvit_explain.errors import MethodError
 from medvit_explain.explainers import explain, explain_many
 from medvit_explain.registry import method_names
+from medvit_explain.workflows import bench as bench_mod  # where run_bench looks up gradcam_available
 from tests.models import tiny_checkpoint, tiny_model
 from tests.vit_models import VARIANTS, make_images, make_model
 

@@ -202,3 +202,18 @@ def test_explain_func_shapes_and_quantus():
         device="cpu",
     )
     assert len(scores) == 3 and np.all(np.isfinite(scores))
+
+
+def test_report_never_imports_a_workflow():
+    """report/ renders typed results; importing a workflow back would make the old import circle."""
+    import ast
+
+    import medvit_explain.report as report
+
+    moved = {"workflows", "evaluate", "audit", "train", "bench", "commands", "cli"}
+    for path in Path(report.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                parts = node.module.split(".")
+                top = parts[0] if node.level == 2 else parts[1] if parts[0] == "medvit_explain" else None
+                assert top not in moved, f"{path.name} imports {node.module}"

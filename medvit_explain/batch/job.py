@@ -337,8 +337,8 @@ def audit_whole_set(
         if any(s.malignancy is not None for s in studies):
             log("audit skipped: it needs a labels JSON and a nodule_mask per study")
         return None
-    from ..audit import audit as run_audit
-    from ..audit import write_audit as write_audit_files
+    from ..report.evaluation import write_audit as write_audit_files
+    from ..workflows.audit import audit as run_audit
 
     audit_dir = out / "audit"
     stamp = hashlib.sha256(

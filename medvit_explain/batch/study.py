@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import MedvitInputError
 from ..vocabulary import DEFAULT_MAP_DTYPE
-from .manifest import Study
+from ..workflows.studies import Study
 from .records import clear_study_dir, list_outputs, now_iso
 
 SUMMARY_KEYS = (

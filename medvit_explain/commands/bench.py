@@ -1,4 +1,4 @@
-"""``medvit-explain bench``: explanation cost next to a plain forward pass, and memory (see medvit_explain.bench)."""
+"""``medvit-explain bench``: explanation cost beside a plain forward pass, and memory (workflows.bench)."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def bench(
       medvit-explain bench --arch vit_small_patch16_224 --slices 8 --json
       medvit-explain bench --e2e-size 512 512 300 --e2e-only          # a clinical-size CT, ~2 minutes
     """
-    from ..bench import DEFAULT_VOLUME, bench_model, format_table, run_bench, to_json
+    from ..workflows.bench import DEFAULT_VOLUME, bench_model, format_table, run_bench, to_json
 
     if model_path and arch:
         raise click.BadParameter("expected --model or --arch, got both")

@@ -100,7 +100,8 @@ def evaluate(
     """
     import torch
 
-    from ..evaluate import evaluate_explanations, format_table, write_evaluation
+    from ..report.evaluation import format_table, write_evaluation
+    from ..workflows.evaluate import evaluate_explanations
 
     methods = list(methods) if methods else _all_methods()
     out = _out_dir(out_dir, "evaluation")
@@ -169,8 +170,8 @@ def audit(data, model_path, methods, out_dir, top_slices, as_json, device, batch
     Example:
       medvit-explain audit sample_data --out audit/
     """
-    from ..audit import audit as run_audit
-    from ..audit import write_audit
+    from ..report.evaluation import write_audit
+    from ..workflows.audit import audit as run_audit
 
     methods = list(methods)
     out = _out_dir(out_dir, "audit")

@@ -137,7 +137,7 @@ def train(config_path, data, out, val_data, epochs, seed, resume, device):
       medvit-explain train --config configs/sample_model.yaml --data runs/train --out runs/model
     """
     from ..model import load_config
-    from ..train import train as run_train
+    from ..workflows.train import train as run_train
 
     config = load_config(config_path)
     result = run_train(config, data, out, val_data=val_data, resume=resume, epochs=epochs, seed=seed, device=device)

@@ -1,4 +1,8 @@
-"""HTML for ``evaluation.html`` (explanation metrics) and ``audit.html`` (dataset audit).
+"""HTML for ``evaluation.html`` (explanation metrics) and ``audit.html`` (dataset audit), the files
+beside them (``metrics.json``; ``audit.csv``, ``audit.json``) and the evaluation's text tables.
+
+The workflows (:mod:`medvit_explain.workflows.evaluate`, ``.audit``) compute typed results; this module
+renders what it is given and never imports a workflow.
 
 Self-contained like the explanation report (inline CSS, base64 PNG figures, escaped text); figures are
 drawn with ``Figure`` + ``FigureCanvasAgg`` (no pyplot state).
@@ -6,18 +10,32 @@ drawn with ``Figure`` + ``FigureCanvasAgg`` (no pyplot state).
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..errors import MedvitInputError
+from ..io.writer import atomic_path
+from ..vocabulary import to_json
 from . import figures
 from .html import _CSS, _e, _fmt, _img, _kv, _table
 
-__all__ = ["render_audit", "render_evaluation", "study_figure"]
+__all__ = [
+    "format_table",
+    "markdown_table",
+    "render_audit",
+    "render_evaluation",
+    "study_figure",
+    "table_rows",
+    "write_audit",
+    "write_evaluation",
+]
 
 _LOWER_IS_BETTER = {"deletion_auc", "rand_rho"}
 
@@ -93,9 +111,10 @@ def sweep_plot(sweep: dict[str, dict[str, list[float]]]) -> bytes:
     return figures._png(fig)
 
 
-def example_grid(examples: dict[str, Any]) -> bytes:
-    """Rows: example slices; columns: the image with the nodule outlined, then each method's map."""
-    images, nodule, maps = examples["images"], examples["nodule"], examples["maps"]
+def example_grid(examples) -> bytes:
+    """Rows: example slices; columns: the image with the nodule outlined, then each method's map
+    (``examples``: ``images``, ``nodule`` [E, H, W] and ``maps`` {method: [E, H, W]})."""
+    images, nodule, maps = examples.images, examples.nodule, examples.maps
     methods = list(maps)
     n = len(images)
     fig = Figure(figsize=(1.6 * (1 + len(methods)), 1.7 * max(1, n)))
@@ -197,42 +216,92 @@ def study_figure(
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-def render_evaluation(result) -> str:
-    """``evaluation.html`` for an :class:`~medvit_explain.evaluate.EvaluationResult`."""
-    from ..evaluate import table_rows
+def table_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per method: the headline numbers (localization at 0.5, pointing game, evidence in the
+    nodule and in the lungs, ABPC on the primary target, compactness, class sensitivity, rank correlation
+    after randomisation). ABPC of the regression targets is in ``metrics["abpc"]`` (units of each scale)."""
+    primary = metrics["settings"]["localization_target"]
+    rows = []
+    for m in metrics["methods"]:
+        loc = metrics["localization"][m]
+        abpc_m = metrics["abpc"][m]
+        rows.append(
+            {
+                "method": m,
+                "dice": loc.get("dice", float("nan")),
+                "iou": loc.get("iou", float("nan")),
+                "box_iou": loc.get("box_iou", float("nan")),
+                "pointing": loc.get("pointing_game", float("nan")),
+                "ev_nodule": loc.get("evidence_in_nodule", float("nan")),
+                "ev_lungs": loc.get("evidence_in_lungs", float("nan")),
+                f"abpc_{primary}": abpc_m.get(primary, float("nan")),
+                "compact": metrics["compactness"][m],
+                "class_sens": metrics["class_sensitivity"][m],
+                "rand_rho": metrics["randomization"][m],
+            }
+        )
+    return rows
 
-    m = result.metrics
-    rows = table_rows(m)
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return "nan" if not np.isfinite(v) else f"{v:.3f}"
+    return str(v)
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """A plain-text method × metric table (what the CLI prints and the README shows)."""
+    rows = table_rows(metrics)
     header = list(rows[0])
-    settings = m["settings"]
-    model = m["model"]
-    primary = settings["localization_target"]
-    body = [
+    widths = [max(len(str(h)), *(len(_cell(r[h])) for r in rows)) for h in header]
+    lines = ["  ".join(str(h).ljust(wd) for h, wd in zip(header, widths, strict=True))]
+    for r in rows:
+        lines.append("  ".join(_cell(r[h]).ljust(wd) for h, wd in zip(header, widths, strict=True)))
+    return "\n".join(lines)
+
+
+def markdown_table(metrics: dict[str, Any]) -> str:
+    """:func:`table_rows` as a Markdown table (for the README)."""
+    rows = table_rows(metrics)
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r[h]) for h in header) + " |")
+    return "\n".join(lines)
+
+
+def _evaluation_cards(m: dict[str, Any]) -> list[str]:
+    """The data, model and settings cards at the top of ``evaluation.html``."""
+    settings, model = m["settings"], m["model"]
+    data = [
+        ("data", settings["data"]),
+        ("studies", m["n_studies"]),
+        ("explained nodule slices", m["n_slices"]),
+        ("nodules in them", m["n_nodules"]),
+        ("slices scored by the model", m["n_model_slices"]),
+        ("seed", m["seed"]),
+    ]
+    scores = [
+        ("malignancy ROC AUC", _fmt(model.get("malignancy_auc"), 3)),
+        ("accuracy at 0.5", _fmt(model.get("malignancy_accuracy"), 3)),
+        ("AUC on nodule slices", _fmt(model.get("malignancy_auc_nodule_slices"), 3)),
+        *[(f"MAE {k}", _fmt(v, 3)) for k, v in (model.get("biomarker_mae") or {}).items()],
+    ]
+    return [
         '<div class="cards">',
-        '<div class="card"><h4>Data</h4>'
-        + _kv(
-            [
-                ("data", settings["data"]),
-                ("studies", m["n_studies"]),
-                ("explained nodule slices", m["n_slices"]),
-                ("nodules in them", m["n_nodules"]),
-                ("slices scored by the model", m["n_model_slices"]),
-                ("seed", m["seed"]),
-            ]
-        )
-        + "</div>",
-        '<div class="card"><h4>Model (all labelled slices)</h4>'
-        + _kv(
-            [
-                ("malignancy ROC AUC", _fmt(model.get("malignancy_auc"), 3)),
-                ("accuracy at 0.5", _fmt(model.get("malignancy_accuracy"), 3)),
-                ("AUC on nodule slices", _fmt(model.get("malignancy_auc_nodule_slices"), 3)),
-                *[(f"MAE {k}", _fmt(v, 3)) for k, v in (model.get("biomarker_mae") or {}).items()],
-            ]
-        )
-        + "</div>",
+        '<div class="card"><h4>Data</h4>' + _kv(data) + "</div>",
+        '<div class="card"><h4>Model (all labelled slices)</h4>' + _kv(scores) + "</div>",
         '<div class="card"><h4>Settings</h4>' + _kv([(k, v) for k, v in settings.items() if k != "data"]) + "</div>",
         "</div>",
+    ]
+
+
+def _evaluation_summary(m: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """The method × metric table with its definitions, the sanity flag and the bar panels."""
+    settings = m["settings"]
+    primary = settings["localization_target"]
+    header = list(rows[0])
+    body = [
         "<h2>Summary (method × metric)</h2>",
         '<p class="note">Localization: the predicted-class map of '
         f"{_e(primary)} on nodule slices, bilinear to the input, min–max, binarised at "
@@ -250,14 +319,12 @@ def render_evaluation(result) -> str:
             f'<p class="hot">Sanity check flagged (maps barely change after randomisation): '
             f"{_e(', '.join(m['randomization_flagged']))}</p>"
         )
-    body += [_img(bar_panels(rows, header[1:]), "metrics per method")]
-    if result.examples.get("maps"):
-        body += [
-            "<h2>Examples: predicted-class maps on nodule slices</h2>",
-            '<p class="note">Nodule outlined; maps raw signed, red = evidence for the predicted class.</p>',
-            _img(example_grid(result.examples), "example maps"),
-        ]
-    body += ["<h2>Localization threshold sweep</h2>", _img(sweep_plot(m["localization_sweep"]), "Dice vs threshold")]
+    return body + [_img(bar_panels(rows, header[1:]), "metrics per method")]
+
+
+def _evaluation_details(m: dict[str, Any]) -> list[str]:
+    """Localization sweep, faithfulness tables and curves, randomisation cascade and timings."""
+    body = ["<h2>Localization threshold sweep</h2>", _img(sweep_plot(m["localization_sweep"]), "Dice vs threshold")]
     loc_keys = list(next(iter(m["localization"].values())))
     body.append(_table(["method", *loc_keys], [[k, *v.values()] for k, v in m["localization"].items()], left=1))
     body.append("<h2>Faithfulness</h2>")
@@ -277,7 +344,7 @@ def render_evaluation(result) -> str:
         '<p class="note">Binary targets are scored on their probability, regression targets on their '
         "value on the LIDC scale (so their ABPC is in scale units).</p>"
     )
-    body += [
+    return body + [
         "<h2>Model randomisation (cascading)</h2>",
         _table(
             ["method", *[f"top {k} block(s)" for k in next(iter(m["randomization_cascade"].values()))]],
@@ -287,12 +354,45 @@ def render_evaluation(result) -> str:
         "<h2>Timings (s)</h2>",
         _table(["method", "seconds"], list(m["timings_s"].items()), left=1),
     ]
+
+
+def render_evaluation(result) -> str:
+    """``evaluation.html`` for an ``EvaluationResult`` (:mod:`medvit_explain.workflows.evaluate`): its
+    ``metrics`` dict and its ``examples`` (images, nodule masks, maps per method)."""
+    m = result.metrics
+    body = _evaluation_cards(m) + _evaluation_summary(m, table_rows(m))
+    if result.examples.maps:
+        body += [
+            "<h2>Examples: predicted-class maps on nodule slices</h2>",
+            '<p class="note">Nodule outlined; maps raw signed, red = evidence for the predicted class.</p>',
+            _img(example_grid(result.examples), "example maps"),
+        ]
+    body += _evaluation_details(m)
     return _page("medvit-explain — explanation evaluation", body)
+
+
+def _out_folder(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MedvitInputError(f"--out {out} exists and is not a folder")
+    return out
+
+
+def write_evaluation(result, out_dir: str | Path) -> dict[str, Path]:
+    """``metrics.json`` and ``evaluation.html`` in ``out_dir`` (each written atomically)."""
+    out = _out_folder(out_dir)
+    html_text = render_evaluation(result)
+    written = {"metrics": out / "metrics.json", "report": out / "evaluation.html"}
+    with atomic_path(written["metrics"]) as tmp:
+        tmp.write_text(to_json(result.metrics))
+    with atomic_path(written["report"]) as tmp:
+        tmp.write_text(html_text, encoding="utf-8")
+    return written
 
 
 # ---------------------------------------------------------------------------------------- audit
 def render_audit(result) -> str:
-    """``audit.html`` for an :class:`~medvit_explain.audit.AuditResult`."""
+    """``audit.html`` for an ``AuditResult`` (:mod:`medvit_explain.workflows.audit`)."""
     s = result.summary
     body = [
         '<div class="cards">',
@@ -348,6 +448,33 @@ def render_audit(result) -> str:
     body.append(_table(header, [[r[h] for h in header] for r in result.rows], left=1))
     if result.pictures:
         body.append("<h2>Pictures (ordered as above)</h2>")
-        for name, png in result.pictures:
+        for name, picture in result.pictures:
+            png = study_figure(
+                picture.ct,
+                picture.maps,
+                picture.nodule,
+                picture.body,
+                aspect=picture.aspect,
+                title=picture.title,
+            )
             body += [f"<h3>{_e(name)}</h3>", _img(png, f"maps of {name}")]
     return _page("medvit-explain — malignancy audit", body)
+
+
+def write_audit(result, out_dir: str | Path) -> dict[str, Path]:
+    """``audit.html``, ``audit.csv`` and ``audit.json`` in ``out_dir`` (each written atomically)."""
+    out = _out_folder(out_dir)
+    html_text = render_audit(result)
+    written = {"report": out / "audit.html", "csv": out / "audit.csv", "json": out / "audit.json"}
+    with atomic_path(written["report"]) as tmp:
+        tmp.write_text(html_text, encoding="utf-8")
+    with atomic_path(written["csv"]) as tmp:
+        with open(tmp, "w", newline="") as stream:
+            header = list(result.rows[0]) if result.rows else ["study"]
+            writer = csv.DictWriter(stream, fieldnames=header)
+            writer.writeheader()
+            for r in result.rows:
+                writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    with atomic_path(written["json"]) as tmp:
+        tmp.write_text(to_json({"summary": result.summary, "studies": result.rows}))
+    return written

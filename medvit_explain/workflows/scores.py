@@ -1,0 +1,58 @@
+"""The model's own scores on labelled slices, shared by ``train`` (validation) and ``evaluate``:
+ROC AUC, accuracy at 0.5 and MAE on each target's scale."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["model_outputs", "roc_auc", "slice_metrics"]
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (Mann–Whitney U with tie handling); NaN without both classes."""
+    from scipy.stats import rankdata
+
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+@torch.no_grad()
+def model_outputs(model, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """The model's raw outputs [N, K] (float32, on the CPU) for ``images`` [N, C, H, W], in batches."""
+    device = next(model.parameters()).device
+    return torch.cat(
+        [model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+    )
+
+
+def slice_metrics(
+    model, images: torch.Tensor, targets: torch.Tensor, has_nodule: np.ndarray, batch_size: int = 128
+) -> dict[str, Any]:
+    """Slice-level ROC AUC and accuracy at 0.5 of each binary target (also on nodule slices only), and
+    the MAE on the target's scale of each regression target (labelled slices only).
+
+    ``targets`` [N, K] normalised (NaN = unlabelled); keys ``<target>_auc``, ``<target>_accuracy``,
+    ``<target>_auc_nodule_slices``, ``mae`` {target: value}, ``n_slices``, ``n_nodule_slices``."""
+    spec = model.task_spec
+    values = np.asarray(spec.to_values(model_outputs(model, images, batch_size).numpy()))
+    truth = np.asarray(spec.denormalize(targets.numpy()))
+    has_nodule = np.asarray(has_nodule, dtype=bool)
+    out: dict[str, Any] = {"n_slices": len(images), "n_nodule_slices": int(np.sum(has_nodule)), "mae": {}}
+    for k, target in enumerate(spec):
+        valid = ~np.isnan(truth[:, k])
+        if target.kind == "binary":
+            y = truth[valid, k] > 0.5
+            out[f"{target.name}_auc"] = roc_auc(y, values[valid, k])
+            out[f"{target.name}_accuracy"] = float(np.mean((values[valid, k] > 0.5) == y)) if valid.any() else None
+            nod = valid & has_nodule
+            out[f"{target.name}_auc_nodule_slices"] = roc_auc(truth[nod, k] > 0.5, values[nod, k])
+        elif valid.any():
+            out["mae"][target.name] = float(np.mean(np.abs(values[valid, k] - truth[valid, k])))
+    return out
