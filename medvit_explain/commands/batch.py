@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
-from .options import explain_options, parse_targets
+from .options import explain_options, out_dir_option
 
 
 @click.command()
 @click.argument("manifest", type=click.Path(path_type=str))
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=str),
-    help="Output folder: DIR/<study_id>/, DIR/results.csv, DIR/batch.json (re-run to resume).",
-)
+@out_dir_option("Output folder: DIR/<study_id>/, DIR/results.csv, DIR/batch.json (re-run to resume).", required=True)
 @click.option(
     "--engine",
     type=click.Choice(["local", "ray"]),
@@ -60,18 +56,8 @@ def batch(
     gpus_per_worker,
     retry_failed,
     no_audit,
-    model_path,
-    model_config,
-    methods,
-    targets,
-    device,
-    batch_size,
-    precision,
-    dicom,
-    no_report,
-    map_dtype,
     roi_from_mask,
-    allow_modality,
+    options,
 ):
     """Explain every study of MANIFEST into --out; re-run the same command to resume.
 
@@ -92,20 +78,7 @@ def batch(
 
     from ..batch import BatchSettings, run_batch
 
-    settings = BatchSettings(
-        model_path=model_path,
-        model_config=model_config,
-        methods=tuple(methods),
-        targets=parse_targets(targets),
-        device=device,
-        batch_size=batch_size,
-        precision=precision,
-        report=not no_report,
-        dicom=dicom,
-        roi_from_mask=roi_from_mask,
-        allow_modality=allow_modality,
-        map_dtype=map_dtype,
-    )
+    settings = BatchSettings(**dataclasses.asdict(options), roi_from_mask=roi_from_mask)
     summary = run_batch(
         manifest,
         out_dir,

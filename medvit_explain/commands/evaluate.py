@@ -12,6 +12,7 @@ from .options import (
     load_model_cli,
     method_option,
     model_option,
+    out_dir_option,
     parse_targets,
     target_option,
 )
@@ -36,14 +37,7 @@ def _out_dir(out: str | None, default: str) -> Path:
 @click.argument("data", metavar="DATA", type=click.Path(path_type=str))
 @method_option(default=(), help="Explanation method (repeat for several) [default: every method of list-methods].")
 @target_option
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False, path_type=str),
-    default="evaluation",
-    show_default=True,
-    help="Folder for metrics.json and evaluation.html.",
-)
+@out_dir_option("Folder for metrics.json and evaluation.html.", default="evaluation")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the table.")
 @model_option
 @device_option
@@ -141,14 +135,7 @@ def _num(value) -> str:
 @click.argument("data", metavar="DATA", type=click.Path(path_type=str))
 @model_option
 @method_option(help="Explanation method for the evidence check (repeat for several).")
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False, path_type=str),
-    default="audit",
-    show_default=True,
-    help="Folder for audit.html, audit.csv and audit.json.",
-)
+@out_dir_option("Folder for audit.html, audit.csv and audit.json.", default="audit")
 @click.option(
     "--top-slices",
     type=click.IntRange(min=1),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import click
 
 from ..vocabulary import DEFAULT_MAP_DTYPE, EXPECTED_DEVICES, MAP_DTYPES, is_device
@@ -125,16 +128,60 @@ def load_model_cli(model_path, device, model_config=None):
     return load_model(model_path, device=device, config=model_config)
 
 
+def out_dir_option(help: str, default: str | None = None, required: bool = False):
+    """``--out DIR`` (an output folder) with the command's own default and help."""
+    return click.option(
+        "--out",
+        "out_dir",
+        type=click.Path(file_okay=False, path_type=str),
+        default=default,
+        required=required,
+        show_default=default is not None,
+        help=help,
+    )
+
+
 dicom_option = click.option(
     "--dicom", is_flag=True, help="Also write the maps as DICOM Parametric Maps (for DICOM inputs)."
 )
 no_report_option = click.option("--no-report", is_flag=True, help="Skip report.html.")
 
 
+@dataclass(frozen=True)
+class ExplainOptions:
+    """What ``explain`` and ``batch`` share, as one value (``targets`` already parsed: None = all)."""
+
+    model_path: str | None
+    model_config: str | None
+    methods: tuple[str, ...]
+    targets: list[str | int] | None
+    device: str
+    batch_size: int
+    precision: str
+    dicom: bool
+    report: bool
+    map_dtype: str
+    allow_modality: bool
+
+
 def explain_options(command):
-    """The options ``explain`` and ``batch`` share, in one order, with one default and one help text each:
-    model, config, methods, targets, device, batch size, precision, DICOM output, report, map storage and
-    modality."""
+    """The options ``explain`` and ``batch`` share, in one order, with one default and one help text each
+    (model, config, methods, targets, device, batch size, precision, DICOM output, report, map storage,
+    modality), handed to the command as one :class:`ExplainOptions` argument ``options``."""
+    names = ("model_path", "model_config", "methods", "targets", "device", "batch_size", "precision", "dicom")
+    names += ("no_report", "map_dtype", "allow_modality")
+
+    run = command
+
+    @functools.wraps(run)
+    def with_options(*args, **kwargs):
+        given = {name: kwargs.pop(name) for name in names}
+        given["methods"] = tuple(given["methods"])
+        given["targets"] = parse_targets(given["targets"])
+        given["report"] = not given.pop("no_report")
+        return run(*args, options=ExplainOptions(**given), **kwargs)
+
+    command = with_options
     for option in reversed(
         [
             model_option,

@@ -15,7 +15,7 @@ from .options import (
     modality_option,
     model_config_option,
     model_option,
-    parse_targets,
+    out_dir_option,
     series_option,
 )
 from .roi import resolve_roi, roi_centers_option, roi_mask_option
@@ -150,35 +150,12 @@ def train(config_path, data, out, val_data, epochs, seed, resume, device):
 
 @click.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=str))
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False, path_type=str),
-    default=None,
-    help="Output folder [default: <stem>_explain/ next to the input].",
-)
+@out_dir_option("Output folder [default: <stem>_explain/ next to the input].")
 @explain_options
 @series_option
 @roi_centers_option
 @roi_mask_option
-def explain(
-    input_path,
-    model_path,
-    model_config,
-    methods,
-    targets,
-    out_dir,
-    device,
-    batch_size,
-    precision,
-    dicom,
-    no_report,
-    map_dtype,
-    series_uid,
-    allow_modality,
-    roi_centers,
-    roi_mask,
-):
+def explain(input_path, out_dir, series_uid, roi_centers, roi_mask, options):
     """Explain a CT: maps on the source grid, predictions.csv, summary.json and report.html.
 
     \b
@@ -193,12 +170,11 @@ def explain(
     from ..pipeline import explain_volume
 
     # everything that can fail on bad input is checked before the output folder is touched
-    model = load_model_cli(model_path, device, model_config)
-    volume = load_volume(input_path, series_uid=series_uid, allow_modality=allow_modality)
-    target_list = parse_targets(targets)
-    model.task_spec.resolve(target_list)
+    model = load_model_cli(options.model_path, options.device, options.model_config)
+    volume = load_volume(input_path, series_uid=series_uid, allow_modality=options.allow_modality)
+    model.task_spec.resolve(options.targets)
     centres, mask = resolve_roi(roi_centers, roi_mask)
-    if dicom and not str(volume.metadata.get("format", "")).startswith("dicom"):
+    if options.dicom and not str(volume.metadata.get("format", "")).startswith("dicom"):
         raise MedvitInputError("--dicom needs a DICOM input (a series folder or a DICOM file)")
     stem = volume_stem(input_path)
     out = Path(out_dir) if out_dir else Path(str(input_path).rstrip("/")).parent / f"{stem}_explain"
@@ -209,10 +185,10 @@ def explain(
         result = explain_volume(
             model,
             volume,
-            methods=list(methods),
-            targets=target_list,
-            batch_size=batch_size,
-            precision=precision,
+            methods=list(options.methods),
+            targets=options.targets,
+            batch_size=options.batch_size,
+            precision=options.precision,
             roi_centers=centres,
             roi_mask=mask,
             progress=bar.update,
@@ -220,7 +196,13 @@ def explain(
     n_maps = len(result.methods) * len(result.targets)
     with _progress_bar(n_maps, "write", unit="map") as bar:
         written = write_outputs(
-            result, out, stem=stem, map_dtype=map_dtype, report=not no_report, dicom=dicom, progress=bar.update
+            result,
+            out,
+            stem=stem,
+            map_dtype=options.map_dtype,
+            report=options.report,
+            dicom=options.dicom,
+            progress=bar.update,
         )
     summary = result.predictions.summary()
     where = f"{len(written)} files in {out}" + (f"; report: {written['report']}" if "report" in written else "")
