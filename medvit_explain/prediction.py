@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import MedvitInputError
-from .transforms import InputBatch, ModelInputs, RoiInputs, SliceInputs, centers_from_mask
+from .transforms import InputBatch, ModelInputs, Preprocessing, RoiInputs, SliceInputs, centers_from_mask
 from .vocabulary import PRIMARY_TARGET, primary_target
 from .volume import Volume
 
@@ -25,7 +25,7 @@ def model_inputs(
     """The model's inputs for this volume: its slices, or nodule ROIs around ``roi_centers`` (LPS mm,
     [R, 3]) or around each label of ``roi_mask`` (an instance mask on the CT's grid). Every command and
     the API go through here, so the checks are the same everywhere."""
-    pre = model.preprocessing
+    pre = Preprocessing.from_config(model.preprocessing)  # one typed config for both modes
     labels = None
     if roi_mask is not None:
         if not roi_mask.same_grid(volume, atol=1e-3):
@@ -35,7 +35,7 @@ def model_inputs(
             raise MedvitInputError("the ROI mask holds no labelled voxel (expected labels 1..n)")
     if roi_centers is not None:
         return RoiInputs(volume, pre, np.asarray(roi_centers, dtype=np.float64).reshape(-1, 3), labels)
-    if pre.get("mode", "slice") == "roi":
+    if pre.mode == "roi":
         raise MedvitInputError("this model expects nodule ROIs: pass --roi-centers FILE or --roi-mask FILE")
     return SliceInputs(volume, pre)
 

@@ -30,8 +30,9 @@ writer streams it without another copy.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import nibabel.orientations as nio
 import numpy as np
@@ -78,11 +79,65 @@ class HUWindow:
         return torch.clamp(x, self.a, self.b)
 
 
-def window(preprocessing: dict) -> HUWindow:
+@dataclass(frozen=True)
+class RoiConfig:
+    """ROI mode: a cube of ``size_mm`` sampled every ``spacing_mm`` around each centre, cut in ``views``."""
+
+    size_mm: float = 32.0
+    spacing_mm: float = 1.0
+    views: tuple[str, ...] = ("axial", "coronal", "sagittal")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The model-input chain's settings, typed: built once from a checkpoint's ``preprocessing`` dict
+    (validated and completed by :mod:`medvit_explain.model.preprocessing`) or a partial dict (the
+    defaults below fill the rest), and read by both input modes."""
+
+    image_size: tuple[int, int]
+    in_chans: int = 1
+    hu_window: tuple[float, float] = (-1000.0, 400.0)
+    scale_to: tuple[float, float] = (0.0, 1.0)
+    crop_body: bool = False
+    body_threshold_hu: float = -500.0
+    mode: str = "slice"
+    roi: RoiConfig = RoiConfig()
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | Preprocessing) -> Preprocessing:
+        if isinstance(config, Preprocessing):
+            return config
+        roi = dict(config.get("roi") or {})
+        h, w = config["image_size"]
+        lo, hi = config.get("hu_window", cls.hu_window)
+        a, b = config.get("scale_to", cls.scale_to)
+        return cls(
+            image_size=(int(h), int(w)),
+            in_chans=int(config.get("in_chans") or 1),
+            hu_window=(float(lo), float(hi)),
+            scale_to=(float(a), float(b)),
+            crop_body=bool(config.get("crop_body", False)),
+            body_threshold_hu=float(config.get("body_threshold_hu", -500.0)),
+            mode=str(config.get("mode", "slice")),
+            roi=RoiConfig(
+                float(roi.get("size_mm", RoiConfig.size_mm)),
+                float(roi.get("spacing_mm", RoiConfig.spacing_mm)),
+                tuple(roi.get("views", RoiConfig.views)),
+            ),
+        )
+
+
+def window(preprocessing: Mapping[str, Any] | Preprocessing) -> HUWindow:
     """HU clamp to ``hu_window`` and linear scaling to ``scale_to`` (default [0, 1])."""
-    lo, hi = preprocessing["hu_window"]
-    a, b = preprocessing.get("scale_to", (0.0, 1.0))
-    return HUWindow(float(lo), float(hi), float(a), float(b))
+    return HUWindow(*_window_settings(preprocessing))
+
+
+def _window_settings(preprocessing: Mapping[str, Any] | Preprocessing) -> tuple[float, float, float, float]:
+    if isinstance(preprocessing, Preprocessing):
+        return (*preprocessing.hu_window, *preprocessing.scale_to)
+    lo, hi = preprocessing.get("hu_window", Preprocessing.hu_window)
+    a, b = preprocessing.get("scale_to", Preprocessing.scale_to)
+    return float(lo), float(hi), float(a), float(b)
 
 
 def resize_planes(planes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -102,10 +157,10 @@ def new_source_buffer(shape: tuple[int, int, int]) -> np.ndarray:
 PROJECT_CHUNK = 32  # slices interpolated per step: bounds the float32 temporaries of a projection
 
 
-def window_mean(preprocessing: dict) -> float:
+def window_mean(preprocessing: Mapping[str, Any] | Preprocessing) -> float:
     """The model-input value of the window's centre (what a 'removed' pixel is set to)."""
-    a, b = preprocessing.get("scale_to", (0.0, 1.0))
-    return (float(a) + float(b)) / 2.0
+    _, _, a, b = _window_settings(preprocessing)
+    return (a + b) / 2.0
 
 
 @dataclass
@@ -153,31 +208,27 @@ class SliceInputs(ModelInputs):
     item_columns = ("slice", "source_index", "z_mm")
 
     volume: Volume
-    preprocessing: dict
+    preprocessing: Mapping[str, Any] | Preprocessing
     ornt: np.ndarray = field(init=False)
     box: tuple[int, int, int, int] = field(init=False)  # x0, x1, y0, y1 in canonical axes
 
     def __post_init__(self) -> None:
+        self.config = Preprocessing.from_config(self.preprocessing)
         self.ornt = orientation_of(self.volume)
         canon = reoriented_view(self.volume.array, self.ornt)
         nx, ny, _ = canon.shape
         self.box = (0, nx, 0, ny)
-        if self.preprocessing.get("crop_body", False):
-            self.box = body_box(
-                canon,
-                float(self.preprocessing.get("body_threshold_hu", -500.0)),
-                aspect=self.image_size[0] / self.image_size[1],
-            )
-        self._window = window(self.preprocessing)
+        if self.config.crop_body:
+            self.box = body_box(canon, self.config.body_threshold_hu, aspect=self.image_size[0] / self.image_size[1])
+        self._window = window(self.config)
 
     @property
     def image_size(self) -> tuple[int, int]:
-        h, w = self.preprocessing["image_size"]
-        return int(h), int(w)
+        return self.config.image_size
 
     @property
     def in_chans(self) -> int:
-        return int(self.preprocessing.get("in_chans", 1))
+        return self.config.in_chans
 
     @property
     def canonical(self) -> np.ndarray:
@@ -355,7 +406,7 @@ class RoiInputs(ModelInputs):
     item_columns = ("roi", "label", "view", "center_x_mm", "center_y_mm", "center_z_mm")
 
     volume: Volume
-    preprocessing: dict
+    preprocessing: Mapping[str, Any] | Preprocessing
     centers_mm: np.ndarray  # [R, 3] LPS mm
     labels: list[int] | None = None
     ornt: np.ndarray = field(init=False)
@@ -364,15 +415,12 @@ class RoiInputs(ModelInputs):
         self.centers_mm = np.asarray(self.centers_mm, dtype=np.float64).reshape(-1, 3)
         self.labels = list(range(1, len(self.centers_mm) + 1)) if self.labels is None else list(self.labels)
         self.ornt = orientation_of(self.volume)
-        roi = self.preprocessing.get("roi", {})
-        self.size_mm = float(roi.get("size_mm", 32.0))
-        self.spacing_mm = float(roi.get("spacing_mm", 1.0))
-        self.views = list(roi.get("views", ["axial", "coronal", "sagittal"]))
+        self.config = Preprocessing.from_config(self.preprocessing)
+        self.size_mm, self.spacing_mm = self.config.roi.size_mm, self.config.roi.spacing_mm
+        self.views = list(self.config.roi.views)
         self.n = max(2, int(round(self.size_mm / self.spacing_mm)))
-        self._window = window(self.preprocessing)
-        h, w = self.preprocessing["image_size"]
-        self.image_size = (int(h), int(w))
-        self.in_chans = int(self.preprocessing.get("in_chans", 1))
+        self._window = window(self.config)
+        self.image_size, self.in_chans = self.config.image_size, self.config.in_chans
         # canonical index step (voxels per cube sample) along each canonical axis
         src_axis_of = np.argsort(self.ornt[:, 0])  # canonical axis -> source axis
         self._step = self.spacing_mm / self.volume.spacing[src_axis_of]
