@@ -7,6 +7,7 @@ from .workflows.studies import Study, find_studies
 from .workflows.train import (
     SliceSet,
     TokenLabelHead,
+    TrainResult,
     evaluate,
     forward_with_tokens,
     load_slices,
@@ -20,6 +21,7 @@ __all__ = [
     "SliceSet",
     "Study",
     "TokenLabelHead",
+    "TrainResult",
     "evaluate",
     "find_studies",
     "forward_with_tokens",

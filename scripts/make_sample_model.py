@@ -54,8 +54,8 @@ def main() -> None:
             "seed": recipe["phantoms"]["test_seed"],
             **metrics,
         },
-        "validation": result["validation"],
-        "timings_s": {"phantoms": round(t_data, 1), "training": round(result["seconds"], 1), "total": round(total, 1)},
+        "validation": result.validation,
+        "timings_s": {"phantoms": round(t_data, 1), "training": round(result.seconds, 1), "total": round(total, 1)},
     }
     out = Path(args.out)
     (out / "model_card.json").write_text(json.dumps(card, indent=2))

@@ -141,9 +141,9 @@ def train(config_path, data, out, val_data, epochs, seed, resume, device):
 
     config = load_config(config_path)
     result = run_train(config, data, out, val_data=val_data, resume=resume, epochs=epochs, seed=seed, device=device)
-    val = result["validation"]
+    val = result.validation
     click.echo(
-        f"best validation loss {result['best_val_loss']:.4f}; malignancy AUC "
+        f"best validation loss {result.best_val_loss:.4f}; malignancy AUC "
         f"{val.get('malignancy_auc', float('nan')):.3f}; checkpoint in {out}"
     )
 

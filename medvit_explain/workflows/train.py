@@ -186,6 +186,20 @@ def split_studies(studies: Sequence[Study], val_fraction: float, seed: int) -> t
 
 
 @dataclass
+class TrainResult:
+    """What a training run gives: the best validation loss and the metrics of the kept checkpoint
+    (``validation``: AUC, accuracy, MAE, …), the per-epoch ``history``, the selection rule and its best
+    score, and the seconds spent (a resumed run adds the earlier ones)."""
+
+    best_val_loss: float
+    validation: dict[str, Any]
+    history: list[dict[str, Any]]
+    select_by: str
+    best_score: float
+    seconds: float
+
+
+@dataclass
 class _Run:
     """What one training run holds: the data, the model and its optimiser, and the progress so far
     (the resumable part: ``start_epoch``, ``best_loss``, ``best_score``, ``history``, ``elapsed_before``)."""
@@ -390,7 +404,7 @@ def train(
     seed: int | None = None,
     device: str = "auto",
     progress: bool = True,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Train a model from ``config`` (architecture, task_spec, preprocessing, training) on ``data``.
 
     Writes the best checkpoint (``training.select_by``: ``val_loss`` or a validation metric such as
@@ -427,14 +441,14 @@ def train(
                 f"auc {metrics.get('malignancy_auc', float('nan')):.3f}",
                 flush=True,
             )
-    return {
-        "best_val_loss": run.best_loss,
-        "validation": run.best_metrics,
-        "history": run.history,
-        "select_by": run.select_by,
-        "best_score": run.best_score,
-        "seconds": run.elapsed_before + time.perf_counter() - t_start,
-    }
+    return TrainResult(
+        best_val_loss=run.best_loss,
+        validation=run.best_metrics,
+        history=run.history,
+        select_by=run.select_by,
+        best_score=run.best_score,
+        seconds=run.elapsed_before + time.perf_counter() - t_start,
+    )
 
 
 def _saved_score(out: Path, select_by: str, best_loss: float) -> float:
