@@ -115,7 +115,7 @@ def predict(
     "--data",
     required=True,
     type=click.Path(path_type=str),
-    help="Folder of phantoms (make-phantom) or a manifest CSV (image, nodule_mask, labels).",
+    help="Folder of phantoms (make-phantom) or a manifest CSV (study_id, path, nodule_mask, labels).",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=str), help="Checkpoint folder.")
 @click.option(
