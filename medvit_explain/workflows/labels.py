@@ -97,11 +97,12 @@ def _label_slice(raw: np.ndarray, task_spec, by_id: dict[int, dict], big: list[t
 def load_labelled_study(study: Study, model, min_area_mm2: float):
     """One study's slice preprocessing and labels: ``(inputs, mask, nodules, targets [Z, K], labelled [Z],
     has_nodule [Z])`` per canonical slice (see :func:`slice_targets`)."""
-    from ..transforms import SliceInputs, reoriented_view
+    from ..prediction import model_inputs
+    from ..transforms import reoriented_view
 
     volume, mask = load_study_volumes(study)
     nodules = read_nodules(study)
-    inputs = SliceInputs(volume, model.preprocessing)
+    inputs = model_inputs(model, volume)  # the slices, as every command gets them
     targets, labelled, has_nodule = slice_targets(
         model.task_spec,
         nodules,
