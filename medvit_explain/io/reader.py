@@ -92,6 +92,19 @@ def load_volume(path: str | os.PathLike, *, series_uid: str | None = None, allow
     return _to_volume(image, meta)
 
 
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a DICOM file: a ``.dcm`` name, or the ``DICM`` marker after the 128-byte preamble."""
+    path = Path(path)
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as stream:
+            stream.seek(128)
+            return stream.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def find_dicom_series(folder: str | os.PathLike) -> list[SeriesInfo]:
     """The DICOM series in ``folder`` (searched recursively), as GDCM groups them."""
     folder = str(folder)

@@ -65,12 +65,9 @@ def overlay_info(path: str | os.PathLike) -> tuple[str, str, str] | None:
 
 
 def _is_dicom_file(path: Path) -> bool:
-    try:
-        with open(path, "rb") as stream:
-            stream.seek(128)
-            return stream.read(4) == b"DICM"
-    except OSError:
-        return False
+    from ..io.reader import is_dicom_file
+
+    return is_dicom_file(path)
 
 
 def _looks_like_dicom_folder(folder: Path) -> bool:

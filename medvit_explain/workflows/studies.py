@@ -216,20 +216,11 @@ def _image_stem(name: str) -> str | None:
     return None
 
 
-def _is_dicom_file(path: Path) -> bool:
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(path, "rb") as stream:
-            stream.seek(128)
-            return stream.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def _holds_dicom(folder: Path) -> bool:
     files = [p for p in sorted(folder.iterdir())[:20] if p.is_file() and not p.name.startswith(".")]
-    return any(_is_dicom_file(p) for p in files)
+    from ..io.reader import is_dicom_file
+
+    return any(is_dicom_file(p) for p in files)
 
 
 def _safe_id(text: str) -> str:
