@@ -5,12 +5,13 @@ import path and stays the workers' entry point: ``python -m medvit_explain.bench
 
 import sys
 
+from .report.bench import format_table
 from .workflows.bench import (
     DEFAULT_VOLUME,
     TARGET_RATIOS,
+    BenchResult,
     bench_model,
     check_targets,
-    format_table,
     gradcam_available,
     loop_agcam,
     loop_cdam,
@@ -21,6 +22,7 @@ from .workflows.bench import (
 from .workflows.bench_workers import worker_main
 
 __all__ = [
+    "BenchResult",
     "DEFAULT_VOLUME",
     "TARGET_RATIOS",
     "bench_model",

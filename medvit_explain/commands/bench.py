@@ -113,7 +113,8 @@ def bench(
       medvit-explain bench --arch vit_small_patch16_224 --slices 8 --json
       medvit-explain bench --e2e-size 512 512 300 --e2e-only          # a clinical-size CT, ~2 minutes
     """
-    from ..workflows.bench import DEFAULT_VOLUME, bench_model, format_table, run_bench, to_json
+    from ..report.bench import format_table
+    from ..workflows.bench import DEFAULT_VOLUME, bench_model, run_bench, to_json
 
     if model_path and arch:
         raise click.BadParameter("expected --model or --arch, got both")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,9 @@ __all__ = [
     "CLINICAL_SPACING",
     "DEFAULT_VOLUME",
     "TARGET_RATIOS",
+    "BenchResult",
     "bench_model",
     "check_targets",
-    "format_table",
     "loop_agcam",
     "loop_cdam",
     "run_bench",
@@ -66,7 +67,40 @@ TARGET_CLINICAL_GPU_SECONDS = 5.0
 # -------------------------------------------------------------------------------- the benchmark
 
 
-def _clinical_only(model, device, model_source, clinical_size, batch_size, precision, map_dtype, say) -> dict[str, Any]:
+@dataclass
+class BenchResult:
+    """One bench run: the machine, model and workload, each measurement section this run made (``None``
+    where it did not), and each target with its bound (``targets_check``). :meth:`to_dict` is the JSON
+    ``--json`` prints (sections not measured are left out; ``memory`` is ``null`` when skipped);
+    :func:`medvit_explain.report.bench.format_table` renders it as a table."""
+
+    machine: dict[str, Any]
+    model: dict[str, Any]
+    workload: dict[str, Any]
+    targets_check: dict[str, Any] = field(default_factory=dict)
+    forward_s: float | None = None
+    forward_runs: int | None = None
+    methods: dict[str, Any] | None = None
+    together: dict[str, Any] | None = None
+    loop: dict[str, Any] | None = None
+    gradcam: dict[str, Any] | None = None
+    end_to_end: dict[str, Any] | None = None
+    memory: dict[str, Any] | None = None
+    clinical: dict[str, Any] | None = None
+
+    ORDER = ("machine", "model", "workload", "forward_s", "forward_runs", "methods", "together", "loop")
+    ORDER += ("gradcam", "end_to_end", "memory", "clinical", "targets_check")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for key in self.ORDER:
+            value = getattr(self, key)
+            if value is not None or (key == "memory" and self.end_to_end is not None):
+                out[key] = value
+        return out
+
+
+def _clinical_only(model, device, model_source, clinical_size, batch_size, precision, map_dtype, say) -> BenchResult:
     """Only the clinical-size ``explain`` job (``--e2e-only``)."""
     if clinical_size is None:
         raise ValueError("clinical_only needs a clinical_size")
@@ -77,7 +111,7 @@ def _clinical_only(model, device, model_source, clinical_size, batch_size, preci
             source, str(device), Path(tmp), clinical_size, batch_size, precision, map_dtype, say
         )
     result["targets_check"] = check_targets(result)
-    return result
+    return BenchResult(**result)
 
 
 def _time_methods(model, images: Tensor, methods: list[str], targets: list[int], paired, say) -> dict[str, Any]:
@@ -174,8 +208,8 @@ def run_bench(
     clinical_size: Sequence[int] | None = None,
     clinical_only: bool = False,
     map_dtype: str = "int16",
-) -> dict[str, Any]:
-    """Run the benchmark on ``model`` (on its device); returns the result dict (see ``format_table``).
+) -> BenchResult:
+    """Run the benchmark on ``model`` (on its device); returns a :class:`BenchResult`.
 
     ``model_source`` tells the memory subprocesses how to rebuild the model
     (``{"model_path": ...}`` or ``{"arch": ..., "image_size": ..., "seed": ...}``); without it the model is
@@ -224,7 +258,7 @@ def run_bench(
     files.update(clinical_size=clinical_size, model_source=model_source, map_dtype=map_dtype)
     _file_runs(model, result, files, device, say)
     result["targets_check"] = check_targets(result)
-    return result
+    return BenchResult(**result)
 
 
 # ------------------------------------------------------------------------------------ assessment
@@ -261,129 +295,11 @@ def _check(value: float, op: str, bound: float) -> dict[str, Any]:
     return {"value": value, "target": f"{op} {bound:g}", "met": bool(met)}
 
 
-def _mib(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.1f} MiB"
-
-
-def format_table(result: dict[str, Any]) -> str:
-    """The human-readable report: machine and workload first, then every measurement."""
-    lines = _header_lines(result)
-    if "forward_s" in result:
-        lines += _method_lines(result)
-    if result.get("clinical"):
-        lines += _clinical_lines(result["clinical"])
-    lines += ["", "targets"]
-    for name, c in result["targets_check"].items():
-        lines.append(f"  {name:40s} {c['value']:10.4g}  {c['target']:8s} {'met' if c['met'] else 'NOT MET'}")
-    return "\n".join(lines)
-
-
-def _header_lines(result: dict[str, Any]) -> list[str]:
-    m, w, mod = result["machine"], result["workload"], result["model"]
-    lines = [
-        f"machine   {m['host']} | {m['platform']} | {m['cpu_count']} CPUs, {m['torch_threads']} torch threads"
-        + (f" | load avg {m['load_average_1m']}" if "load_average_1m" in m else ""),
-        f"device    {m['device']}"
-        + (f" ({m['gpu']}, CUDA {m['cuda']})" if "gpu" in m else "")
-        + f" | torch {m['torch']} | timm {m['timm']} | python {m['python']}",
-        f"model     {mod['name']}: {mod['image_size']} px, grid {mod['patch_grid']}, depth {mod['depth']}, "
-        f"dim {mod['embed_dim']}, {mod['num_heads']} heads, {mod['targets']} targets, "
-        f"{mod['parameters'] / 1e6:.2f} M parameters",
-    ]
-    if "slices" in w:
-        lines.append(
-            f"workload  {w['slices']} slices x {w['targets']} targets, median of up to {w['repeats']} warm runs, "
-            f"loop on {w['loop_slices']} slice(s) scaled, volume {' x '.join(map(str, w['volume']))}, "
-            f"batch {w['batch_size']}, {w['precision']}"
-        )
-    return lines
-
-
-def _clinical_lines(c: dict[str, Any]) -> list[str]:
-    one = c["one_target"]
-    stages = ", ".join(f"{k} {v:.2f}" for k, v in c["stages_s"].items())
-    return [
-        "",
-        f"clinical  explain (cdam + agcam, {c['maps']} maps, {c['map_dtype']} overlays, report) on a "
-        f"{' x '.join(map(str, c['size']))} CT at {' x '.join(f'{s:g}' for s in c['spacing_mm'])} mm, "
-        f"fresh process on {c['device']}:",
-        f"          {c['seconds']:.1f} s end to end, peak RSS {_mib(c['peak_rss_bytes'])}, "
-        f"{c['files_written']} files, {c['bytes_written'] / 1e6:.1f} MB written",
-        f"          stages (s): {stages}  (write: overlays wall time; project: inside write, summed over threads)",
-        f"          one target ({one['maps']} maps): {one['seconds']:.1f} s, peak RSS {_mib(one['peak_rss_bytes'])} "
-        f"-> all targets use {100 * c['targets_rss_growth']:+.1f} % RSS",
-    ]
-
-
-def _method_lines(result: dict[str, Any]) -> list[str]:
-    lines = [
-        "",
-        f"{'measurement':34s} {'seconds':>10s} {'x forward':>10s} {'best':>7s} {'runs':>5s}"
-        "   (x forward: median of paired runs; best: fastest run / fastest forward)",
-        f"{'forward (plain batched inference)':34s} {result['forward_s']:10.4f} {1.0:10.2f} {1.0:7.2f} "
-        f"{result['forward_runs']:5d}",
-    ]
-    for name, row in result["methods"].items():
-        lines.append(
-            f"{name + ' (all targets)':34s} {row['seconds']:10.4f} {row['ratio_to_forward']:10.2f} "
-            f"{row['best_ratio_to_forward']:7.2f} {row['runs']:5d}"
-        )
-    if result.get("together"):
-        row = result["together"]
-        lines.append(
-            f"{'cdam + agcam (shared forward)':34s} {row['seconds']:10.4f} "
-            f"{row['ratio_to_forward']:10.2f} {row['best_ratio_to_forward']:7.2f} {row['runs']:5d}"
-        )
-    for name, row in result.get("loop", {}).items():
-        lines.append(
-            f"{'loop ' + name + ' (1 slice, 1 target)':34s} {row['seconds']:10.4f} "
-            f"{row['ratio_to_forward']:10.2f} {'':7s} {row['runs']:5d}   "
-            f"batched is {row['speedup']:.1f}x faster"
-        )
-    g = result["gradcam"]
-    if g.get("available"):
-        lines.append(
-            f"{'pytorch-grad-cam GradCAM':34s} {g['seconds']:10.4f} {g['ratio_to_forward']:10.2f} "
-            f"{g['best_ratio_to_forward']:7.2f} {g['runs']:5d}   ({g['library']}, one call per target)"
-        )
-    else:
-        lines.append(f"{'pytorch-grad-cam GradCAM':34s} {'unavailable':>10s}   {g['note']}")
-    e = result["end_to_end"]
-    lines += [
-        "",
-        f"end to end (load -> cdam + agcam -> {e['files_written']} files written), "
-        f"{e['slices']} slices: {e['seconds']:.2f} s, {e['slices_per_s']:.1f} slices/s  "
-        f"[{', '.join(f'{k} {v:.2f}' for k, v in e['breakdown_s'].items())}]",
-    ]
-    mem = result.get("memory")
-    if mem:
-        for run in mem["runs"]:
-            lines.append(
-                f"memory    {run['slices']:4d} slices: peak RSS ({run['peak_scope']}) "
-                f"{_mib(run['peak_rss_bytes'])} "
-                f"(after model load {_mib(run['rss_after_model_bytes'])}), input {_mib(run['input_bytes'])}, "
-                f"written {_mib(run['output_bytes'])}"
-                + (
-                    f", CUDA max allocated {_mib(run['cuda_max_allocated_bytes'])}"
-                    if run.get("cuda_max_allocated_bytes") is not None
-                    else ""
-                )
-            )
-        for key in ("peak_rss", "cuda_max_allocated"):
-            if key in mem:
-                r = mem[key]
-                lines.append(
-                    f"          {key}: 4x slices grew {_mib(r['growth_bytes'])}, volumes "
-                    f"{_mib(r['volumes_growth_bytes'])}, excess {_mib(r['excess_bytes'])} = "
-                    f"{100 * r['excess_fraction']:.1f} % of the smaller run's peak"
-                )
-    return lines
-
-
-def to_json(result: dict[str, Any]) -> str:
+def to_json(result: BenchResult | dict[str, Any]) -> str:
+    """The JSON of a bench run (``--json``)."""
     from ..vocabulary import to_json as vocabulary_to_json
 
-    return vocabulary_to_json(result)
+    return vocabulary_to_json(result.to_dict() if isinstance(result, BenchResult) else result)
 
 
 def _version(dist: str) -> str:
