@@ -333,7 +333,7 @@ class MedViTExplainLogic(ScriptedLoadableModuleLogic):
                 os.remove(inputPath)
 
         stem = helpers.volume_stem(inputPath)
-        found = helpers.find_outputs(outputDir, stem, targets=list(targets))
+        found = helpers.find_outputs(outputDir, stem, methods=self.methodNames(), targets=list(targets))
         if not found:
             raise RuntimeError(f"medvit-explain wrote no maps into {outputDir}")
         maps = {}
