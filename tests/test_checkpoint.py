@@ -225,3 +225,62 @@ def test_load_on_cuda(model, x, tmp_path):
     loaded = load_model(path, device="cuda")
     assert loaded.device.type == "cuda"
     assert torch.allclose(loaded(x.cuda()).cpu(), model(x), atol=1e-4)
+
+
+def _lightning_ckpt(model, path, extra=None):
+    """A Lightning-style checkpoint of ``model``: the weights under ``state_dict`` with the LightningModule's
+    attribute prefix ``model.`` and the head in an ``mlp_head`` Sequential, beside training state."""
+    state = {}
+    for key, value in model.state_dict().items():
+        key = key.replace("head.", "mlp_head.0.", 1) if key.startswith("head.") else key
+        state["model." + key] = value.clone()
+    ckpt = {"state_dict": state, "epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0"}
+    ckpt["hyper_parameters"] = {"lr": 1e-4, "targets": ["malignancy"]}
+    ckpt.update(extra or {})
+    torch.save(ckpt, path)
+    return path
+
+
+RULES = {"strip_prefix": "model.", "rename": {"mlp_head.0.": "head."}}
+
+
+def test_lightning_ckpt_with_key_rules_equals_the_original(model, x, tmp_path):
+    """A .ckpt (weights_only) with `checkpoint: {strip_prefix, rename}` in the config gives the original
+    model's outputs and CDAM maps; saved again, it reloads without the rules (our names)."""
+    from medvit_explain.explainers import explain
+
+    config = {**tiny_config(reg_tokens=2), "checkpoint": RULES}
+    ckpt = _lightning_ckpt(model, tmp_path / "epoch=3.ckpt")
+    loaded = load_model(ckpt, device="cpu", config=config)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(explain(loaded, x, "cdam"), explain(model, x, "cdam"), rtol=0, atol=1e-6)
+    again = load_model(save_checkpoint(loaded, tmp_path / "converted"), device="cpu")
+    assert "checkpoint" not in json.loads((tmp_path / "converted" / "config.json").read_text())
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    with pytest.raises(
+        CheckpointError, match="every key starts with 'model.': add checkpoint: {strip_prefix: 'model.'}"
+    ):
+        load_model(ckpt, device="cpu", config=tiny_config(reg_tokens=2))  # without the rules: says which keys
+
+
+@pytest.mark.parametrize(
+    "rules, match",
+    [
+        ("model.", "expected a mapping with strip_prefix"),
+        ({"strip": "model."}, "unknown key"),
+        ({"strip_prefix": 3}, "strip_prefix: expected a key prefix"),
+        ({"rename": ["mlp_head.0.", "head."]}, "rename: expected a mapping"),
+        ({"strip_prefix": ["model.", "model.mlp_head.0."], "rename": {"mlp_head.0.": "backbone.cls_token"}}, "."),
+    ],
+)
+def test_bad_key_rules_are_one_line_errors(model, tmp_path, rules, match):
+    ckpt = _lightning_ckpt(model, tmp_path / "last.ckpt")
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_model(ckpt, device="cpu", config={**tiny_config(reg_tokens=2), "checkpoint": rules})
+    assert "\n" not in str(info.value)
+
+
+def test_lightning_ckpt_with_objects_is_refused_with_a_hint(model, tmp_path):
+    ckpt = _lightning_ckpt(model, tmp_path / "bad.ckpt", extra={"callbacks": {"cb": pickle.PickleError("x")}})
+    with pytest.raises(CheckpointError, match=r"refused.*Lightning \.ckpt: torch\.save\(ckpt\['state_dict'\]"):
+        load_model(ckpt, device="cpu", config={**tiny_config(reg_tokens=2), "checkpoint": RULES})

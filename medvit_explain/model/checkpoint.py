@@ -4,10 +4,18 @@ Layouts read by :func:`load_model`:
 
 * a directory holding ``model.safetensors`` and ``config.json`` (what :func:`save_checkpoint` writes);
 * ``weights.safetensors`` with a sibling ``weights.json`` / ``weights.yaml`` (or ``config.json``);
-* a bare timm state dict (``.safetensors``, or ``.pth``/``.pt``/``.bin`` read with
-  ``torch.load(weights_only=True)``) plus ``config=`` given separately. Its ``head.*`` go to our head
-  (timm built with ``num_classes=K``), the rest to the backbone; a full MedViT state dict
-  (``backbone.*``/``head.*``) is accepted as well.
+* a bare timm state dict (``.safetensors``, or ``.pth``/``.pt``/``.bin``/``.ckpt`` read with
+  ``torch.load(weights_only=True)``; a Lightning ``.ckpt`` keeps it under ``state_dict``) plus ``config=``
+  given separately. Its ``head.*`` go to our head (timm built with ``num_classes=K``), the rest to the
+  backbone; a full MedViT state dict (``backbone.*``/``head.*``) is accepted as well.
+
+A config may say how its checkpoint's key names map onto ours (applied in this order, before the
+above)::
+
+    checkpoint: {strip_prefix: "model.",                      # or a list of prefixes, tried in turn
+                 rename: {"mlp_head.0.": "head.", "vit.": "backbone."}}   # ordered prefix renames
+
+A checkpoint written by :func:`save_checkpoint` has our names, so it is saved without these rules.
 
 ``config.json`` = ``{"format": "medvit-explain/1", "name", "architecture": {"timm_name", "kwargs"},
 "task_spec", "preprocessing", "provenance"}``.
@@ -38,7 +46,7 @@ from medvit_explain.vocabulary import jsonable
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 SAMPLE_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "sample_model"
-TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema")
@@ -101,9 +109,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
+            hint = " (a Lightning .ckpt: torch.save(ckpt['state_dict'], 'weights.pth'))" if suffix == ".ckpt" else ""
             raise CheckpointError(
                 f"{str(path)!r} is not a plain tensor state dict: it holds objects that loading would have "
-                "to execute code to build (refused; save a state_dict or use .safetensors)"
+                f"to execute code to build (refused; save a state_dict or use .safetensors{hint})"
             ) from exc
         except (
             RuntimeError,
@@ -145,6 +154,50 @@ def _locate(path: Path, config: str | Path | Mapping[str, Any] | None) -> tuple[
         f"no config found for {str(path)!r}; expected {' or '.join(c.name for c in candidates)} beside it, "
         "or pass config=PATH"
     )
+
+
+def key_rules(config: Mapping[str, Any]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The config's ``checkpoint`` key rules: (prefixes to strip, ordered (old, new) prefix renames)."""
+    rules = config.get("checkpoint") or {}
+    where = "config checkpoint"
+    if not isinstance(rules, Mapping):
+        raise CheckpointError(f"{where}: expected a mapping with strip_prefix and/or rename, got {rules!r}")
+    unknown = sorted(set(rules) - {"strip_prefix", "rename"})
+    if unknown:
+        raise CheckpointError(f"{where}: unknown key(s) {', '.join(unknown)}; expected strip_prefix and/or rename")
+    strip = rules.get("strip_prefix") or []
+    strip = [strip] if isinstance(strip, str) else strip
+    rename = rules.get("rename") or {}
+    if not isinstance(strip, (list, tuple)) or not all(isinstance(p, str) and p for p in strip):
+        raise CheckpointError(f"{where}.strip_prefix: expected a key prefix or a list of them, got {strip!r}")
+    if not isinstance(rename, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in rename.items()):
+        raise CheckpointError(f"{where}.rename: expected a mapping of old to new key prefixes, got {rename!r}")
+    return list(strip), list(rename.items())
+
+
+def apply_key_rules(state: dict[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """``state`` with the config's ``checkpoint`` rules applied to its key names: the first matching
+    ``strip_prefix`` is removed from each key, then the first matching ``rename`` prefix is replaced."""
+    strip, rename = key_rules(config)
+    if not strip and not rename:
+        return state
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        new = next((key[len(p) :] for p in strip if key.startswith(p)), key)
+        new = next((n + new[len(o) :] for o, n in rename if new.startswith(o)), new)
+        if new in out:
+            raise CheckpointError(f"config checkpoint rules map two keys onto {new!r}; make the prefixes distinct")
+        out[new] = value
+    return out
+
+
+def _prefix_hint(state: Mapping[str, torch.Tensor]) -> str:
+    """What to put in the config when every key of the checkpoint starts with the same wrapper prefix."""
+    firsts = {key.split(".", 1)[0] for key in state}
+    if len(firsts) != 1 or next(iter(firsts)) in ("backbone", "head"):
+        return ""
+    prefix = next(iter(firsts)) + "."
+    return f"; every key starts with {prefix!r}: add checkpoint: {{strip_prefix: {prefix!r}}} to the config"
 
 
 def _to_medvit_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -204,9 +257,13 @@ def load_model(
         path = SAMPLE_MODEL_DIR
     path = Path(path).expanduser()
     weights, cfg, base_dir = _locate(path, config)
-    state = _to_medvit_keys(read_state_dict(weights))
+    raw = apply_key_rules(read_state_dict(weights), cfg)
+    state = _to_medvit_keys(raw)
     model = build_model(cfg, base_dir=base_dir)
-    _check_match(state, model, repr(str(weights)))
+    try:
+        _check_match(state, model, repr(str(weights)))
+    except CheckpointError as exc:
+        raise CheckpointError(str(exc) + _prefix_hint(raw)) from None
     model.load_state_dict(state, strict=True)
     from medvit_explain.io.checksum import file_sha256
 
@@ -221,6 +278,7 @@ def checkpoint_config(model: MedViT, provenance: Mapping[str, Any] | None = None
     if not isinstance(model, MedViT):
         raise TypeError(f"expected a MedViT, got {type(model).__name__}")
     config = jsonable(model.config)
+    config.pop("checkpoint", None)  # the weights are saved under our own key names
     if not isinstance(config.get("architecture"), Mapping):
         raise CheckpointError("model has no architecture in its config; build it with build_model(config)")
     merged = dict(config.get("provenance") or {})
