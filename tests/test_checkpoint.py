@@ -284,3 +284,45 @@ def test_lightning_ckpt_with_objects_is_refused_with_a_hint(model, tmp_path):
     ckpt = _lightning_ckpt(model, tmp_path / "bad.ckpt", extra={"callbacks": {"cb": pickle.PickleError("x")}})
     with pytest.raises(CheckpointError, match=r"refused.*Lightning \.ckpt: torch\.save\(ckpt\['state_dict'\]"):
         load_model(ckpt, device="cpu", config={**tiny_config(reg_tokens=2), "checkpoint": RULES})
+
+
+def test_torchvision_vit_loads_with_source_torchvision(tmp_path):
+    """A torchvision VisionTransformer's state dict, with `checkpoint: {source: torchvision}`, gives the
+    torchvision module's outputs, and CDAM equals the definition computed on the torchvision module itself
+    (T = the last encoder layer's ln_1 output, S_i = Σ_j T_ij ∂f/∂T_ij, class token dropped)."""
+    import torchvision
+
+    from medvit_explain.explainers import explain
+
+    tv = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=128, num_classes=9
+    ).eval()
+    torch.save(tv.state_dict(), tmp_path / "vit_b_16_lidc.pth")
+    config = tiny_config(in_chans=3)
+    config["preprocessing"] = {"mode": "slice", "in_chans": 3, "hu_window": [-1000, 400]}
+    config["checkpoint"] = {"source": "torchvision"}
+    model = load_model(tmp_path / "vit_b_16_lidc.pth", device="cpu", config=config)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), tv(x), rtol=1e-5, atol=1e-5)
+
+    tokens = {}
+    last = tv.encoder.layers[-1].ln_1
+    handle = last.register_forward_hook(lambda mod, args, out: tokens.setdefault("t", out))
+    try:
+        xr = x.clone()
+        out = tv(xr)
+    finally:
+        handle.remove()
+    for target in (0, 5):
+        (grad,) = torch.autograd.grad(out[:, target].sum(), tokens["t"], retain_graph=True)
+        want = (tokens["t"] * grad).sum(-1)[:, 1:].reshape(2, 4, 4)
+        got = explain(model, x, "cdam", targets=[target])[:, 0]
+        torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-5)
+
+    bad = {**tv.state_dict(), "heads.pre_logits.weight": torch.zeros(2, 2)}
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="'heads.pre_logits.weight' is not part of a torchvision"):
+        load_model(tmp_path / "bad.pth", device="cpu", config=config)
+    with pytest.raises(CheckpointError, match="source: expected one of timm, torchvision"):
+        load_model(tmp_path / "vit_b_16_lidc.pth", device="cpu", config={**config, "checkpoint": {"source": "tf"}})

@@ -13,7 +13,8 @@ A config may say how its checkpoint's key names map onto ours (applied in this o
 above)::
 
     checkpoint: {strip_prefix: "model.",                      # or a list of prefixes, tried in turn
-                 rename: {"mlp_head.0.": "head.", "vit.": "backbone."}}   # ordered prefix renames
+                 rename: {"mlp_head.0.": "head.", "vit.": "backbone."},   # ordered prefix renames
+                 source: torchvision}                         # a torchvision VisionTransformer's names
 
 A checkpoint written by :func:`save_checkpoint` has our names, so it is saved without these rules.
 
@@ -28,6 +29,7 @@ import datetime as _dt
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import zipfile
@@ -162,9 +164,13 @@ def key_rules(config: Mapping[str, Any]) -> tuple[list[str], list[tuple[str, str
     where = "config checkpoint"
     if not isinstance(rules, Mapping):
         raise CheckpointError(f"{where}: expected a mapping with strip_prefix and/or rename, got {rules!r}")
-    unknown = sorted(set(rules) - {"strip_prefix", "rename"})
+    unknown = sorted(set(rules) - {"strip_prefix", "rename", "source"})
     if unknown:
-        raise CheckpointError(f"{where}: unknown key(s) {', '.join(unknown)}; expected strip_prefix and/or rename")
+        raise CheckpointError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; expected strip_prefix, rename and/or source"
+        )
+    if rules.get("source", "timm") not in SOURCES:
+        raise CheckpointError(f"{where}.source: expected one of {', '.join(SOURCES)}, got {rules.get('source')!r}")
     strip = rules.get("strip_prefix") or []
     strip = [strip] if isinstance(strip, str) else strip
     rename = rules.get("rename") or {}
@@ -179,8 +185,9 @@ def apply_key_rules(state: dict[str, torch.Tensor], config: Mapping[str, Any]) -
     """``state`` with the config's ``checkpoint`` rules applied to its key names: the first matching
     ``strip_prefix`` is removed from each key, then the first matching ``rename`` prefix is replaced."""
     strip, rename = key_rules(config)
+    source = (config.get("checkpoint") or {}).get("source", "timm")
     if not strip and not rename:
-        return state
+        return SOURCES[source](state)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         new = next((key[len(p) :] for p in strip if key.startswith(p)), key)
@@ -188,7 +195,44 @@ def apply_key_rules(state: dict[str, torch.Tensor], config: Mapping[str, Any]) -
         if new in out:
             raise CheckpointError(f"config checkpoint rules map two keys onto {new!r}; make the prefixes distinct")
         out[new] = value
+    return SOURCES[source](out)
+
+
+_TORCHVISION_VIT = [  # torchvision.models.VisionTransformer → timm VisionTransformer (+ our head)
+    (r"^class_token$", "cls_token"),
+    (r"^conv_proj\.", "patch_embed.proj."),
+    (r"^encoder\.pos_embedding$", "pos_embed"),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.ln_1\.", r"blocks.\1.norm1."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_(weight|bias)$", r"blocks.\1.attn.qkv.\2"),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.ln_2\.", r"blocks.\1.norm2."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:0|linear_1)\.", r"blocks.\1.mlp.fc1."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:3|linear_2)\.", r"blocks.\1.mlp.fc2."),
+    (r"^encoder\.ln\.", "norm."),
+    (r"^heads\.head\.", "head."),
+]
+
+
+def torchvision_vit_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A torchvision ``VisionTransformer`` state dict under timm's names (the same maths: q, k, v stacked in
+    ``in_proj`` in timm's qkv order, LayerNorm and GELU as timm's ViT). A key it does not know (e.g. the
+    ``heads.pre_logits`` layer of a representation-size model) is an error naming it."""
+    out = {}
+    for key, value in state.items():
+        for pattern, replacement in _TORCHVISION_VIT:
+            new, n = re.subn(pattern, replacement, key)
+            if n:
+                out[new] = value
+                break
+        else:
+            raise CheckpointError(
+                f"checkpoint key {key!r} is not part of a torchvision VisionTransformer this tool maps "
+                "(class token, conv_proj, encoder, heads.head); use source: timm with strip_prefix/rename"
+            )
     return out
+
+
+SOURCES = {"timm": lambda state: state, "torchvision": torchvision_vit_keys}
 
 
 def _prefix_hint(state: Mapping[str, torch.Tensor]) -> str:
