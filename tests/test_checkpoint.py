@@ -326,3 +326,35 @@ def test_torchvision_vit_loads_with_source_torchvision(tmp_path):
         load_model(tmp_path / "bad.pth", device="cpu", config=config)
     with pytest.raises(CheckpointError, match="source: expected one of timm, torchvision"):
         load_model(tmp_path / "vit_b_16_lidc.pth", device="cpu", config={**config, "checkpoint": {"source": "tf"}})
+
+
+def test_dinov2_names_load_with_source_timm_filter(tmp_path):
+    """A DINOv2 checkpoint in the facebookresearch layout (register_tokens, mask_token, the class token's
+    position folded into pos_embed) plus a head of the user's, with `checkpoint: {source: timm-filter}`
+    (timm's checkpoint_filter_fn), gives the timm DINOv2-style model's outputs."""
+    config = tiny_config(reg_tokens=4, no_embed_class=True, init_values=1e-5)
+    config["preprocessing"] = {"mode": "slice", "hu_window": [-1000, 400]}
+    original = build_model(config).eval()
+    with torch.no_grad():
+        original.backbone.pos_embed.normal_(std=0.02)
+        original.backbone.cls_token.normal_(std=0.02)
+        original.backbone.reg_token.normal_(std=0.02)
+    vit = original.backbone
+    cls_pos = torch.randn(1, 1, vit.embed_dim) * 0.02
+    meta = {f"backbone.{k}" for k in ("cls_token", "reg_token", "pos_embed")}
+    facebook = {k.removeprefix("backbone."): v for k, v in original.state_dict().items() if k not in meta}
+    facebook.update(
+        pos_embed=torch.cat([cls_pos, vit.pos_embed.detach()], dim=1),
+        cls_token=vit.cls_token.detach() - cls_pos,
+        register_tokens=vit.reg_token.detach().clone(),
+        mask_token=torch.zeros(1, vit.embed_dim),
+    )
+    save_file({k: v.contiguous() for k, v in facebook.items()}, str(tmp_path / "dinov2_lidc.safetensors"))
+    x = torch.randn(2, 1, 32, 32)
+    loaded = load_model(
+        tmp_path / "dinov2_lidc.safetensors", device="cpu", config={**config, "checkpoint": {"source": "timm-filter"}}
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), original(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(CheckpointError, match="unexpected keys .*register_tokens"):
+        load_model(tmp_path / "dinov2_lidc.safetensors", device="cpu", config=config)

@@ -14,7 +14,7 @@ above)::
 
     checkpoint: {strip_prefix: "model.",                      # or a list of prefixes, tried in turn
                  rename: {"mlp_head.0.": "head.", "vit.": "backbone."},   # ordered prefix renames
-                 source: torchvision}                         # a torchvision VisionTransformer's names
+                 source: torchvision}                         # or timm-filter (DINOv2 and other timm sources)
 
 A checkpoint written by :func:`save_checkpoint` has our names, so it is saved without these rules.
 
@@ -185,9 +185,8 @@ def apply_key_rules(state: dict[str, torch.Tensor], config: Mapping[str, Any]) -
     """``state`` with the config's ``checkpoint`` rules applied to its key names: the first matching
     ``strip_prefix`` is removed from each key, then the first matching ``rename`` prefix is replaced."""
     strip, rename = key_rules(config)
-    source = (config.get("checkpoint") or {}).get("source", "timm")
     if not strip and not rename:
-        return SOURCES[source](state)
+        return state
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         new = next((key[len(p) :] for p in strip if key.startswith(p)), key)
@@ -195,7 +194,24 @@ def apply_key_rules(state: dict[str, torch.Tensor], config: Mapping[str, Any]) -
         if new in out:
             raise CheckpointError(f"config checkpoint rules map two keys onto {new!r}; make the prefixes distinct")
         out[new] = value
-    return SOURCES[source](out)
+    return out
+
+
+def convert_source(state: dict[str, torch.Tensor], config: Mapping[str, Any], model: MedViT) -> dict[str, torch.Tensor]:
+    """``state`` (after the key rules) under our names, from the config's ``checkpoint.source``:
+    ``timm`` (as it is), ``torchvision`` (:func:`torchvision_vit_keys`) or ``timm-filter`` (timm's own
+    ``checkpoint_filter_fn`` for the backbone's architecture: DINOv2 / OpenCLIP / I-JEPA names, register
+    tokens, position embeddings and patch embeddings resampled to the configured image and patch size)."""
+    source = (config.get("checkpoint") or {}).get("source", "timm")
+    if source == "torchvision":
+        state = torchvision_vit_keys(state)
+    elif source == "timm-filter":
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        head = {k: v for k, v in state.items() if k.startswith("head.")}
+        body = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("head.")}
+        state = {**checkpoint_filter_fn(body, model.backbone), **head}
+    return _to_medvit_keys(state)
 
 
 _TORCHVISION_VIT = [  # torchvision.models.VisionTransformer → timm VisionTransformer (+ our head)
@@ -232,7 +248,7 @@ def torchvision_vit_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-SOURCES = {"timm": lambda state: state, "torchvision": torchvision_vit_keys}
+SOURCES = ("timm", "torchvision", "timm-filter")
 
 
 def _prefix_hint(state: Mapping[str, torch.Tensor]) -> str:
@@ -302,8 +318,8 @@ def load_model(
     path = Path(path).expanduser()
     weights, cfg, base_dir = _locate(path, config)
     raw = apply_key_rules(read_state_dict(weights), cfg)
-    state = _to_medvit_keys(raw)
     model = build_model(cfg, base_dir=base_dir)
+    state = convert_source(raw, cfg, model)
     try:
         _check_match(state, model, repr(str(weights)))
     except CheckpointError as exc:
