@@ -142,9 +142,10 @@ def _add_commands() -> None:
     from .commands.batch import batch
     from .commands.bench import bench
     from .commands.evaluate import audit, evaluate
+    from .commands.model import convert
     from .commands.run import explain, predict, train
 
-    for command in (predict, train, explain, evaluate, audit, batch, bench):
+    for command in (predict, train, explain, evaluate, audit, batch, bench, convert):
         cli.add_command(command)
 
 

@@ -358,3 +358,21 @@ def test_dinov2_names_load_with_source_timm_filter(tmp_path):
         torch.testing.assert_close(loaded(x), original(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(CheckpointError, match="unexpected keys .*register_tokens"):
         load_model(tmp_path / "dinov2_lidc.safetensors", device="cpu", config=config)
+
+
+def test_convert_command_writes_a_checkpoint_that_loads_without_config(model, x, tmp_path):
+    from click.testing import CliRunner
+
+    from medvit_explain.cli import cli
+
+    ckpt = _lightning_ckpt(model, tmp_path / "epoch=3.ckpt")
+    (tmp_path / "lightning.json").write_text(json.dumps({**tiny_config(reg_tokens=2), "checkpoint": RULES}))
+    out = tmp_path / "converted"
+    res = CliRunner().invoke(
+        cli, ["convert", str(ckpt), "--model-config", str(tmp_path / "lightning.json"), "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "model.mlp_head.N.* -> head.*" in res.output and "model.backbone.blocks.N.attn.qkv.* -> " in res.output
+    torch.testing.assert_close(load_model(out, device="cpu")(x), model(x), rtol=0, atol=0)
+    res = CliRunner().invoke(cli, ["convert", str(ckpt), "--out", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and res.output.startswith("error: no config found") and not (tmp_path / "nope").exists()

@@ -197,6 +197,33 @@ def apply_key_rules(state: dict[str, torch.Tensor], config: Mapping[str, Any]) -
     return out
 
 
+def key_map(path: str | Path, config: str | Path | Mapping[str, Any]) -> list[str]:
+    """How the keys of the weights at ``path`` map onto ours under ``config``: one line per pattern
+    (indices written ``N``), e.g. ``encoder.layers.encoder_layer_N.ln_1.weight -> backbone.blocks.N.norm1.weight``;
+    keys a ``timm-filter`` conversion drops or makes are listed as such. What ``medvit-explain convert`` prints."""
+    weights, cfg, base_dir = _locate(Path(path).expanduser(), config)
+    original = read_state_dict(weights)
+    ruled = apply_key_rules(original, cfg)
+    final = convert_source(ruled, cfg, build_model(cfg, base_dir=base_dir))
+    if (cfg.get("checkpoint") or {}).get("source") == "torchvision":
+        named = list(_to_medvit_keys(torchvision_vit_keys(ruled)))
+    else:
+        named = list(_to_medvit_keys(ruled))
+    lines: list[str] = []
+    for old, new in zip(original, named, strict=True):  # the rules and the key maps keep the order
+        line = f"{_key_pattern(old)} -> {_key_pattern(new) if new in final else '(dropped)'}"
+        if line not in lines:
+            lines.append(line)
+    made = [k for k in final if k not in set(named)]
+    return lines + [f"(made by the conversion) -> {_key_pattern(k)}" for k in made]
+
+
+def _key_pattern(key: str) -> str:
+    """``blocks.3.attn.qkv.weight`` → ``blocks.N.attn.qkv.*``: one line per kind of key."""
+    key = re.sub(r"(?<=[._])\d+(?=[._]|$)", "N", key)
+    return re.sub(r"\.(weight|bias)$", ".*", key)
+
+
 def convert_source(state: dict[str, torch.Tensor], config: Mapping[str, Any], model: MedViT) -> dict[str, torch.Tensor]:
     """``state`` (after the key rules) under our names, from the config's ``checkpoint.source``:
     ``timm`` (as it is), ``torchvision`` (:func:`torchvision_vit_keys`) or ``timm-filter`` (timm's own
