@@ -113,12 +113,12 @@ class Preprocessing:
         a, b = config.get("scale_to", cls.scale_to)
         return cls(
             image_size=(int(h), int(w)),
-            in_chans=int(config.get("in_chans") or 1),
+            in_chans=int(config.get("in_chans") or cls.in_chans),
             hu_window=(float(lo), float(hi)),
             scale_to=(float(a), float(b)),
-            crop_body=bool(config.get("crop_body", False)),
-            body_threshold_hu=float(config.get("body_threshold_hu", -500.0)),
-            mode=str(config.get("mode", "slice")),
+            crop_body=bool(config.get("crop_body", cls.crop_body)),
+            body_threshold_hu=float(config.get("body_threshold_hu", cls.body_threshold_hu)),
+            mode=str(config.get("mode", cls.mode)),
             roi=RoiConfig(
                 float(roi.get("size_mm", RoiConfig.size_mm)),
                 float(roi.get("spacing_mm", RoiConfig.spacing_mm)),

@@ -39,11 +39,11 @@ _CHUNK_BYTES = 4 << 20  # bytes of stored voxels quantised and compressed per st
 try:  # zlib-ng: the same gzip format, faster and smaller at low levels
     from zlib_ng import zlib_ng as _deflate
 
-    COMPRESSOR, COMPRESS_LEVEL = "zlib-ng", 3
+    COMPRESS_LEVEL = 3
 except ImportError:  # pragma: no cover - zlib-ng is a dependency; zlib keeps a source install working
     import zlib as _deflate
 
-    COMPRESSOR, COMPRESS_LEVEL = "zlib", 1
+    COMPRESS_LEVEL = 1
 
 
 def int16_slope(array: np.ndarray) -> float:

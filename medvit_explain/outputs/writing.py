@@ -9,7 +9,6 @@ is raised.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from ..io.nifti import write_map
 from ..io.writer import atomic_path, remove_leftovers
-from ..vocabulary import DEFAULT_MAP_DTYPE, MAP_DTYPES
+from ..vocabulary import DEFAULT_MAP_DTYPE, MAP_DTYPES, to_json
 from .layout import DICOM_FOLDER, PREDICTIONS, REPORT, SUMMARY, overlay_name, volume_stem
 
 __all__ = ["MAX_WORKERS", "overlay_workers", "write_outputs"]
@@ -93,7 +92,7 @@ def write_outputs(
     summary["files"] = {k: str(Path(v).name) for k, v in written.items()}
     written["summary"] = out_dir / SUMMARY
     with atomic_path(written["summary"]) as tmp:
-        Path(tmp).write_text(json.dumps(summary, indent=2))
+        Path(tmp).write_text(to_json(summary))
     return written
 
 
