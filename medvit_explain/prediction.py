@@ -74,7 +74,7 @@ def _plain(images: torch.Tensor) -> torch.Tensor:
 def output_columns(task_spec) -> list[str]:
     cols = []
     for target in task_spec:
-        cols += [f"{target.name}_prob", f"{target.name}_logit"] if target.kind == "binary" else [target.name]
+        cols += [f"{target.name}_prob", f"{target.name}_logit"] if target.probability else [target.name]
     return cols
 
 
@@ -84,7 +84,7 @@ def output_row(task_spec, raw: np.ndarray) -> dict[str, float]:
     values = task_spec.to_values(raw[None])[0]
     row = {}
     for k, target in enumerate(task_spec):
-        if target.kind == "binary":
+        if target.probability:
             row[f"{target.name}_prob"] = float(values[k])
             row[f"{target.name}_logit"] = float(raw[k])
         else:
@@ -159,7 +159,7 @@ class PredictionBuilder:
     def __init__(self, model, inputs: ModelInputs):
         self.task_spec = model.task_spec
         self.inputs = inputs
-        names, kinds = list(self.task_spec.names), list(self.task_spec.kinds)
+        names, kinds = list(self.task_spec.names), list(self.task_spec.score_kinds)
         self.table = PredictionTable(
             list(inputs.item_columns) + output_columns(self.task_spec),
             mode=inputs.mode,

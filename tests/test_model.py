@@ -127,7 +127,7 @@ def test_to_values_probability_and_scale():
 
 
 def test_spec_validation_errors():
-    with pytest.raises(CheckpointError, match="multiclass"):
+    with pytest.raises(CheckpointError, match="softmax target 'a': expected classes"):
         TaskSpec.from_dict({"targets": [{"name": "a", "kind": "multiclass"}]})
     with pytest.raises(CheckpointError, match="kind"):
         TaskSpec.from_dict({"targets": [{"name": "a", "kind": "ordinal"}]})

@@ -42,7 +42,7 @@ def score_outputs(outputs: Tensor, task_spec, target_idx: Sequence[int]) -> Tens
     for k in target_idx:
         target = task_spec.targets[k]
         x = outputs[:, k].float()
-        cols.append(torch.sigmoid(x) if target.kind == "binary" else x * target.std + target.mean)
+        cols.append(torch.sigmoid(x) if target.probability else x * target.std + target.mean)
     return torch.stack(cols, 1)
 
 

@@ -1,4 +1,4 @@
-"""``MedViT``: a timm VisionTransformer backbone plus one linear output per target; ``build_model``."""
+"""``MedViT``: a timm VisionTransformer backbone plus the head its config describes; ``build_model``."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from medvit_explain.errors import CheckpointError, ModelNotSupportedError
+from medvit_explain.model.heads import build_head, head_config
 from medvit_explain.model.preprocessing import validate_preprocessing
 from medvit_explain.model.task import TaskSpec, load_task_spec
 from medvit_explain.vocabulary import jsonable
 
 FORMAT = "medvit-explain/1"
-CONFIG_KEYS = ("format", "name", "architecture", "task_spec", "preprocessing", "provenance")
+CONFIG_KEYS = ("format", "name", "architecture", "head", "task_spec", "preprocessing", "provenance")
 # Keys that would make timm download or read files, or that we set ourselves.
 _FORBIDDEN_KWARGS = (
     "pretrained",
@@ -33,14 +34,16 @@ _FORBIDDEN_KWARGS = (
 
 
 class MedViT(nn.Module):
-    """A timm ``VisionTransformer`` (``.backbone``, built with ``num_classes=0``) and a linear
-    ``.head`` with one output per target of ``.task_spec``.
+    """A timm ``VisionTransformer`` (``.backbone``, built with ``num_classes=0``) and a ``.head`` (the
+    config's ``head``: a Linear by default, an MLP or several heads side by side, see
+    :mod:`medvit_explain.model.heads`) that ends with one score per target of ``.task_spec``.
 
     Contract the explainers rely on:
 
     * ``forward(x)``: ``x`` is ``[B, C, H, W]`` with ``(C, H, W) == model.input_size``; returns raw
       outputs ``[B, K]``, K = ``len(model.targets)``, column ``k`` = target ``model.targets[k]``:
-      the logit for a binary target, the normalised value for a regression target.
+      the logit for a binary target, the normalised value for a regression target, the log-odds of the
+      positive class for a softmax target (``model.head.raw`` gives the class logits).
     * ``forward(x)`` is exactly
       ``model.head(model.backbone.forward_head(model.backbone.forward_features(x), pre_logits=True))``
       -- nothing else happens between the timm backbone and the head, so hooks on the backbone's
@@ -63,6 +66,7 @@ class MedViT(nn.Module):
         config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        config = copy.deepcopy(dict(config or {}))
         if not isinstance(backbone, VisionTransformer):
             raise ModelNotSupportedError(f"expected a timm VisionTransformer backbone, got {type(backbone).__name__}")
         if not isinstance(backbone.head, nn.Identity):
@@ -71,10 +75,11 @@ class MedViT(nn.Module):
         self.task_spec = task_spec
         self.targets: list[str] = task_spec.names
         width = getattr(backbone, "head_hidden_size", backbone.num_features)
-        self.head = nn.Linear(width, len(task_spec))
+        scores = task_spec.scores if task_spec.output_width != len(task_spec) else None
+        self.head = build_head(config.get("head"), width, task_spec.output_width, scores)
         self.preprocessing = validate_preprocessing(preprocessing, self.input_size)
-        config = copy.deepcopy(dict(config or {}))
         config.update(
+            head=head_config(config.get("head")),
             format=FORMAT,
             name=config.get("name") or "medvit",
             task_spec=task_spec.to_dict(),
@@ -134,26 +139,45 @@ class MedViT(nn.Module):
         return values
 
 
-def _architecture(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+def _architecture(config: Mapping[str, Any]) -> tuple[str, dict[str, Any], float | None]:
+    """(timm name, kwargs, LayerNorm eps or None) from the config's ``architecture``."""
     arch = config.get("architecture")
     if not isinstance(arch, Mapping):
-        raise CheckpointError(f"config: expected 'architecture' {{timm_name, kwargs}}, got {arch!r}")
+        raise CheckpointError(
+            "config: expected 'architecture: {timm_name: vit_base_patch16_224, "
+            f"kwargs: {{img_size: ..., in_chans: ...}}}}', got {arch!r}"
+        )
+    unknown = sorted(set(arch) - {"timm_name", "kwargs", "norm_eps"})
+    if unknown:
+        raise CheckpointError(f"config: unknown architecture key(s) {unknown}; expected timm_name, kwargs, norm_eps")
     name = arch.get("timm_name")
     if not isinstance(name, str) or not name:
         raise CheckpointError(f"config: expected architecture.timm_name (a timm model name), got {name!r}")
+    eps = arch.get("norm_eps")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1):
+        raise CheckpointError(f"config: expected architecture.norm_eps a small positive number (1e-5), got {eps!r}")
     kwargs = arch.get("kwargs") or {}
     if not isinstance(kwargs, Mapping):
         raise CheckpointError(f"config: expected architecture.kwargs to be a mapping, got {kwargs!r}")
     bad = sorted(set(kwargs) & set(_FORBIDDEN_KWARGS))
+    if "num_classes" in bad:
+        raise CheckpointError(
+            "config: remove num_classes from architecture.kwargs: the outputs come from task_spec "
+            "(one per target; a softmax target has one per class) and the head from 'head'"
+        )
     if bad:
-        raise CheckpointError(f"config: architecture.kwargs may not set {bad} (weights come from the checkpoint)")
+        raise CheckpointError(
+            f"config: remove {bad} from architecture.kwargs: weights come from the checkpoint, never a download"
+        )
     kwargs = jsonable(kwargs)
     kwargs.setdefault("global_pool", "token")
-    return name, kwargs
+    return name, kwargs, None if eps is None else float(eps)
 
 
-def build_backbone(timm_name: str, kwargs: Mapping[str, Any]) -> VisionTransformer:
-    """``timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)``, checked to be a ViT."""
+def build_backbone(timm_name: str, kwargs: Mapping[str, Any], norm_eps: float | None = None) -> VisionTransformer:
+    """``timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)``, checked to be a ViT.
+    ``norm_eps`` sets every LayerNorm's epsilon afterwards (timm's ViT uses 1e-6; MONAI's and PyTorch's
+    default is 1e-5), so a converted model computes exactly what the original did."""
     try:
         backbone = timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
     except (RuntimeError, TypeError, ValueError, AssertionError, KeyError) as exc:
@@ -163,6 +187,10 @@ def build_backbone(timm_name: str, kwargs: Mapping[str, Any]) -> VisionTransform
         raise ModelNotSupportedError(
             f"expected a timm VisionTransformer (ViT/DeiT/DINO-style), got {type(backbone).__name__} from {timm_name!r}"
         )
+    if norm_eps is not None:
+        for module in backbone.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.eps = norm_eps
     return backbone
 
 
@@ -179,10 +207,10 @@ def build_model(config: Mapping[str, Any], base_dir: str | Path | None = None) -
     fmt = config.get("format", FORMAT)
     if fmt != FORMAT:
         raise CheckpointError(f"config: expected format {FORMAT!r}, got {fmt!r}")
-    name, kwargs = _architecture(config)
+    name, kwargs, eps = _architecture(config)
     task_spec = load_task_spec(config.get("task_spec"), base_dir=base_dir)
-    backbone = build_backbone(name, kwargs)
+    backbone = build_backbone(name, kwargs, eps)
     full = dict(config)
-    full["architecture"] = {"timm_name": name, "kwargs": kwargs}
+    full["architecture"] = {"timm_name": name, "kwargs": kwargs} | ({} if eps is None else {"norm_eps": eps})
     full.setdefault("name", name)
     return MedViT(backbone, task_spec, preprocessing=config.get("preprocessing"), config=full)

@@ -1,8 +1,21 @@
 """Task spec: which targets a model predicts, in which output column, on which scale.
 
-A target is ``binary`` (one logit; probability = sigmoid(logit)) or ``regression`` (one output in
-normalised units; value on the LIDC scale = output · std + mean). ``multiclass`` is a recognised kind but
-not supported yet (it would need several output columns per target).
+A target is ``binary`` (one logit; probability = sigmoid(logit)), ``regression`` (one output in
+normalised units; value on the LIDC scale = output · std + mean) or ``multiclass`` (alias ``softmax``:
+one head output per class, ``classes: [benign, malignant]``, and the class reported, ``positive: malignant``).
+
+A multiclass target is scored, reported and explained by the **log-odds of its positive class**,
+``log p_pos − log(1 − p_pos) = z_pos − logsumexp(z_other classes)`` with ``p = softmax(z)``: for two
+classes exactly ``z_pos − z_neg``, the logit a binary head would have. So probability = sigmoid(score)
+holds for it as for a binary target, and every rule written for binary targets (threshold 0, AUC,
+calibration, faithfulness on the probability, the ``_prob`` / ``_logit`` columns) applies unchanged. CDAM
+and AG-CAM explain that score (not the raw class logit ``z_pos``: under a softmax, adding the same
+number to every class logit changes nothing, so evidence for ``z_pos`` alone includes evidence shared by
+every class; nor ``log p_pos``, which saturates to a zero gradient as ``p_pos`` → 1).
+
+The model's head has :attr:`TaskSpec.output_width` raw outputs (one per binary or regression target,
+one per class of a multiclass target, in target order); :meth:`TaskSpec.scores` turns them into one
+score per target, ``[B, K]`` — what the model's ``forward`` returns.
 """
 
 from __future__ import annotations
@@ -22,7 +35,7 @@ from medvit_explain.errors import CheckpointError, TargetError
 from medvit_explain.vocabulary import resolve_targets
 
 KINDS = ("binary", "regression", "multiclass")
-SUPPORTED_KINDS = ("binary", "regression")
+KIND_ALIASES = {"softmax": "multiclass", "classification": "binary", "logit": "binary"}
 DEFAULT_TASK_SPEC = "lidc"
 _PACKAGED_SPECS = {"lidc": "task_lidc.yaml"}
 
@@ -31,6 +44,41 @@ def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise CheckpointError(f"task spec: expected a finite number for {what}, got {value!r}")
     return float(value)
+
+
+def _classes(name: str, kind: str, data: Mapping[str, Any]) -> tuple[tuple[str, ...], int]:
+    """(classes, index of the positive class) of a multiclass target; ((), 0) for the other kinds."""
+    classes, positive = data.get("classes"), data.get("positive")
+    if kind != "multiclass":
+        if classes is not None or positive is not None:
+            raise CheckpointError(
+                f"task spec: target {name!r} is {kind}; classes/positive belong to a softmax target "
+                "(kind: softmax, classes: [benign, malignant], positive: malignant)"
+            )
+        return (), 0
+    if (
+        not isinstance(classes, Sequence)
+        or isinstance(classes, str)
+        or len(classes) < 2
+        or not all(isinstance(c, str) and c for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
+        raise CheckpointError(
+            f"task spec: softmax target {name!r}: expected classes, a list of two or more distinct names in the "
+            f"order of the head's outputs (e.g. [benign, malignant]), got {classes!r}"
+        )
+    if positive is None:
+        raise CheckpointError(
+            f"task spec: softmax target {name!r}: say which class is reported and explained, "
+            f"e.g. positive: {classes[-1]} (one of {list(classes)})"
+        )
+    if isinstance(positive, int) and not isinstance(positive, bool) and 0 <= positive < len(classes):
+        return tuple(classes), positive
+    if positive not in classes:
+        raise CheckpointError(
+            f"task spec: softmax target {name!r}: positive {positive!r} is not one of its classes {list(classes)}"
+        )
+    return tuple(classes), list(classes).index(positive)
 
 
 @dataclass(frozen=True)
@@ -48,6 +96,18 @@ class Target:
     mean: float = 0.0
     std: float = 1.0
     description: str = ""
+    classes: tuple[str, ...] = ()  # multiclass: the class of each raw output, in head order
+    positive: int = 0  # multiclass: index into ``classes`` of the class reported and explained
+
+    @property
+    def probability(self) -> bool:
+        """Scored as a logit whose sigmoid is a probability (binary and multiclass targets)."""
+        return self.kind != "regression"
+
+    @property
+    def width(self) -> int:
+        """Raw head outputs this target takes (one per class for multiclass, else one)."""
+        return len(self.classes) if self.kind == "multiclass" else 1
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Target:
@@ -56,15 +116,13 @@ class Target:
         name = data.get("name")
         if not isinstance(name, str) or not name.strip() or "," in name:
             raise CheckpointError(f"task spec: expected a non-empty target name without commas, got {name!r}")
-        kind = data.get("kind")
+        kind = KIND_ALIASES.get(data.get("kind"), data.get("kind"))
         if kind not in KINDS:
-            raise CheckpointError(f"task spec: target {name!r} has kind {kind!r}; expected one of {', '.join(KINDS)}")
-        if kind not in SUPPORTED_KINDS:
             raise CheckpointError(
-                f"task spec: target {name!r} is {kind!r}, which is not supported yet; "
-                f"expected {' or '.join(SUPPORTED_KINDS)}"
+                f"task spec: target {name!r} has kind {data.get('kind')!r}; expected binary (one logit), "
+                "regression (one value; give scale or mean/std) or softmax/multiclass (give classes and positive)"
             )
-        known = {"name", "kind", "scale", "mean", "std", "normalization", "description"}
+        known = {"name", "kind", "scale", "mean", "std", "normalization", "description", "classes", "positive"}
         extra = sorted(set(data) - known)
         if extra:
             raise CheckpointError(f"task spec: target {name!r} has unknown keys {extra}; expected {sorted(known)}")
@@ -89,15 +147,28 @@ class Target:
                 raise CheckpointError(f"task spec: target {name!r}: expected std > 0, got {std}")
         else:
             if (mean not in (None, 0, 0.0)) or (std not in (None, 1, 1.0)):
-                raise CheckpointError(f"task spec: binary target {name!r} outputs a logit; mean/std must be unset")
+                raise CheckpointError(f"task spec: {kind} target {name!r} is scored by a logit; remove mean/std")
             mean, std = 0.0, 1.0
         description = data.get("description", "") or ""
         if not isinstance(description, str):
             raise CheckpointError(f"task spec: target {name!r}: expected a string description")
-        return cls(name=name.strip(), kind=kind, scale=scale, mean=mean, std=std, description=description.strip())
+        classes, positive = _classes(name, kind, data)
+        return cls(
+            name=name.strip(),
+            kind=kind,
+            scale=scale,
+            mean=mean,
+            std=std,
+            description=description.strip(),
+            classes=classes,
+            positive=positive,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind}
+        if self.kind == "multiclass":
+            out["classes"] = list(self.classes)
+            out["positive"] = self.classes[self.positive]
         if self.scale is not None:
             out["scale"] = [self.scale[0], self.scale[1]]
         if self.kind == "regression":
@@ -185,11 +256,40 @@ class TaskSpec:
 
     @property
     def binary_indices(self) -> list[int]:
-        return [i for i, t in enumerate(self.targets) if t.kind == "binary"]
+        return [i for i, t in enumerate(self.targets) if t.probability]
 
     @property
     def regression_indices(self) -> list[int]:
         return [i for i, t in enumerate(self.targets) if t.kind == "regression"]
+
+    @property
+    def score_kinds(self) -> list[str]:
+        """How each target's score reads: ``binary`` (a logit: binary and multiclass) or ``regression``."""
+        return ["binary" if t.probability else "regression" for t in self.targets]
+
+    @property
+    def output_width(self) -> int:
+        """Raw head outputs: one per binary / regression target, one per class of a multiclass target."""
+        return sum(t.width for t in self.targets)
+
+    def scores(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw head outputs ``[..., output_width]`` → one score per target ``[..., K]``: the output itself,
+        or for a multiclass target the log-odds of its positive class,
+        ``z_pos − logsumexp(z_others)`` (= ``log p_pos − log(1 − p_pos)``). Differentiable."""
+        if raw.shape[-1] != self.output_width:
+            raise ValueError(f"expected raw outputs [..., {self.output_width}], got {tuple(raw.shape)}")
+        if all(t.kind != "multiclass" for t in self.targets):
+            return raw
+        cols, start = [], 0
+        for t in self.targets:
+            block = raw[..., start : start + t.width]
+            if t.kind == "multiclass":
+                others = torch.cat([block[..., : t.positive], block[..., t.positive + 1 :]], -1)
+                cols.append(block[..., t.positive] - torch.logsumexp(others, -1))
+            else:
+                cols.append(block[..., 0])
+            start += t.width
+        return torch.stack(cols, -1)
 
     def index(self, target: str | int) -> int:
         """Output column of ``target`` (a name, or an index 0..K-1; a string of digits counts as an index
@@ -208,7 +308,7 @@ class TaskSpec:
     def _stats(self, like: Any, columns: list[int]) -> tuple[Any, Any, Any]:
         mean = [self.targets[i].mean for i in columns]
         std = [self.targets[i].std for i in columns]
-        binary = [self.targets[i].kind == "binary" for i in columns]
+        binary = [self.targets[i].probability for i in columns]
         if isinstance(like, torch.Tensor):
             dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
             return (
@@ -260,8 +360,9 @@ class TaskSpec:
         )
 
     def to_values(self, outputs: Any, targets: Any = None) -> Any:
-        """Network outputs ``[..., K]`` → what a user reads: probability = sigmoid(logit) for binary
-        columns, LIDC-scale value for regression columns. Differentiable for torch inputs."""
+        """Scores ``[..., K]`` → what a user reads: probability = sigmoid(logit) for binary columns (for a
+        multiclass target: its positive class's softmax probability), LIDC-scale value for regression
+        columns. Differentiable for torch inputs."""
         outputs = self._as_array(outputs)
         columns = self._columns(outputs, targets)
         mean, std, binary = self._stats(outputs, columns)

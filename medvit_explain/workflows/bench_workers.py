@@ -182,7 +182,7 @@ def _clinical_worker(job: dict[str, Any]) -> dict[str, Any]:
     if job.get("targets") == "primary":
         from ..vocabulary import primary_target
 
-        targets = [model.targets[primary_target(model.targets, model.task_spec.kinds)]]
+        targets = [model.targets[primary_target(model.targets, model.task_spec.score_kinds)]]
     t0 = time.perf_counter()
     result = explain_volume(
         model, volume, ["cdam", "agcam"], targets, batch_size=int(job["batch_size"]), precision=job["precision"]

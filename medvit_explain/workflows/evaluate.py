@@ -266,15 +266,27 @@ def _example_indices(sl: EvalSlices, n: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------- the run
 
 
+class _NegatedColumn(torch.nn.Module):
+    """A head whose output ``k`` is negated: the benign logit of a binary target (for a softmax target,
+    the log-odds of 'not the positive class'), whatever the head is built of."""
+
+    def __init__(self, head: torch.nn.Module, k: int) -> None:
+        super().__init__()
+        self.inner, self.k = head, k
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        out = self.inner(pooled)
+        sign = torch.ones(out.shape[-1], dtype=out.dtype, device=out.device)
+        sign[self.k] = -1
+        return out * sign
+
+
 def _negated_output(model, k: int):
     """A copy of ``model`` whose output ``k`` is negated (the benign logit of a binary target)."""
     import copy
 
     clone = copy.deepcopy(model)
-    with torch.no_grad():
-        clone.head.weight[k].neg_()
-        if clone.head.bias is not None:
-            clone.head.bias[k].neg_()
+    clone.head = _NegatedColumn(clone.head, k)
     return clone.eval()
 
 
@@ -322,9 +334,9 @@ def _start(model, sl: EvalSlices, target_idx: list[int], randomize_blocks: int, 
     spec = model.task_spec
     device = next(model.parameters()).device
     images = sl.images[sl.explained]
-    primary = primary_target(spec.names, spec.kinds)
+    primary = primary_target(spec.names, spec.score_kinds)
     logits = model_outputs(model, images)
-    benign = (logits[:, primary] < 0).numpy() if spec.targets[primary].kind == "binary" else np.zeros(len(images), bool)
+    benign = (logits[:, primary] < 0).numpy() if spec.targets[primary].probability else np.zeros(len(images), bool)
     negated = _negated_output(model, primary) if benign.any() else None
     depth = len(model.backbone.blocks)
     randomized = {
@@ -555,7 +567,7 @@ def _measure_all(
 
 
 def _model_block(overall: dict[str, Any], spec) -> dict[str, Any]:
-    primary = spec.names[primary_target(spec.names, spec.kinds)]
+    primary = spec.names[primary_target(spec.names, spec.score_kinds)]
     return {
         "malignancy_auc": overall.get(f"{primary}_auc"),
         "malignancy_accuracy": overall.get(f"{primary}_accuracy"),

@@ -82,7 +82,7 @@ def _label_slice(raw: np.ndarray, task_spec, by_id: dict[int, dict], big: list[t
     """Fill one slice's raw targets [K]: binary = max over the nodules ``big`` (0 without one),
     regression = the largest nodule's value (left NaN without a nodule)."""
     for k, target in enumerate(task_spec):
-        if target.kind == "binary":
+        if target.probability:
             raw[k] = max((float(by_id[i].get(target.name, 0)) for i, _ in big), default=0.0)
     if not big:
         return

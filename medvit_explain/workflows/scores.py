@@ -47,7 +47,7 @@ def slice_metrics(
     out: dict[str, Any] = {"n_slices": len(images), "n_nodule_slices": int(np.sum(has_nodule)), "mae": {}}
     for k, target in enumerate(spec):
         valid = ~np.isnan(truth[:, k])
-        if target.kind == "binary":
+        if target.probability:
             y = truth[valid, k] > 0.5
             out[f"{target.name}_auc"] = roc_auc(y, values[valid, k])
             out[f"{target.name}_accuracy"] = float(np.mean((values[valid, k] > 0.5) == y)) if valid.any() else None

@@ -300,7 +300,7 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> float:
     from tqdm.auto import tqdm
 
     recipe, dev, model = run.recipe, run.dev, run.model
-    kinds = list(model.task_spec.kinds)
+    kinds = list(model.task_spec.score_kinds)
     weights = recipe.get("loss_weights")
     flip = bool(recipe.get("augment_flip", True))
     token_weight = float(recipe.get("token_label_weight", 0.0))
@@ -336,7 +336,7 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> float:
 @torch.no_grad()
 def _validation_loss(run: _Run) -> float:
     run.model.eval()
-    kinds, weights, val = list(run.model.task_spec.kinds), run.recipe.get("loss_weights"), run.val_set
+    kinds, weights, val = list(run.model.task_spec.score_kinds), run.recipe.get("loss_weights"), run.val_set
     losses = [
         float(
             task_loss(
