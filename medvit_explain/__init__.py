@@ -16,6 +16,7 @@ _API = {
     "MedvitInputError": "medvit_explain.errors",
     "load_model": "medvit_explain.model",
     "save_checkpoint": "medvit_explain.model",
+    "wrap_model": "medvit_explain.model",
     "explain": "medvit_explain.explainers",
     "upsample": "medvit_explain.explainers",
     "normalize_for_display": "medvit_explain.explainers",

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import MedvitInputError
+from .errors import MedvitInputError, TargetError
 from .prediction import PredictionBuilder, PredictionTable, model_batches, model_inputs
 from .transforms import ModelInputs, reoriented_view
 from .versions import package_versions
@@ -50,7 +50,8 @@ class ExplainResult:
     device: str = "cpu"
     model_info: dict[str, Any] = field(default_factory=dict)
 
-    def _model_map(self, method: str, target: str) -> torch.Tensor:
+    def model_map(self, method: str, target: str) -> torch.Tensor:
+        """One target's maps at the model's resolution: ``[items, h, w]`` (raw signed values)."""
         if method not in self.model_maps:
             raise KeyError(f"no map for method {method!r}; expected one of {', '.join(self.methods)}")
         if target not in self.targets:
@@ -61,7 +62,7 @@ class ExplainResult:
         """One map on the source grid: float32 ``[X, Y, Z]`` (raw signed values; a view of a C-ordered
         ``[Z, Y, X]`` buffer). Computed on each call (bilinear upsampling and the inverse crop and
         reorientation); hold on to it only as long as you need it."""
-        return self.inputs.project(self._model_map(method, target))
+        return self.inputs.project(self.model_map(method, target))
 
     def map_volume(self, method: str, target: str) -> Volume:
         """One map as a :class:`Volume` on the source grid (see :meth:`map_array`)."""
@@ -71,12 +72,12 @@ class ExplainResult:
         """Source voxel planes ``z0:z1`` (third voxel axis) of one map on the source grid: ``[X, Y, z1 - z0]``
         float32, equal to ``map_array(method, target)[:, :, z0:z1]``; for an axial acquisition only those
         planes are computed (what a viewer showing one plane needs)."""
-        return self.inputs.project_planes(self._model_map(method, target), int(z0), int(z1))
+        return self.inputs.project_planes(self.model_map(method, target), int(z0), int(z1))
 
     def map_slices(self, method: str, target: str, slices: Sequence[int]) -> np.ndarray:
         """Canonical (LPS-reoriented) slices ``slices`` of one map: ``[X, Y, len(slices)]`` float32. In
         slice mode only those slices are interpolated."""
-        return self.inputs.canonical_slices(self._model_map(method, target), list(slices))
+        return self.inputs.canonical_slices(self.model_map(method, target), list(slices))
 
     # ------------------------------------------------------------------ display helpers (report)
     def display_slice(self, k: int, method: str | None = None, target: str | None = None) -> np.ndarray:
@@ -136,46 +137,217 @@ def explain_volume(
     """Explain every slice (or every ROI) of ``volume`` with each method, for each target.
 
     Args:
-        model: a model from :func:`medvit_explain.load_model` (device and eval mode as placed).
+        model: a model from :func:`medvit_explain.load_model` (device and eval mode as placed), or a
+            list of models (e.g. a malignancy model and a biomarker model): one result holding every
+            model's targets (see :class:`CombinedResult`); models whose preprocessing is the same share
+            the inputs (each batch is made once), the others get a pass of their own.
         volume: the CT.
         methods: explanation method names (see :func:`medvit_explain.list_methods`), or callables
             ``fn(model, images [B, C, H, W], target_indices, **options) -> [B, T, h, w]`` named by their
             ``name`` attribute or ``__name__`` (your own explainer, written back the same way).
-        targets: target names or indices (default: all the model's targets, in output order).
+        targets: target names or indices (default: all the model's targets, in output order). With
+            several models: names (``<label>.<target>`` where two models share a target name); each
+            model explains those it has.
         batch_size: slices per pass.
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast).
         roi_centers / roi_mask: nodule centres (LPS mm, [R, 3]) or an instance mask: explain ROIs.
         method_options: extra options per method name.
-        progress: called with the number of inputs done after each batch.
+        progress: called with the number of inputs done after each batch (of each pass).
 
     Returns:
         an :class:`ExplainResult`: model-space maps, and each map on the volume's grid on demand.
     """
     if precision not in PRECISIONS:
         raise MedvitInputError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    runner = _MethodRunner(model, methods, model.task_spec.resolve(targets), precision, method_options)
-    inputs = model_inputs(model, volume, roi_centers, roi_mask)
-    builder = PredictionBuilder(model, inputs)
-    device = next(model.parameters()).device
-    kept: dict[str, list[torch.Tensor]] = {m: [] for m in runner.methods}
-    t_pre = time.perf_counter()
-    for batch in model_batches(inputs, batch_size, device):
-        runner.timings["preprocess"] += time.perf_counter() - t_pre
-        raw, maps = runner(batch.images)
-        builder.add(raw, batch.items)
-        for m in runner.methods:
-            kept[m].append(maps[m].detach().float())
-        if progress:
-            progress(len(batch.items))
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    several = len(models) > 1
+    labels = model_labels(models)
+    picks = _targets_per_model(models, labels, targets)
+    named = _qualified(models, labels)
+    keep = [i for i, pick in enumerate(picks) if pick or not several]  # a model none of whose targets is asked: skipped
+    models, labels, picks = [models[i] for i in keep], [labels[i] for i in keep], [picks[i] for i in keep]
+    names = [[named[i][k] for k in picks[j]] for j, i in enumerate(keep)]
+    runners = [_MethodRunner(m, methods, pick, precision, method_options) for m, pick in zip(models, picks)]
+    results: list[ExplainResult | None] = [None] * len(models)
+    for group, inputs in input_groups(models, volume, roi_centers, roi_mask):
+        builders = {i: PredictionBuilder(models[i], inputs) for i in group}
+        kept: dict[int, dict[str, list[torch.Tensor]]] = {i: {m: [] for m in runners[i].methods} for i in group}
         t_pre = time.perf_counter()
+        for batch in model_batches(inputs, batch_size, _device(models[group[0]])):
+            for i in group:
+                runners[i].timings["preprocess"] += (time.perf_counter() - t_pre) / len(group)
+                raw, maps = runners[i](batch.images.to(_device(models[i])))
+                builders[i].add(raw, batch.items)
+                for m in runners[i].methods:
+                    kept[i][m].append(maps[m].detach().float())
+            if progress:
+                progress(len(batch.items))
+            t_pre = time.perf_counter()
+        for i in group:
+            results[i] = _result(models[i], volume, inputs, runners[i], kept[i], builders[i])
+    if not several:
+        return results[0]
+    return CombinedResult([r for r in results if r is not None], labels, names)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _result(model, volume: Volume, inputs: ModelInputs, runner, kept, builder) -> ExplainResult:
     t = len(runner.target_idx)
     maps = {m: torch.cat(kept[m]) if kept[m] else torch.zeros(0, t, 1, 1) for m in runner.methods}
-    info = {"name": model.config.get("name", type(model).__name__) if hasattr(model, "config") else "model"}
-    info.update(getattr(model, "source_info", {}) or {})
     target_names = [model.targets[i] for i in runner.target_idx]
+    device = str(_device(model))
     return ExplainResult(
-        volume, runner.methods, target_names, maps, builder.finish(), inputs, runner.timings, str(device), info
+        volume, runner.methods, target_names, maps, builder.finish(), inputs, runner.timings, device, model_info(model)
     )
+
+
+def model_info(model) -> dict[str, Any]:
+    """What ``summary.json`` and the report say about a model: name, checkpoint and checksum, targets,
+    and the preprocessing it ran with (every value, and which ones were defaults)."""
+    config = getattr(model, "config", None) or {}
+    info: dict[str, Any] = {"name": config.get("name", type(model).__name__)}
+    info.update(getattr(model, "source_info", {}) or {})
+    if getattr(model, "targets", None) is not None:
+        info["targets"] = list(model.targets)
+    if getattr(model, "preprocessing", None) is not None:
+        info["preprocessing"] = model.preprocessing
+        info["preprocessing_defaults"] = list(getattr(model, "preprocessing_defaults", []) or [])
+    return info
+
+
+def model_labels(models: Sequence) -> list[str]:
+    """A short distinct label per model: its checkpoint's name (file stem or folder), else its config name."""
+    labels = []
+    for model in models:
+        source = (getattr(model, "source_info", None) or {}).get("checkpoint")
+        path = Path(source) if source else None
+        label = "" if path is None else (path.parent.name if path.name == "model.safetensors" else path.stem)
+        label = label or str((getattr(model, "config", None) or {}).get("name") or "model")
+        labels.append(label if label not in labels else f"{label}-{len(labels) + 1}")
+    return labels
+
+
+def _targets_per_model(models: Sequence, labels: list[str], targets) -> list[list[int]]:
+    """Each model's target indices: all by default; else the names that model has (a name shared by two
+    models is written ``<label>.<target>``)."""
+    if len(models) == 1:
+        return [models[0].task_spec.resolve(targets)]
+    if targets is None or (isinstance(targets, str) and targets.strip().lower() == "all"):
+        return [list(range(len(m.targets))) for m in models]
+    wanted = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets)]
+    picks: list[list[int]] = [[] for _ in models]
+    for name in wanted:
+        owners = []
+        for i, m in enumerate(models):
+            local = name.removeprefix(f"{labels[i]}.")
+            if local in m.targets:
+                owners.append((i, list(m.targets).index(local)))
+        if len(owners) != 1:
+            names = ", ".join(n for per_model in _qualified(models, labels) for n in per_model)
+            why = "no model has it" if not owners else "several models have it; write <model>.<target>"
+            raise TargetError(f"target {name!r}: {why} (expected one of {names})")
+        i, k = owners[0]
+        if k not in picks[i]:
+            picks[i].append(k)
+    return picks
+
+
+def check_targets(model, targets) -> None:
+    """:class:`TargetError` now (before any work) if ``targets`` names a target no model has."""
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    _targets_per_model(models, model_labels(models), targets)
+
+
+def _qualified(models: Sequence, labels: list[str]) -> list[list[str]]:
+    """Each model's target names as a run of several models shows them: ``<target>``, or
+    ``<label>.<target>`` where two models share the name."""
+    counts: dict[str, int] = {}
+    for m in models:
+        for t in m.targets:
+            counts[t] = counts.get(t, 0) + 1
+    return [[t if counts[t] == 1 else f"{label}.{t}" for t in m.targets] for m, label in zip(models, labels)]
+
+
+def input_groups(
+    models: Sequence, volume: Volume, roi_centers=None, roi_mask=None
+) -> list[tuple[list[int], ModelInputs]]:
+    """Models that preprocess alike share one :class:`ModelInputs` (each batch is made once): ``[(model
+    indices, inputs)]`` in first-model order."""
+    from .transforms import Preprocessing
+
+    groups: dict[Preprocessing, list[int]] = {}
+    for i, m in enumerate(models):
+        groups.setdefault(Preprocessing.from_config(m.preprocessing), []).append(i)
+    return [(group, model_inputs(models[group[0]], volume, roi_centers, roi_mask)) for group in groups.values()]
+
+
+def input_count(model, volume: Volume, roi_centers=None, roi_mask=None) -> int:
+    """How many batches' worth of items :func:`explain_volume` runs: the inputs of every preprocessing pass
+    (what a progress bar's total is)."""
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    return sum(inputs.n_items for _, inputs in input_groups(models, volume, roi_centers, roi_mask))
+
+
+class CombinedResult(ExplainResult):
+    """Several models' results on one study, read like one: ``targets`` are every model's targets
+    (``<label>.<target>`` where two share a name), ``predictions`` one table (the models' columns side by
+    side), and each map comes from the model that has the target, projected with that model's own
+    inverse preprocessing. ``parts`` holds the single-model results; ``model_maps`` is empty (use
+    :meth:`model_map`)."""
+
+    def __init__(self, parts: list[ExplainResult], labels: list[str], names: list[list[str]]) -> None:
+        from .prediction import join_tables
+
+        self.parts, self.labels = parts, labels
+        self._where: dict[str, tuple[ExplainResult, str]] = {}
+        prefixes = []
+        for part, label, part_names in zip(parts, labels, names, strict=True):
+            prefixes.append(f"{label}." if any(n != t for n, t in zip(part_names, part.targets)) else "")
+            self._where.update({n: (part, t) for n, t in zip(part_names, part.targets, strict=True)})
+        timings: dict[str, float] = {}
+        for part, label in zip(parts, labels, strict=True):
+            timings.update({f"{label}: {k}": v for k, v in part.timings.items()})
+        info = {
+            "name": " + ".join(str(p.model_info.get("name", label)) for p, label in zip(parts, labels, strict=True)),
+            "models": [{"label": label, **p.model_info} for p, label in zip(parts, labels, strict=True)],
+        }
+        super().__init__(
+            volume=parts[0].volume,
+            methods=list(parts[0].methods),
+            targets=list(self._where),
+            model_maps={},
+            predictions=join_tables([p.predictions for p in parts], prefixes),
+            inputs=parts[0].inputs,
+            timings=timings,
+            device=parts[0].device,
+            model_info=info,
+        )
+
+    def _part(self, method: str, target: str) -> tuple[ExplainResult, str]:
+        if method not in self.methods:
+            raise KeyError(f"no map for method {method!r}; expected one of {', '.join(self.methods)}")
+        if target not in self._where:
+            raise KeyError(f"no map for target {target!r}; expected one of {', '.join(self.targets)}")
+        return self._where[target]
+
+    def model_map(self, method: str, target: str) -> torch.Tensor:
+        part, local = self._part(method, target)
+        return part.model_map(method, local)
+
+    def map_array(self, method: str, target: str) -> np.ndarray:
+        part, local = self._part(method, target)
+        return part.map_array(method, local)
+
+    def map_planes(self, method: str, target: str, z0: int, z1: int) -> np.ndarray:
+        part, local = self._part(method, target)
+        return part.map_planes(method, local, z0, z1)
+
+    def map_slices(self, method: str, target: str, slices: Sequence[int]) -> np.ndarray:
+        part, local = self._part(method, target)
+        return part.map_slices(method, local, slices)
 
 
 class _MethodRunner:
@@ -241,4 +413,4 @@ def _autocast(device: torch.device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-__all__ = ["ExplainResult", "explain_volume", "primary_target"]
+__all__ = ["CombinedResult", "ExplainResult", "explain_volume", "input_count", "model_labels", "primary_target"]

@@ -100,6 +100,7 @@ class PredictionTable:
     rows: list[dict[str, Any]] = field(default_factory=list)
     mode: str = "slice"
     primary: str = PRIMARY_TARGET
+    output_columns: list[str] = field(default_factory=list)  # the model outputs' columns (the rest: where from)
 
     def to_csv(self, path: str | os.PathLike | None = None) -> str:
         buffer = io.StringIO()
@@ -151,6 +152,31 @@ class PredictionTable:
         return out
 
 
+def join_tables(tables: list[PredictionTable], prefixes: list[str]) -> PredictionTable:
+    """One table from several models' tables of the same inputs: the first table's item columns, then
+    each model's output columns, each prefixed with that model's entry of ``prefixes`` (``""`` for none).
+    The tables must list the same items in the same order (same slices, or same ROIs and views)."""
+    first = tables[0]
+    keys = ("slice",) if first.mode == "slice" else ("roi", "view")
+    order = [tuple(r[k] for k in keys) for r in first.rows]
+    for table in tables[1:]:
+        if table.mode != first.mode or [tuple(r[k] for k in keys) for r in table.rows] != order:
+            raise MedvitInputError(
+                "the models' inputs do not line up (their ROI views differ); explain with one model at a time"
+            )
+    items = [c for c in first.columns if c not in first.output_columns]
+    outputs = [prefix + c for table, prefix in zip(tables, prefixes, strict=True) for c in table.output_columns]
+    rows = []
+    for i, row in enumerate(first.rows):
+        joined = {c: row[c] for c in items}
+        for table, prefix in zip(tables, prefixes, strict=True):
+            joined.update({prefix + c: table.rows[i][c] for c in table.output_columns})
+        rows.append(joined)
+    owner = next((i for i, t in enumerate(tables) if f"{t.primary}_prob" in t.columns), 0)
+    primary = prefixes[owner] + tables[owner].primary
+    return PredictionTable(items + outputs, rows, mode=first.mode, primary=primary, output_columns=outputs)
+
+
 class PredictionBuilder:
     """Collects raw outputs batch by batch (``add``) into a :class:`PredictionTable` (``finish``): one row
     per item; in ROI mode each ROI's views are followed by a ``mean`` row (the logits averaged over
@@ -160,10 +186,12 @@ class PredictionBuilder:
         self.task_spec = model.task_spec
         self.inputs = inputs
         names, kinds = list(self.task_spec.names), list(self.task_spec.score_kinds)
+        outputs = output_columns(self.task_spec)
         self.table = PredictionTable(
-            list(inputs.item_columns) + output_columns(self.task_spec),
+            list(inputs.item_columns) + outputs,
             mode=inputs.mode,
             primary=names[primary_target(names, kinds)],
+            output_columns=outputs,
         )
         self._raw: dict[int, np.ndarray] = {}
 

@@ -10,6 +10,12 @@ Two input modes (DESIGN.md, "Input modes"):
 * **roi** – nodule-centred cubes (``size_mm`` at ``spacing_mm``, trilinear) on the reoriented axes,
   HU-windowed, cut through the centre in axial / coronal / sagittal views and resized.
 
+Both modes then fill the ``in_chans`` channels by the ``channels`` recipe (:class:`ChannelRecipe`): copies
+of the one plane (the default; windowed and resized once), one HU window per channel, or the neighbouring
+planes k + offset (slice mode: canonical axial slices, only the slices a batch needs are read; ROI mode:
+planes of the cube along the view's normal). Last, the optional per-channel ``mean`` / ``std``
+normalisation: ``x_c = (x_c − mean[c]) / std[c]``. The order is window → resize → normalise.
+
 The reorientation is a permutation and flips of the voxel axes (``nibabel.orientations``, the maths
 MONAI's ``Orientation`` uses) applied as numpy *views*: nothing is resampled or copied, and writing a
 map into the reoriented view of an output array writes the source grid directly, which is the exact
@@ -88,11 +94,51 @@ class RoiConfig:
     views: tuple[str, ...] = ("axial", "coronal", "sagittal")
 
 
+CHANNEL_RECIPES = ("copies", "hu_windows", "adjacent_slices")
+
+
+@dataclass(frozen=True)
+class ChannelRecipe:
+    """What each model input channel holds: ``copies`` (the one plane in every channel), ``hu_windows``
+    (channel c = the plane through ``windows[c]``, ``[lo, hi]`` HU, scaled to ``scale_to``) or
+    ``adjacent_slices`` (channel c = the plane ``k + offsets[c]``, clamped to the volume / cube). With
+    ``hu_windows`` the top-level ``hu_window`` is not used for the inputs."""
+
+    recipe: str = "copies"
+    windows: tuple[tuple[float, float], ...] = ()
+    offsets: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.recipe not in CHANNEL_RECIPES:
+            raise ValueError(f"expected a channel recipe among {CHANNEL_RECIPES}, got {self.recipe!r}")
+        if self.recipe == "adjacent_slices" and 0 not in self.offsets:
+            raise ValueError(f"expected adjacent_slices offsets that include 0, got {self.offsets}")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | str | ChannelRecipe | None) -> ChannelRecipe:
+        if isinstance(config, ChannelRecipe):
+            return config
+        if config is None or isinstance(config, str):
+            return cls(config or "copies")
+        return cls(
+            str(config.get("recipe", "copies")),
+            tuple((float(lo), float(hi)) for lo, hi in config.get("windows") or ()),
+            tuple(int(o) for o in config.get("offsets") or ()),
+        )
+
+    def n_channels(self) -> int | None:
+        """The channels the recipe itself fixes (None for copies: any number)."""
+        return {"hu_windows": len(self.windows), "adjacent_slices": len(self.offsets)}.get(self.recipe)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """The model-input chain's settings, typed: built once from a checkpoint's ``preprocessing`` dict
     (validated and completed by :mod:`medvit_explain.model.preprocessing`) or a partial dict (the
-    defaults below fill the rest), and read by both input modes."""
+    defaults below fill the rest), and read by both input modes.
+
+    ``mean`` / ``std``: ``in_chans`` values each (a number in a dict is every channel's; one given alone
+    makes the other the identity), or both None (no normalisation)."""
 
     image_size: tuple[int, int]
     in_chans: int = 1
@@ -102,6 +148,21 @@ class Preprocessing:
     body_threshold_hu: float = -500.0
     mode: str = "slice"
     roi: RoiConfig = RoiConfig()
+    channels: ChannelRecipe = ChannelRecipe()
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        n = self.channels.n_channels()
+        if n is not None and n != self.in_chans:
+            raise ValueError(f"recipe {self.channels.recipe} gives {n} channels, expected in_chans {self.in_chans}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("expected both mean and std, or neither")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if values is not None and len(values) != self.in_chans:
+                raise ValueError(f"expected {self.in_chans} {name} values (in_chans), got {len(values)}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"expected std > 0, got {self.std}")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | Preprocessing) -> Preprocessing:
@@ -111,9 +172,11 @@ class Preprocessing:
         h, w = config["image_size"]
         lo, hi = config.get("hu_window", cls.hu_window)
         a, b = config.get("scale_to", cls.scale_to)
+        in_chans = int(config.get("in_chans") or cls.in_chans)
+        mean, std = _normalisation_settings(config, in_chans)
         return cls(
             image_size=(int(h), int(w)),
-            in_chans=int(config.get("in_chans") or cls.in_chans),
+            in_chans=in_chans,
             hu_window=(float(lo), float(hi)),
             scale_to=(float(a), float(b)),
             crop_body=bool(config.get("crop_body", cls.crop_body)),
@@ -124,7 +187,37 @@ class Preprocessing:
                 float(roi.get("spacing_mm", RoiConfig.spacing_mm)),
                 tuple(roi.get("views", RoiConfig.views)),
             ),
+            channels=ChannelRecipe.from_config(config.get("channels")),
+            mean=mean,
+            std=std,
         )
+
+    def channel_windows(self) -> tuple[HUWindow, ...]:
+        """The window of each channel (``in_chans`` of them): the recipe's windows, else ``hu_window``."""
+        a, b = self.scale_to
+        if self.channels.recipe == "hu_windows":
+            return tuple(HUWindow(lo, hi, a, b) for lo, hi in self.channels.windows)
+        return (HUWindow(*self.hu_window, a, b),) * self.in_chans
+
+
+def _normalisation_settings(
+    config: Mapping[str, Any] | Preprocessing, in_chans: int
+) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """``(mean, std)`` as ``in_chans``-tuples (numbers broadcast, a missing one the identity) or ``(None, None)``."""
+    if isinstance(config, Preprocessing):
+        return config.mean, config.std
+    mean, std = config.get("mean"), config.get("std")
+    if mean is None and std is None:
+        return None, None
+
+    def per_channel(value, identity: float) -> tuple[float, ...]:
+        if value is None:
+            return (identity,) * in_chans
+        if isinstance(value, (int, float)):
+            return (float(value),) * in_chans
+        return tuple(float(v) for v in value)
+
+    return per_channel(mean, 0.0), per_channel(std, 1.0)
 
 
 def window(preprocessing: Mapping[str, Any] | Preprocessing) -> HUWindow:
@@ -157,10 +250,68 @@ def new_source_buffer(shape: tuple[int, int, int]) -> np.ndarray:
 PROJECT_CHUNK = 32  # slices interpolated per step: bounds the float32 temporaries of a projection
 
 
-def window_mean(preprocessing: Mapping[str, Any] | Preprocessing) -> float:
-    """The model-input value of the window's centre (what a 'removed' pixel is set to)."""
+def channel_fill(preprocessing: Mapping[str, Any] | Preprocessing, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[C]: the model-input value of each channel's window centre, after ``mean`` / ``std`` (what a
+    'removed' pixel of that channel is set to). Every window is scaled onto ``scale_to``, so the centre
+    is ``(a + b) / 2`` before the normalisation; ``C`` = ``in_chans`` (1 when a dict does not say)."""
     _, _, a, b = _window_settings(preprocessing)
-    return (a + b) / 2.0
+    if isinstance(preprocessing, Preprocessing):
+        n = preprocessing.in_chans
+    else:
+        n = int(preprocessing.get("in_chans") or Preprocessing.in_chans)
+    centre = torch.full((n,), (a + b) / 2.0, dtype=torch.float64)
+    mean, std = _normalisation_settings(preprocessing, n)
+    if mean is not None:
+        centre = (centre - torch.tensor(mean, dtype=torch.float64)) / torch.tensor(std, dtype=torch.float64)
+    return centre.to(dtype)
+
+
+def window_mean(preprocessing: Mapping[str, Any] | Preprocessing) -> float:
+    """The model-input value of the window's centre (what a 'removed' pixel is set to), when it is the
+    same in every channel; raises ``ValueError`` when ``mean`` / ``std`` make it differ per channel (use
+    :func:`channel_fill`, one value per channel, then)."""
+    _, _, a, b = _window_settings(preprocessing)
+    if _normalisation_settings(preprocessing, 1) == (None, None):
+        return (a + b) / 2.0  # the unnormalised value, exactly as before
+    values = channel_fill(preprocessing, torch.float64)
+    if not bool((values == values[0]).all()):
+        raise ValueError(f"the window's centre differs per channel ({values.tolist()}); use channel_fill")
+    return float(values[0])
+
+
+def channel_images(config: Preprocessing, hu: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Model inputs [B, C, H, W] (float32) from HU planes ``hu`` [N, h, w] by ``config``'s channel recipe:
+    window → resize → per-channel ``mean`` / ``std``.
+
+    ``index`` [B, C] (``adjacent_slices``): channel c of input b is plane ``index[b, c]``; each plane is
+    windowed and resized once, however many inputs use it. Otherwise N = B and every channel comes from
+    plane b (``copies``: the plane is windowed, resized and, when ``mean`` / ``std`` are one value, normalised
+    once, then copied into the channels).
+
+    The result is contiguous, as the inputs always were: the GPU batch loop pins every batch, and that
+    path has only ever seen dense tensors (a stride-0 ``expand`` there is untested)."""
+    c = config.in_chans
+    if config.channels.recipe == "hu_windows":
+        planes = torch.stack([w(hu) for w in config.channel_windows()], 1)  # [B, C, h, w]
+        images = resize_planes(planes.flatten(0, 1), config.image_size).unflatten(0, (len(hu), c))
+        return _normalise(images, config.mean, config.std)
+    planes = resize_planes(window(config)(hu), config.image_size)  # [N, H, W]
+    if index is not None:
+        return _normalise(planes[index], config.mean, config.std)
+    if config.mean is None or (len(set(config.mean)) == 1 and len(set(config.std)) == 1):
+        # the same in every channel: normalise the plane once
+        planes = _normalise(planes[:, None], config.mean and config.mean[:1], config.std and config.std[:1])
+        return planes.expand(-1, c, -1, -1).contiguous()
+    return _normalise(planes[:, None].expand(-1, c, -1, -1), config.mean, config.std)
+
+
+def _normalise(images: torch.Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> torch.Tensor:
+    """``x_c = (x_c - mean[c]) / std[c]`` on [B, C, H, W] (nothing when ``mean`` / ``std`` are None)."""
+    if mean is None or std is None:
+        return images
+    m = torch.tensor(mean, dtype=images.dtype)[:, None, None]
+    s = torch.tensor(std, dtype=images.dtype)[:, None, None]
+    return (images - m) / s
 
 
 @dataclass
@@ -220,7 +371,6 @@ class SliceInputs(ModelInputs):
         self.box = (0, nx, 0, ny)
         if self.config.crop_body:
             self.box = body_box(canon, self.config.body_threshold_hu, aspect=self.image_size[0] / self.image_size[1])
-        self._window = window(self.config)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -245,13 +395,23 @@ class SliceInputs(ModelInputs):
         return y1 - y0, x1 - x0
 
     def images(self, slices: Sequence[int] | np.ndarray) -> torch.Tensor:
-        """Model inputs [B, C, H, W] (float32) for canonical slice indices ``slices``."""
-        x0, x1, y0, y1 = self.box
+        """Model inputs [B, C, H, W] (float32) for canonical slice indices ``slices``.
+
+        ``adjacent_slices``: channel c of slice k is slice ``clamp(k + offsets[c], 0, n_slices - 1)``; only
+        the slices the batch needs (the union of those) are read."""
         idx = np.asarray(slices, dtype=np.int64)
-        block = self.canonical[x0:x1, y0:y1][:, :, idx]  # [X', Y', B] (copy of just these slices)
-        block = torch.from_numpy(np.ascontiguousarray(block.transpose(2, 1, 0), dtype=np.float32))  # [B, Y', X']
-        images = resize_planes(self._window(block), self.image_size)  # [B, H, W]
-        return images.unsqueeze(1).expand(-1, self.in_chans, -1, -1).contiguous()
+        if self.config.channels.recipe != "adjacent_slices":
+            return channel_images(self.config, self._hu_planes(idx))
+        wanted = np.clip(idx[:, None] + np.asarray(self.config.channels.offsets), 0, self.n_slices - 1)  # [B, C]
+        needed = np.unique(wanted)
+        index = torch.from_numpy(np.searchsorted(needed, wanted))  # [B, C] -> row of ``needed``
+        return channel_images(self.config, self._hu_planes(needed), index)
+
+    def _hu_planes(self, idx: np.ndarray) -> torch.Tensor:
+        """[len(idx), Y', X'] float32 HU of canonical slices ``idx``, cropped (a copy of just these slices)."""
+        x0, x1, y0, y1 = self.box
+        block = self.canonical[x0:x1, y0:y1][:, :, idx]  # [X', Y', N]
+        return torch.from_numpy(np.ascontiguousarray(block.transpose(2, 1, 0), dtype=np.float32))
 
     @property
     def n_items(self) -> int:
@@ -370,10 +530,12 @@ def _grow(lo: int, hi: int, want: int, n: int) -> tuple[int, int]:
 VIEW_NORMAL_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}  # canonical axis each view cuts across
 
 
-def _view_plane(cube: np.ndarray, view: str) -> np.ndarray:
+def _view_plane(cube: np.ndarray, view: str, offset: int = 0) -> np.ndarray:
     """A [rows, cols] image through the centre of a canonical (L, P, S) cube, displayed the usual way:
-    axial rows anterior→posterior, cols right→left; coronal and sagittal rows superior→inferior."""
-    c = cube.shape[0] // 2
+    axial rows anterior→posterior, cols right→left; coronal and sagittal rows superior→inferior.
+    ``offset``: the plane that many samples from the centre along the view's normal (+ = towards
+    superior / posterior / left), clamped to the cube."""
+    c = min(max(cube.shape[0] // 2 + offset, 0), cube.shape[0] - 1)
     if view == "axial":
         return cube[:, :, c].T
     if view == "coronal":
@@ -419,7 +581,6 @@ class RoiInputs(ModelInputs):
         self.size_mm, self.spacing_mm = self.config.roi.size_mm, self.config.roi.spacing_mm
         self.views = list(self.config.roi.views)
         self.n = max(2, int(round(self.size_mm / self.spacing_mm)))
-        self._window = window(self.config)
         self.image_size, self.in_chans = self.config.image_size, self.config.in_chans
         # canonical index step (voxels per cube sample) along each canonical axis
         src_axis_of = np.argsort(self.ornt[:, 0])  # canonical axis -> source axis
@@ -469,17 +630,20 @@ class RoiInputs(ModelInputs):
     def images(self, items: Sequence[int] | np.ndarray | None = None) -> torch.Tensor:
         """Model inputs [len(items), C, H, W] (all R·V by default), each ROI's cube sampled once."""
         items = np.arange(self.n_inputs) if items is None else np.asarray(items, dtype=np.int64)
+        recipe = self.config.channels
+        offsets = recipe.offsets if recipe.recipe == "adjacent_slices" else (0,)  # cube planes per input
         cubes: dict[int, np.ndarray] = {}
         planes = []
         for item in items:
             r, v = divmod(int(item), len(self.views))
             if r not in cubes:
                 cubes[r] = self.cube(r)
-            planes.append(np.ascontiguousarray(_view_plane(cubes[r], self.views[v])))
+            planes += [np.ascontiguousarray(_view_plane(cubes[r], self.views[v], o)) for o in offsets]
         if not planes:
             return torch.zeros((0, self.in_chans, *self.image_size))
-        images = resize_planes(self._window(torch.from_numpy(np.stack(planes))), self.image_size)
-        return images.unsqueeze(1).expand(-1, self.in_chans, -1, -1).contiguous()
+        hu = torch.from_numpy(np.stack(planes))  # [B · len(offsets), n, n]
+        index = torch.arange(len(hu)).reshape(len(items), -1) if recipe.recipe == "adjacent_slices" else None
+        return channel_images(self.config, hu, index)
 
     def cube_maps(self, maps: torch.Tensor) -> np.ndarray:
         """[R·V, h, w] view maps (one target) → [R, n, n, n] cube maps (each view extruded along its

@@ -78,7 +78,15 @@ def batch(
 
     from ..batch import BatchSettings, run_batch
 
-    settings = BatchSettings(**dataclasses.asdict(options), roi_from_mask=roi_from_mask)
+    if len(options.model_paths) > 1:
+        raise click.BadParameter(
+            "batch runs one model per job; run one batch per model (or `explain` with several --model)",
+            param_hint="--model",
+        )
+    given = dataclasses.asdict(options)
+    paths, configs = given.pop("model_paths"), given.pop("model_configs")
+    given["model_path"], given["model_config"] = (paths or (None,))[0], (configs or (None,))[0]
+    settings = BatchSettings(**given, roi_from_mask=roi_from_mask)
     summary = run_batch(
         manifest,
         out_dir,

@@ -43,6 +43,21 @@ model_config_option = click.option(
     metavar="FILE",
     help="Config (JSON/YAML) for a bare timm state dict given with --model.",
 )
+models_option = click.option(
+    "--model",
+    "model_paths",
+    multiple=True,
+    metavar="CKPT",
+    help="Checkpoint folder or weights file (default: the shipped sample model); repeat to run several "
+    "models (e.g. a malignancy and a biomarker model) into one table and report.",
+)
+model_configs_option = click.option(
+    "--model-config",
+    "model_configs",
+    multiple=True,
+    metavar="FILE",
+    help="Config (JSON/YAML) for weights given with --model (one per --model, same order, when several).",
+)
 batch_size_option = click.option(
     "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Slices per pass."
 )
@@ -122,10 +137,32 @@ def parse_targets(targets) -> list[str] | None:
 
 
 def load_model_cli(model_path, device, model_config=None):
-    """Load the model for a command (the sample model when ``model_path`` is None)."""
+    """Load the model for a command (the sample model when ``model_path`` is None); a config that leaves
+    preprocessing settings to the defaults gets a one-line warning on stderr naming them."""
     from ..model import load_model
 
-    return load_model(model_path, device=device, config=model_config)
+    model = load_model(model_path, device=device, config=model_config)
+    defaults = list(getattr(model, "preprocessing_defaults", []) or [])
+    if defaults:
+        name = model.config.get("name", "the model")
+        click.echo(
+            f"warning: {name}: preprocessing {', '.join(defaults)} not set in its config; using the defaults "
+            "(summary.json lists every value used)",
+            err=True,
+        )
+    return model
+
+
+def load_models_cli(model_paths, device, model_configs=()):
+    """The models of ``--model`` (repeatable; none: the sample model), each with the ``--model-config`` at
+    the same position (give none, or one per ``--model``)."""
+    paths, configs = list(model_paths or [None]), list(model_configs or [])
+    if configs and len(configs) != len(paths):
+        raise click.BadParameter(
+            f"expected one --model-config per --model (in the same order), got {len(configs)} for {len(paths)}",
+            param_hint="--model-config",
+        )
+    return [load_model_cli(p, device, c) for p, c in zip(paths, configs or [None] * len(paths), strict=True)]
 
 
 def out_dir_option(help: str, default: str | None = None, required: bool = False):
@@ -151,8 +188,8 @@ no_report_option = click.option("--no-report", is_flag=True, help="Skip report.h
 class ExplainOptions:
     """What ``explain`` and ``batch`` share, as one value (``targets`` already parsed: None = all)."""
 
-    model_path: str | None
-    model_config: str | None
+    model_paths: tuple[str, ...]
+    model_configs: tuple[str, ...]
     methods: tuple[str, ...]
     targets: list[str | int] | None
     device: str
@@ -168,7 +205,7 @@ def explain_options(command):
     """The options ``explain`` and ``batch`` share, in one order, with one default and one help text each
     (model, config, methods, targets, device, batch size, precision, DICOM output, report, map storage,
     modality), handed to the command as one :class:`ExplainOptions` argument ``options``."""
-    names = ("model_path", "model_config", "methods", "targets", "device", "batch_size", "precision", "dicom")
+    names = ("model_paths", "model_configs", "methods", "targets", "device", "batch_size", "precision", "dicom")
     names += ("no_report", "map_dtype", "allow_modality")
 
     run = command
@@ -177,6 +214,7 @@ def explain_options(command):
     def with_options(*args, **kwargs):
         given = {name: kwargs.pop(name) for name in names}
         given["methods"] = tuple(given["methods"])
+        given["model_paths"], given["model_configs"] = tuple(given["model_paths"]), tuple(given["model_configs"])
         given["targets"] = parse_targets(given["targets"])
         given["report"] = not given.pop("no_report")
         return run(*args, options=ExplainOptions(**given), **kwargs)
@@ -184,8 +222,8 @@ def explain_options(command):
     command = with_options
     for option in reversed(
         [
-            model_option,
-            model_config_option,
+            models_option,
+            model_configs_option,
             method_option(),
             target_option,
             device_option,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -12,6 +13,7 @@ from .options import (
     device_option,
     explain_options,
     load_model_cli,
+    load_models_cli,
     modality_option,
     model_config_option,
     model_option,
@@ -21,17 +23,10 @@ from .options import (
 from .roi import resolve_roi, roi_centers_option, roi_mask_option
 
 
-def _n_items(model, volume, centres, mask) -> int:
-    """How many model inputs the run has (slices along the axial axis, or ROIs × views): the bar's total."""
-    from ..prediction import model_inputs
-
-    return model_inputs(model, volume, centres, mask).n_items
-
-
 def _progress_bar(total: int, desc: str, unit: str = "slice"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, file=click.get_text_stream("stderr"), leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
 
 
 @click.command()
@@ -72,12 +67,13 @@ def predict(
       medvit-explain predict sample_data/phantom_000.nii.gz --out predictions.csv
     """
     from ..io import load_volume
+    from ..pipeline import input_count
     from ..prediction import predict as run_predict
 
     model = load_model_cli(model_path, device, model_config)
     volume = load_volume(input_path, series_uid=series_uid, allow_modality=allow_modality)
     centres, mask = resolve_roi(roi_centers, roi_mask)
-    total = _n_items(model, volume, centres, mask)
+    total = input_count(model, volume, centres, mask)
     with _progress_bar(total, "predict") as bar:
         table = run_predict(
             model, volume, batch_size=batch_size, roi_centers=centres, roi_mask=mask, progress=bar.update
@@ -167,12 +163,13 @@ def explain(input_path, out_dir, series_uid, roi_centers, roi_mask, options):
     from ..io import load_volume
     from ..outputs import write_outputs
     from ..outputs.layout import volume_stem
-    from ..pipeline import explain_volume
+    from ..pipeline import check_targets, explain_volume, input_count
 
     # everything that can fail on bad input is checked before the output folder is touched
-    model = load_model_cli(options.model_path, options.device, options.model_config)
+    models = load_models_cli(options.model_paths, options.device, options.model_configs)
+    model = models[0] if len(models) == 1 else models
     volume = load_volume(input_path, series_uid=series_uid, allow_modality=options.allow_modality)
-    model.task_spec.resolve(options.targets)
+    check_targets(model, options.targets)
     centres, mask = resolve_roi(roi_centers, roi_mask)
     if options.dicom and not str(volume.metadata.get("format", "")).startswith("dicom"):
         raise MedvitInputError("--dicom needs a DICOM input (a series folder or a DICOM file)")
@@ -180,7 +177,7 @@ def explain(input_path, out_dir, series_uid, roi_centers, roi_mask, options):
     out = Path(out_dir) if out_dir else Path(str(input_path).rstrip("/")).parent / f"{stem}_explain"
     if out.exists() and not out.is_dir():
         raise MedvitInputError(f"--out {out} exists and is not a folder")
-    total = _n_items(model, volume, centres, mask)
+    total = input_count(model, volume, centres, mask)
     with _progress_bar(total, "explain") as bar:
         result = explain_volume(
             model,
@@ -212,9 +209,11 @@ def explain(input_path, out_dir, series_uid, roi_centers, roi_mask, options):
             f"(source index {summary['max_malignancy_source_index']}) p = "
             f"{summary['max_malignancy_prob']:.3f}; {where}"
         )
-    else:
-        best = summary.get("max_malignancy_roi")
+    elif "max_malignancy_roi" in summary:
         click.echo(
             f"{len(summary.get('nodules', []))} ROI(s) explained (top {result.predictions.primary}: "
-            f"ROI {best}, p = {summary.get('max_malignancy_prob', float('nan')):.3f}); {where}"
+            f"ROI {summary['max_malignancy_roi']}, p = {summary['max_malignancy_prob']:.3f}); {where}"
         )
+    else:  # no probability to rank by (a regression-only model)
+        n = len(summary.get("nodules", [])) if result.predictions.mode == "roi" else len(result.predictions.rows)
+        click.echo(f"{n} {'ROI(s)' if result.predictions.mode == 'roi' else 'slices'} explained; {where}")

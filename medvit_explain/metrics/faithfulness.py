@@ -68,7 +68,7 @@ def perturbation_curves(
     maps: Tensor,
     *,
     steps: int = 11,
-    fill: float = 0.5,
+    fill: float | Tensor = 0.5,
     batch_size: int = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
     """MoRF and LeRF curves ``[N, T, steps]`` (numpy float64).
@@ -78,7 +78,7 @@ def perturbation_curves(
         images: ``[N, C, H, W]`` model inputs.
         maps: ``[N, T, H, W]`` maps at image resolution; target ``t``'s curve removes pixels by map ``t``
             and reads score column ``t``.
-        fill: the value a removed pixel takes (model input units).
+        fill: the value a removed pixel takes (model input units): a number, or one per channel ``[C, 1, 1]``.
         batch_size: perturbed images per forward call (all steps, both orders and all targets of a few
             images go through together).
 
@@ -99,8 +99,9 @@ def perturbation_curves(
         b = len(x)
         mo, le = removal_masks(m.reshape(b * t_count, h, w), steps)  # [b·T, S, H, W]
         removed = torch.cat([mo[:, 1:-1], le[:, 1:-1]], 1).reshape(b, t_count * 2 * inner, 1, h, w)
-        perturbed = torch.where(removed, torch.as_tensor(fill, dtype=x.dtype, device=x.device), x[:, None])
-        ends = torch.stack([x, torch.full_like(x, fill)], 1)  # [b, 2, C, H, W]
+        value = torch.as_tensor(fill, dtype=x.dtype, device=x.device)
+        perturbed = torch.where(removed, value, x[:, None])
+        ends = torch.stack([x, value.expand_as(x)], 1)  # [b, 2, C, H, W]
         batch = torch.cat([ends, perturbed], 1).flatten(0, 1)  # [b · rows, C, H, W]
         scores = torch.cat([forward(batch[i : i + batch_size]) for i in range(0, len(batch), batch_size)])
         scores = scores.reshape(b, rows_per_image, t_count).double().cpu().numpy()

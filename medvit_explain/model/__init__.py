@@ -1,5 +1,6 @@
 """Model side of medvit-explain: task spec, timm ViT + task head, checkpoints, devices."""
 
+from medvit_explain.model.adapters import wrap_model
 from medvit_explain.model.checkpoint import (
     SAMPLE_MODEL_DIR,
     checkpoint_config,
@@ -9,6 +10,7 @@ from medvit_explain.model.checkpoint import (
     save_checkpoint,
 )
 from medvit_explain.model.device import resolve_device
+from medvit_explain.model.keymaps import monai_vit_keys, torchvision_vit_keys
 from medvit_explain.model.network import FORMAT, MedViT, build_backbone, build_model
 from medvit_explain.model.preprocessing import (
     DEFAULT_PREPROCESSING,
@@ -31,8 +33,11 @@ __all__ = [
     "load_config",
     "load_model",
     "load_task_spec",
+    "monai_vit_keys",
+    "torchvision_vit_keys",
     "read_state_dict",
     "resolve_device",
     "save_checkpoint",
     "validate_preprocessing",
+    "wrap_model",
 ]

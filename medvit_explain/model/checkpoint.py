@@ -14,7 +14,7 @@ above)::
 
     checkpoint: {strip_prefix: "model.",                      # or a list of prefixes, tried in turn
                  rename: {"mlp_head.0.": "head.", "vit.": "backbone."},   # ordered prefix renames
-                 source: torchvision}                         # or timm-filter (DINOv2 and other timm sources)
+                 source: torchvision}                         # or monai, or timm-filter (DINOv2, other timm sources)
 
 A checkpoint written by :func:`save_checkpoint` has our names, so it is saved without these rules.
 
@@ -42,6 +42,7 @@ import yaml
 
 from medvit_explain.errors import CheckpointError
 from medvit_explain.model.device import resolve_device
+from medvit_explain.model.keymaps import monai_key_name, monai_vit_keys, torchvision_vit_keys
 from medvit_explain.model.network import FORMAT, MedViT, build_model
 from medvit_explain.vocabulary import jsonable
 
@@ -205,8 +206,11 @@ def key_map(path: str | Path, config: str | Path | Mapping[str, Any]) -> list[st
     original = read_state_dict(weights)
     ruled = apply_key_rules(original, cfg)
     final = convert_source(ruled, cfg, build_model(cfg, base_dir=base_dir))
-    if (cfg.get("checkpoint") or {}).get("source") == "torchvision":
+    source = (cfg.get("checkpoint") or {}).get("source")
+    if source == "torchvision":
         named = list(_to_medvit_keys(torchvision_vit_keys(ruled)))
+    elif source == "monai":  # qkv parts merged, some keys dropped or made: name what maps one to one
+        named = [monai_key_name(k) for k in ruled]
     else:
         named = list(_to_medvit_keys(ruled))
     lines: list[str] = []
@@ -226,12 +230,16 @@ def _key_pattern(key: str) -> str:
 
 def convert_source(state: dict[str, torch.Tensor], config: Mapping[str, Any], model: MedViT) -> dict[str, torch.Tensor]:
     """``state`` (after the key rules) under our names, from the config's ``checkpoint.source``:
-    ``timm`` (as it is), ``torchvision`` (:func:`torchvision_vit_keys`) or ``timm-filter`` (timm's own
+    ``timm`` (as it is), ``torchvision`` (:func:`torchvision_vit_keys`), ``monai`` (MONAI's ``ViT``:
+    :func:`medvit_explain.model.adapters.monai_vit_keys`) or ``timm-filter`` (timm's own
     ``checkpoint_filter_fn`` for the backbone's architecture: DINOv2 / OpenCLIP / I-JEPA names, register
     tokens, position embeddings and patch embeddings resampled to the configured image and patch size)."""
     source = (config.get("checkpoint") or {}).get("source", "timm")
     if source == "torchvision":
         state = torchvision_vit_keys(state)
+    elif source == "monai":
+        heads = int(model.backbone.blocks[0].attn.num_heads)
+        state = monai_vit_keys(state, heads, model.patch_size, model.input_size[0], proj_type=None)
     elif source == "timm-filter":
         from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -241,41 +249,7 @@ def convert_source(state: dict[str, torch.Tensor], config: Mapping[str, Any], mo
     return _to_medvit_keys(state)
 
 
-_TORCHVISION_VIT = [  # torchvision.models.VisionTransformer → timm VisionTransformer (+ our head)
-    (r"^class_token$", "cls_token"),
-    (r"^conv_proj\.", "patch_embed.proj."),
-    (r"^encoder\.pos_embedding$", "pos_embed"),
-    (r"^encoder\.layers\.encoder_layer_(\d+)\.ln_1\.", r"blocks.\1.norm1."),
-    (r"^encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_(weight|bias)$", r"blocks.\1.attn.qkv.\2"),
-    (r"^encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.", r"blocks.\1.attn.proj."),
-    (r"^encoder\.layers\.encoder_layer_(\d+)\.ln_2\.", r"blocks.\1.norm2."),
-    (r"^encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:0|linear_1)\.", r"blocks.\1.mlp.fc1."),
-    (r"^encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:3|linear_2)\.", r"blocks.\1.mlp.fc2."),
-    (r"^encoder\.ln\.", "norm."),
-    (r"^heads\.head\.", "head."),
-]
-
-
-def torchvision_vit_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A torchvision ``VisionTransformer`` state dict under timm's names (the same maths: q, k, v stacked in
-    ``in_proj`` in timm's qkv order, LayerNorm and GELU as timm's ViT). A key it does not know (e.g. the
-    ``heads.pre_logits`` layer of a representation-size model) is an error naming it."""
-    out = {}
-    for key, value in state.items():
-        for pattern, replacement in _TORCHVISION_VIT:
-            new, n = re.subn(pattern, replacement, key)
-            if n:
-                out[new] = value
-                break
-        else:
-            raise CheckpointError(
-                f"checkpoint key {key!r} is not part of a torchvision VisionTransformer this tool maps "
-                "(class token, conv_proj, encoder, heads.head); use source: timm with strip_prefix/rename"
-            )
-    return out
-
-
-SOURCES = ("timm", "torchvision", "timm-filter")
+SOURCES = ("timm", "torchvision", "timm-filter", "monai")
 
 
 def _prefix_hint(state: Mapping[str, torch.Tensor]) -> str:

@@ -14,7 +14,7 @@ from torch import nn
 
 from medvit_explain.errors import CheckpointError, ModelNotSupportedError
 from medvit_explain.model.heads import build_head, head_config
-from medvit_explain.model.preprocessing import validate_preprocessing
+from medvit_explain.model.preprocessing import defaults_used, validate_preprocessing
 from medvit_explain.model.task import TaskSpec, load_task_spec
 from medvit_explain.vocabulary import jsonable
 
@@ -54,7 +54,8 @@ class MedViT(nn.Module):
     * ``predict_values(x)`` turns outputs into probabilities (binary) and LIDC-scale values (regression).
 
     Attributes: ``backbone``, ``head``, ``task_spec``, ``targets`` (names in output order),
-    ``preprocessing`` (validated dict, see :mod:`medvit_explain.model.preprocessing`) and ``config``
+    ``preprocessing`` (validated dict, see :mod:`medvit_explain.model.preprocessing`; every value used),
+    ``preprocessing_defaults`` (the settings the given preprocessing left to the defaults) and ``config``
     (the whole checkpoint config: format, name, architecture, task_spec, preprocessing, provenance).
     """
 
@@ -78,6 +79,7 @@ class MedViT(nn.Module):
         scores = task_spec.scores if task_spec.output_width != len(task_spec) else None
         self.head = build_head(config.get("head"), width, task_spec.output_width, scores)
         self.preprocessing = validate_preprocessing(preprocessing, self.input_size)
+        self.preprocessing_defaults: list[str] = defaults_used(preprocessing)  # what the config left out
         config.update(
             head=head_config(config.get("head")),
             format=FORMAT,

@@ -137,7 +137,7 @@ def lazy_overlay_layer_data(result, method: str, target: str, name: str | None =
         planes = dask.delayed(_planes_zyx)(result, method, target, z0, z1)
         blocks.append(da.from_delayed(planes, shape=(z1 - z0, shape[1], shape[0]), dtype=np.float32))
     data = da.concatenate(blocks, axis=0)
-    window = result.model_maps[method][:, result.targets.index(target)].float().cpu().numpy()
+    window = result.model_map(method, target).float().cpu().numpy()
     return overlay_layer_data(
         result.volume, method, target, name=name, blending=blending, data=data, window_values=window
     )

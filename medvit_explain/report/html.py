@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+import json
 import os
 import platform
 from collections.abc import Iterable, Sequence
@@ -274,6 +275,39 @@ def _versions() -> dict[str, str]:
     return out
 
 
+_CARD_KEYS = ("label", "name", "checkpoint", "sha256", "targets", "preprocessing", "preprocessing_defaults")
+
+
+def _model_card(info: dict[str, Any]) -> str:
+    return _kv(
+        [
+            ("name", info.get("name", "?")),
+            ("checkpoint", info.get("checkpoint", "(not loaded from a file)")),
+            ("sha256", info.get("sha256", "n/a")),
+            ("targets", ", ".join(info.get("targets", []))),
+            *[(k, v) for k, v in info.items() if k not in _CARD_KEYS],
+        ]
+    )
+
+
+def _preprocessing_section(info: dict[str, Any]) -> str:
+    """The preprocessing a model ran with, every value, the defaults marked (what its config left out)."""
+    pre = info.get("preprocessing")
+    if not pre:
+        return ""
+    defaults = set(info.get("preprocessing_defaults") or [])
+    rows = []
+    for key, value in pre.items():
+        items = value.items() if key == "roi" and isinstance(value, dict) else [(None, value)]
+        for sub, v in items:
+            name = key if sub is None else f"{key}.{sub}"
+            rows.append([name, json.dumps(v), "default" if name in defaults or key in defaults else "config"])
+    label = f"<h3>{_e(info['label'])}</h3>" if "label" in info else ""
+    left = _e(", ".join(sorted(defaults)))
+    note = f'<p class="note">The config left these to the defaults: {left}.</p>' if defaults else ""
+    return label + note + _table(["setting", "value", "from"], rows, left=3)
+
+
 def render_report(result, *, top: int = 3, overlay: bool = True, task_spec=None, title: str | None = None) -> str:
     """The report of ``result`` (an :class:`~medvit_explain.pipeline.ExplainResult`) as an HTML string."""
     meta = result.volume.metadata
@@ -283,14 +317,11 @@ def render_report(result, *, top: int = 3, overlay: bool = True, task_spec=None,
     scales = _scales(result, task_spec)
     entries = top_entries(result, top)
 
-    model_card = _kv(
-        [
-            ("name", info.get("name", "?")),
-            ("checkpoint", info.get("checkpoint", "(not loaded from a file)")),
-            ("sha256", info.get("sha256", "n/a")),
-            *[(k, v) for k, v in info.items() if k not in ("name", "checkpoint", "sha256")],
-        ]
-    )
+    models = info.get("models") or [info]
+    model_cards = [
+        f'<div class="card"><h4>Model{" " + _e(m["label"]) if "label" in m else ""}</h4>{_model_card(m)}</div>'
+        for m in models
+    ]
     input_card = _kv(
         [
             ("path", input_path),
@@ -320,7 +351,7 @@ def render_report(result, *, top: int = 3, overlay: bool = True, task_spec=None,
         f"<h1>{_e(title)}</h1>",
         f'<div class="sub">generated {_e(generated)} &middot; medvit-explain explanation report</div>',
         '<div class="cards">',
-        f'<div class="card"><h4>Model</h4>{model_card}</div>',
+        *model_cards,
         f'<div class="card"><h4>Input</h4>{input_card}</div>',
         f'<div class="card"><h4>Run</h4>{run_card}</div>',
         "</div>",
@@ -332,6 +363,8 @@ def render_report(result, *, top: int = 3, overlay: bool = True, task_spec=None,
         "<h2>Predicted values</h2>",
         _biomarker_section(result, entries, scales),
         _all_rows_section(result, scales),
+        "<h2>Preprocessing</h2>",
+        *[_preprocessing_section(m) for m in models],
         "<h2>Timings (s)</h2>",
         _table(["stage", "seconds", "share"], timing_rows, left=1),
         "<h2>Device and versions</h2>",

@@ -322,7 +322,7 @@ class _Run:
     batch_size: int
     seed: int
     threshold: float
-    fill: float
+    fill: float | torch.Tensor  # a removed pixel's value: one number, or one per channel [C, 1, 1]
     steps: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -490,10 +490,12 @@ def evaluate_explanations(
     Raises:
         ``InputNotFoundError`` / ``MedvitInputError`` (data), ``MethodError``, ``TargetError``.
     """
-    from ..transforms import window_mean
+    from ..transforms import channel_fill
 
-    if fill is None:  # the window's mean intensity in model-input units
-        fill = window_mean(model.preprocessing)
+    if fill is None:  # each channel's window centre in model-input units; [C, 1, 1] when the channels differ
+        values = channel_fill(model.preprocessing, torch.float64)
+        same = bool((values == values[0]).all())
+        fill = float(values[0]) if same else values.float()[:, None, None]
     methods, classes, target_idx = _check(model, data, methods, targets, randomize_blocks)
     studies = find_studies(data)
     model.eval()
@@ -518,7 +520,7 @@ def evaluate_explanations(
         "min_area_mm2": min_area_mm2,
         "max_slices": max_slices,
         "threshold": threshold,
-        "fill": fill,
+        "fill": fill.flatten().tolist() if torch.is_tensor(fill) else fill,
         "steps": steps,
         "randomize_blocks": int(min(randomize_blocks, len(model.backbone.blocks))),
         "randomization_flag_above": RANDOMIZATION_FLAG,
