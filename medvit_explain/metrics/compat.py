@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
@@ -18,12 +19,35 @@ import torch
 
 __all__ = ["explain_func"]
 
+# module → (its parameters' versions, its wrapped copy): Quantus calls explain_func once per batch with
+# the same module; a parameter changed in place (e.g. a randomisation test) bumps its version
+_WRAPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _explainable(model):
+    """``model`` itself if it follows the explainers' contract (``.backbone``, ``.head``, ``.targets``);
+    else a timm / torchvision / MONAI ViT wrapped by :func:`medvit_explain.wrap_model`, re-wrapped
+    whenever one of its parameters has changed since."""
+    if hasattr(model, "backbone") and hasattr(model, "head") and hasattr(model, "targets"):
+        return model
+    from ..model import wrap_model
+
+    versions = tuple(p._version for p in model.parameters())
+    cached = _WRAPPED.get(model)
+    if cached is None or cached[0] != versions:
+        device = next(model.parameters()).device
+        cached = (versions, wrap_model(model).to(device))
+        _WRAPPED[model] = cached
+    return cached[1]
+
 
 def explain_func(model, inputs, targets, method: str = "cdam", **options: Any) -> np.ndarray:
     """Maps at input resolution ``[B, 1, H, W]`` (float32 numpy) for ``inputs`` ``[B, C, H, W]``.
 
     Args:
-        model: a medvit-explain model (or any timm-ViT model the explainers accept).
+        model: a medvit-explain model, or a timm ``VisionTransformer`` with its head, a torchvision
+            ``VisionTransformer`` or MONAI's ``ViT`` (wrapped with :func:`medvit_explain.wrap_model`;
+            output ``k`` is target ``k``).
         inputs: images (numpy or torch), moved to the model's device.
         targets: per image, the output index (or name) to explain: an int / name for all images, or a
             sequence of ``B`` of them (Quantus passes ``y_batch``).
@@ -36,6 +60,7 @@ def explain_func(model, inputs, targets, method: str = "cdam", **options: Any) -
     from ..explainers import COMMON_OPTIONS, explain, upsample
     from ..registry import explainer_class
 
+    model = _explainable(model)
     accepted = set(explainer_class(method).defaults) | set(COMMON_OPTIONS)
     options = {k: v for k, v in options.items() if k in accepted}
     device = next(model.parameters()).device

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import math
 import os
 import pickle
 import re
@@ -292,8 +293,43 @@ def _check_match(state: Mapping[str, torch.Tensor], model: MedViT, where: str) -
         parts.append(f"unexpected keys {_list(unexpected)}")
     name = model.config.get("architecture", {}).get("timm_name")
     raise CheckpointError(
-        f"weights {where} do not match the config ({name}, {model.num_targets} targets): " + "; ".join(parts)
+        f"weights {where} do not match the config ({name}, {model.num_targets} targets): "
+        + "; ".join(parts)
+        + _shape_hint(state, model)
     )
+
+
+def _shape_hint(state: Mapping[str, torch.Tensor], model: MedViT) -> str:
+    """What to put in the config when the checkpoint's geometry differs from the config's: the input
+    channels and patch size read from the patch embedding, the image size from the position embedding,
+    the head outputs from the last head layer."""
+    hints = []
+    proj = state.get("backbone.patch_embed.proj.weight")
+    if (
+        proj is not None
+        and proj.ndim == 4
+        and tuple(proj.shape[1:]) != tuple(model.backbone.patch_embed.proj.weight.shape[1:])
+    ):
+        c, ph, pw = (int(v) for v in proj.shape[1:])
+        hints.append(
+            f"architecture.kwargs in_chans: {c} and patch_size: {ph if ph == pw else [ph, pw]} (the patch embedding's)"
+        )
+        ph_, pw_ = ph, pw
+    else:
+        ph_, pw_ = model.patch_size
+    pos = state.get("backbone.pos_embed")
+    if pos is not None and pos.ndim == 3 and pos.shape != model.backbone.pos_embed.shape:
+        n = int(pos.shape[1])
+        prefix = 0 if getattr(model.backbone, "no_embed_class", False) else model.num_prefix_tokens
+        side = math.isqrt(max(n - prefix, 0))
+        if side * side == n - prefix and side > 0:
+            hints.append(
+                f"architecture.kwargs img_size: [{side * ph_}, {side * pw_}] (pos_embed holds {n} tokens: "
+                f"{prefix} prefix + {side}×{side} patches), or checkpoint: {{source: timm-filter}} to resample it"
+            )
+    if hints:
+        return "; set " + " and ".join(hints)
+    return ""
 
 
 def load_model(

@@ -301,7 +301,8 @@ def _preprocessing_section(info: dict[str, Any]) -> str:
         items = value.items() if key == "roi" and isinstance(value, dict) else [(None, value)]
         for sub, v in items:
             name = key if sub is None else f"{key}.{sub}"
-            rows.append([name, json.dumps(v), "default" if name in defaults or key in defaults else "config"])
+            source = "model" if key in ("image_size", "in_chans") else "config"  # must equal the backbone's
+            rows.append([name, json.dumps(v), "default" if name in defaults or key in defaults else source])
     label = f"<h3>{_e(info['label'])}</h3>" if "label" in info else ""
     left = _e(", ".join(sorted(defaults)))
     note = f'<p class="note">The config left these to the defaults: {left}.</p>' if defaults else ""
