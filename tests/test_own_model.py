@@ -129,3 +129,27 @@ def test_defaults_are_reported_in_the_warning_summary_and_report(tmp_path, timm_
     # the shipped sample model's config is complete: no warning
     sample = CliRunner().invoke(cli, ["explain", str(ct), "--method", "cdam", "--out", str(tmp_path / "s")])
     assert sample.exit_code == 0 and "warning:" not in sample.output
+
+
+def test_a_biomarker_only_model_says_what_it_explained(tmp_path):
+    """No binary target: the summary line counts the ROIs (no 'ROI None, p = nan'); the inputs of an ROI
+    run are there to explain further (``result.inputs.images``)."""
+    from medvit_explain.model import save_checkpoint
+
+    from .models import tiny_config
+
+    cfg = tiny_config(mode="roi")
+    cfg["task_spec"] = {"targets": [{"name": "subtlety", "kind": "regression", "scale": [1, 5]}]}
+    save_checkpoint(build_model(cfg), tmp_path / "biomarker")
+    volume = body_volume(np.eye(3), (1.0, 1.0, 2.0), shape=(30, 30, 12))
+    ct = write_volume(volume, tmp_path / "ct.nii.gz")
+    (tmp_path / "centres.csv").write_text("x,y,z\n-20,25,18\n-15,30,20\n")
+    args = ["explain", ct, "--model", tmp_path / "biomarker", "--roi-centers", tmp_path / "centres.csv"]
+    done = CliRunner().invoke(cli, [str(a) for a in [*args, "--method", "cdam", "--out", tmp_path / "out"]])
+    assert done.exit_code == 0, done.output
+    assert "2 ROI(s) explained (no binary target to rank by); " in done.output and "nan" not in done.output
+    from medvit_explain.model import load_model as load
+    from medvit_explain.pipeline import explain_volume
+
+    result = explain_volume(load(tmp_path / "biomarker", device="cpu"), volume, ["cdam"], roi_centers=[[-20, 25, 18]])
+    assert result.inputs.images([0, 2]).shape == (2, 1, 32, 32)

@@ -23,6 +23,13 @@ from .options import (
 from .roi import resolve_roi, roi_centers_option, roi_mask_option
 
 
+def _explained(table) -> str:
+    """``"40 slices"`` / ``"3 ROI(s)"``: what a run went over."""
+    if table.mode == "roi":
+        return f"{sum(1 for row in table.rows if row.get('view') == 'mean')} ROI(s)"
+    return f"{len(table.rows)} slices"
+
+
 def _progress_bar(total: int, desc: str, unit: str = "slice"):
     from tqdm.auto import tqdm
 
@@ -90,11 +97,13 @@ def predict(
             f"(source index {summary['max_malignancy_source_index']}), "
             f"p = {summary['max_malignancy_prob']:.3f}"
         )
-    else:
-        for row in summary.get("nodules", []):
+    elif summary.get("nodules"):
+        for row in summary["nodules"]:
             click.echo(
                 f"ROI {row['roi']} (label {row['label']}): {table.primary} p = {row[f'{table.primary}_prob']:.3f}"
             )
+    else:  # no probability to rank by (a regression-only model)
+        click.echo(f"{_explained(table)} scored (no binary target to rank by)")
     if out_csv:
         click.echo(f"wrote {out_csv}")
 
@@ -215,5 +224,4 @@ def explain(input_path, out_dir, series_uid, roi_centers, roi_mask, options):
             f"ROI {summary['max_malignancy_roi']}, p = {summary['max_malignancy_prob']:.3f}); {where}"
         )
     else:  # no probability to rank by (a regression-only model)
-        n = len(summary.get("nodules", [])) if result.predictions.mode == "roi" else len(result.predictions.rows)
-        click.echo(f"{n} {'ROI(s)' if result.predictions.mode == 'roi' else 'slices'} explained; {where}")
+        click.echo(f"{_explained(result.predictions)} explained (no binary target to rank by); {where}")
