@@ -34,6 +34,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from medvit_explain.errors import CheckpointError, ModelNotSupportedError
+from medvit_explain.model.checkpoint import state_mismatch
 from medvit_explain.model.keymaps import monai_vit_keys, pair, torchvision_vit_keys
 from medvit_explain.model.network import MedViT, build_backbone
 from medvit_explain.model.task import TaskSpec, load_task_spec
@@ -611,17 +612,8 @@ def _load(model: MedViT, state: Mapping[str, Tensor], arch: Mapping[str, Any]) -
     """Copy ``state`` (timm names, head as ``head.*``) into ``model``; every key and shape must match."""
     head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
     body = {k: v for k, v in state.items() if not k.startswith("head.")}
-    expected = model.backbone.state_dict()
-    missing = [k for k in expected if k not in body]
-    unexpected = [k for k in body if k not in expected]
-    shapes = [
-        f"{k} {list(body[k].shape)} vs {list(v.shape)}"
-        for k, v in expected.items()
-        if k in body and body[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        found = (("shape mismatch", shapes), ("missing", missing), ("unexpected", unexpected))
-        parts = [f"{label} {items[:4]}" for label, items in found if items]
+    parts = state_mismatch(body, model.backbone.state_dict())
+    if parts:
         raise ModelNotSupportedError(
             f"the module's weights do not fit the described backbone ({arch['timm_name']}, "
             f"{dict(arch['kwargs'])}): " + "; ".join(parts)

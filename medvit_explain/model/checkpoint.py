@@ -273,8 +273,9 @@ def _list(keys: list[str], limit: int = 4) -> str:
     return shown + (f", … (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _check_match(state: Mapping[str, torch.Tensor], model: MedViT, where: str) -> None:
-    expected = model.state_dict()
+def state_mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
+    """How ``state`` differs from the state dict a model expects (shapes, missing keys, unexpected keys),
+    one phrase each; empty when it fits."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [
@@ -282,15 +283,18 @@ def _check_match(state: Mapping[str, torch.Tensor], model: MedViT, where: str) -
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
     ]
-    if not (missing or unexpected or shapes):
+    found = (
+        ("shape mismatch", _list(shapes, 3)),
+        ("missing keys", _list(missing)),
+        ("unexpected keys", _list(unexpected)),
+    )
+    return [f"{label} {items}" for label, items in found if items]
+
+
+def _check_match(state: Mapping[str, torch.Tensor], model: MedViT, where: str) -> None:
+    parts = state_mismatch(state, model.state_dict())
+    if not parts:
         return
-    parts = []
-    if shapes:
-        parts.append(f"shape mismatch {_list(shapes, 3)}")
-    if missing:
-        parts.append(f"missing keys {_list(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys {_list(unexpected)}")
     name = model.config.get("architecture", {}).get("timm_name")
     raise CheckpointError(
         f"weights {where} do not match the config ({name}, {model.num_targets} targets): "

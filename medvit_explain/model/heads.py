@@ -42,7 +42,17 @@ _EXAMPLE = "e.g. head: {layers: [{linear: 256}, relu, linear]}"
 Scores = Callable[[torch.Tensor], torch.Tensor]
 
 
-class LinearHead(nn.Linear):
+class _Scored:
+    """A head's ``forward``: its raw outputs (``raw``, ``[B, output_width]``), then the task's scores."""
+
+    scores: Scores | None
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        out = self.raw(pooled)
+        return out if self.scores is None else self.scores(out)
+
+
+class LinearHead(_Scored, nn.Linear):
     """One ``Linear`` followed by the task's scores (keys ``weight``, ``bias``)."""
 
     def __init__(self, width: int, outputs: int, scores: Scores | None = None) -> None:
@@ -51,14 +61,10 @@ class LinearHead(nn.Linear):
 
     def raw(self, pooled: torch.Tensor) -> torch.Tensor:
         """The head's outputs before the task's scores, ``[B, output_width]``."""
-        return super().forward(pooled)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        out = self.raw(pooled)
-        return out if self.scores is None else self.scores(out)
+        return nn.Linear.forward(self, pooled)
 
 
-class SequentialHead(nn.Sequential):
+class SequentialHead(_Scored, nn.Sequential):
     """Layers in order (keys ``<index>.*``) followed by the task's scores."""
 
     def __init__(self, layers: Sequence[nn.Module], scores: Scores | None = None) -> None:
@@ -66,14 +72,10 @@ class SequentialHead(nn.Sequential):
         self.scores = scores
 
     def raw(self, pooled: torch.Tensor) -> torch.Tensor:
-        return super().forward(pooled)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        out = self.raw(pooled)
-        return out if self.scores is None else self.scores(out)
+        return nn.Sequential.forward(self, pooled)
 
 
-class ConcatHead(nn.ModuleList):
+class ConcatHead(_Scored, nn.ModuleList):
     """Several heads on the same pooled features, outputs concatenated in order (keys ``<part>.*``),
     followed by the task's scores."""
 
@@ -83,10 +85,6 @@ class ConcatHead(nn.ModuleList):
 
     def raw(self, pooled: torch.Tensor) -> torch.Tensor:
         return torch.cat([part(pooled) for part in self], dim=-1)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        out = self.raw(pooled)
-        return out if self.scores is None else self.scores(out)
 
 
 def head_config(spec: Any) -> dict[str, Any]:
