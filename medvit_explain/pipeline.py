@@ -167,7 +167,7 @@ def explain_volume(
     keep = [i for i, pick in enumerate(picks) if pick or not several]  # a model none of whose targets is asked: skipped
     models, labels, picks = [models[i] for i in keep], [labels[i] for i in keep], [picks[i] for i in keep]
     names = [[named[i][k] for k in picks[j]] for j, i in enumerate(keep)]
-    runners = [_MethodRunner(m, methods, pick, precision, method_options) for m, pick in zip(models, picks)]
+    runners = [MethodRunner(m, methods, pick, precision, method_options) for m, pick in zip(models, picks)]
     results: list[ExplainResult | None] = [None] * len(models)
     for group, inputs in input_groups(models, volume, roi_centers, roi_mask):
         builders = {i: PredictionBuilder(models[i], inputs) for i in group}
@@ -350,7 +350,7 @@ class CombinedResult(ExplainResult):
         return part.map_slices(method, local, slices)
 
 
-class _MethodRunner:
+class MethodRunner:
     """One batch through the model (the scores) and every method (the maps), timed per stage.
 
     Registered methods run together through ``explain_many`` (which shares a forward pass where a method
@@ -413,4 +413,12 @@ def _autocast(device: torch.device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-__all__ = ["CombinedResult", "ExplainResult", "explain_volume", "input_count", "model_labels", "primary_target"]
+__all__ = [
+    "CombinedResult",
+    "ExplainResult",
+    "MethodRunner",
+    "explain_volume",
+    "input_count",
+    "model_labels",
+    "primary_target",
+]

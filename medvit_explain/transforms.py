@@ -52,10 +52,14 @@ CANONICAL_AXCODES = ("L", "P", "S")  # LPS axis codes: the ITK/DICOM patient fra
 
 def orientation_of(volume: Volume) -> np.ndarray:
     """nibabel ``ornt`` ([3, 2]: source axis, flip) taking the volume's axes to LPS codes."""
-    # io_orientation works in RAS; the volume's RAS affine gives the axis codes in RAS terms.
-    current = nio.io_orientation(volume.affine_ras)
-    target = nio.axcodes2ornt(CANONICAL_AXCODES)
-    return nio.ornt_transform(current, target)
+    return ornt_from_affine_ras(volume.affine_ras)
+
+
+def ornt_from_affine_ras(affine_ras: np.ndarray) -> np.ndarray:
+    """nibabel ``ornt`` taking the axes of an image with this RAS affine (4 × 4) to LPS codes."""
+    # io_orientation works in RAS; the RAS affine gives the axis codes in RAS terms.
+    current = nio.io_orientation(np.asarray(affine_ras, dtype=np.float64))
+    return nio.ornt_transform(current, nio.axcodes2ornt(CANONICAL_AXCODES))
 
 
 def reoriented_view(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
@@ -281,28 +285,39 @@ def window_mean(preprocessing: Mapping[str, Any] | Preprocessing) -> float:
 
 def channel_images(config: Preprocessing, hu: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
     """Model inputs [B, C, H, W] (float32) from HU planes ``hu`` [N, h, w] by ``config``'s channel recipe:
-    window → resize → per-channel ``mean`` / ``std``.
+    :func:`window_channels` → :func:`resize_planes` → :func:`pick_channels` → :func:`normalise_channels`
+    (the same four steps :mod:`medvit_explain.monai_transforms` runs as MONAI transforms).
 
     ``index`` [B, C] (``adjacent_slices``): channel c of input b is plane ``index[b, c]``; each plane is
-    windowed and resized once, however many inputs use it. Otherwise N = B and every channel comes from
-    plane b (``copies``: the plane is windowed, resized and, when ``mean`` / ``std`` are one value, normalised
-    once, then copied into the channels).
+    windowed and resized once, however many inputs use it. Otherwise N = B."""
+    planes = window_channels(config, hu)  # [N, C0, h, w]
+    n, c0 = planes.shape[:2]
+    planes = resize_planes(planes.flatten(0, 1), config.image_size).unflatten(0, (n, c0))
+    if config.channels.recipe != "hu_windows":
+        planes = pick_channels(config, planes[:, 0], index)
+    return normalise_channels(config, planes)
 
-    The result is contiguous, as the inputs always were: the GPU batch loop pins every batch, and that
-    path has only ever seen dense tensors (a stride-0 ``expand`` there is untested)."""
-    c = config.in_chans
+
+def window_channels(config: Preprocessing, hu: torch.Tensor) -> torch.Tensor:
+    """HU planes [N, h, w] → windowed [N, C0, h, w]: one window per channel for ``hu_windows`` (C0 =
+    ``in_chans``), else the one ``hu_window`` (C0 = 1); each scaled onto ``scale_to``."""
     if config.channels.recipe == "hu_windows":
-        planes = torch.stack([w(hu) for w in config.channel_windows()], 1)  # [B, C, h, w]
-        images = resize_planes(planes.flatten(0, 1), config.image_size).unflatten(0, (len(hu), c))
-        return _normalise(images, config.mean, config.std)
-    planes = resize_planes(window(config)(hu), config.image_size)  # [N, H, W]
+        return torch.stack([w(hu) for w in config.channel_windows()], 1)
+    return window(config)(hu)[:, None]
+
+
+def pick_channels(config: Preprocessing, planes: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Windowed, resized planes [N, H, W] → [B, C, H, W]: channel c of input b is plane ``index[b, c]``
+    (``adjacent_slices``), or every channel the plane itself (``copies``; N = B). Contiguous: the GPU
+    batch loop pins every batch, and that path has only seen dense tensors."""
     if index is not None:
-        return _normalise(planes[index], config.mean, config.std)
-    if config.mean is None or (len(set(config.mean)) == 1 and len(set(config.std)) == 1):
-        # the same in every channel: normalise the plane once
-        planes = _normalise(planes[:, None], config.mean and config.mean[:1], config.std and config.std[:1])
-        return planes.expand(-1, c, -1, -1).contiguous()
-    return _normalise(planes[:, None].expand(-1, c, -1, -1), config.mean, config.std)
+        return planes[index]
+    return planes[:, None].expand(-1, config.in_chans, -1, -1).contiguous()
+
+
+def normalise_channels(config: Preprocessing, images: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] → ``(x_c − mean[c]) / std[c]`` (unchanged when the preprocessing has no mean / std)."""
+    return _normalise(images, config.mean, config.std)
 
 
 def _normalise(images: torch.Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> torch.Tensor:
