@@ -110,12 +110,19 @@ class CTReader(ImageReader):
 
 
 class LoadCTd(LoadImaged):
-    """``LoadImaged`` with :class:`CTReader`, channel first: ``{key: path}`` → ``{key: MetaTensor [1, X, Y, Z]}``."""
+    """``LoadImaged`` with :class:`CTReader`, channel first: ``{key: path}`` → ``{key: MetaTensor [1, X, Y, Z]}``.
+
+    Only :class:`CTReader` reads (MONAI would otherwise try its other readers when one fails, and read
+    an MR series the CT reader refused); its error is what a failed load raises."""
 
     def __init__(self, keys, series_uid: str | None = None, allow_modality: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("image_only", True)
         kwargs.setdefault("ensure_channel_first", True)
-        super().__init__(keys, reader=CTReader(series_uid, allow_modality), **kwargs)
+        self.ct_reader = CTReader(series_uid, allow_modality)
+        super().__init__(keys, reader=self.ct_reader, **kwargs)
+
+    def __call__(self, data, reader: ImageReader | None = None):
+        return super().__call__(data, reader or self.ct_reader)
 
 
 # --------------------------------------------------------------------------------- spatial (invertible)

@@ -20,7 +20,9 @@ LAYERS = [
     (3, ["explainers", "registry"]),
     # explaining a volume and writing one study's files; the study report is one of those files
     (4, ["pipeline", "prediction", "metrics", "outputs", "report.html", "report.figures"]),
-    (5, ["workflows"]),  # train, evaluate, audit, bench over one studies module: typed results
+    # train, evaluate, audit, bench over one studies module: typed results; the chain as MONAI transforms
+    # and the MONAI bundle (they run the pipeline's own pieces)
+    (5, ["workflows", "monai_transforms", "bundle"]),
     (6, ["report"]),  # renders the workflows' typed results
     (7, ["batch"]),  # many studies: explains each, then runs the audit workflow and writes its report
     # the command line, and the old import paths of the workflows (medvit_explain.evaluate, …: facades)

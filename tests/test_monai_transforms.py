@@ -125,3 +125,29 @@ def test_roi_models_are_refused_with_a_pointer():
 
     with pytest.raises(MedvitInputError, match="slice-mode models; explain an ROI model with explain_volume"):
         monai_transforms.model_chain({"mode": "roi", "image_size": [32, 32], "in_chans": 1})
+
+
+def test_load_keeps_the_readers_checks_and_geometry(tmp_path):
+    """LoadCTd reads with the package's readers: a non-CT series is refused (the reader's one-line error is
+    the cause MONAI's Compose wraps), allowed with allow_modality; the MetaTensor carries the RAS affine."""
+    import pydicom
+
+    from medvit_explain.errors import ModalityError
+
+    volume = ct_with_body(np.eye(3), (0.9, 0.8, 3.0))
+    write_ct_series(volume, tmp_path / "mr")
+    for path in sorted((tmp_path / "mr").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.Modality = "MR"
+        ds.save_as(path)
+    with pytest.raises(RuntimeError) as info:
+        Compose([monai_transforms.LoadCTd("image")])({"image": str(tmp_path / "mr")})
+    assert isinstance(info.value.__cause__, ModalityError) and "allow-modality" in str(info.value.__cause__)
+    with pytest.warns(UserWarning, match="not CT"):
+        data = Compose([monai_transforms.LoadCTd("image", allow_modality=True)])({"image": str(tmp_path / "mr")})
+    image = data["image"]
+    assert tuple(image.shape) == (1, *volume.shape)
+    np.testing.assert_allclose(
+        np.asarray(image.affine), load_volume(str(tmp_path / "mr"), allow_modality=True).affine_ras, atol=1e-4
+    )
+    assert image.meta["modality"] == "MR" and image.meta["format"] == "dicom-series"
