@@ -141,11 +141,12 @@ def list_methods_cmd(as_json: bool) -> None:
 def _add_commands() -> None:
     from .commands.batch import batch
     from .commands.bench import bench
+    from .commands.bundle import export_bundle
     from .commands.evaluate import audit, evaluate
     from .commands.model import convert
     from .commands.run import explain, predict, train
 
-    for command in (predict, train, explain, evaluate, audit, batch, bench, convert):
+    for command in (predict, train, explain, evaluate, audit, batch, bench, convert, export_bundle):
         cli.add_command(command)
 
 
