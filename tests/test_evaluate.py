@@ -217,3 +217,73 @@ def test_report_never_imports_a_workflow():
                 parts = node.module.split(".")
                 top = parts[0] if node.level == 2 else parts[1] if parts[0] == "medvit_explain" else None
                 assert top not in moved, f"{path.name} imports {node.module}"
+
+
+def test_largest_region_boxes_hand_case():
+    from medvit_explain.metrics.localization import largest_region_boxes, localization_scores
+
+    binary = torch.zeros(2, 8, 8, dtype=torch.bool)
+    binary[0, 1:3, 1:3] = True  # 4 pixels
+    binary[0, 4:7, 3] = True  # 3 pixels in a column, diagonal neighbour joins below
+    binary[0, 7, 4] = True  # 8-connected to (6, 3): 4 pixels too, a tie -> the first region in raster order
+    binary[0, 5, 6:8] = True  # 2 pixels
+    boxes = largest_region_boxes(binary)
+    want = torch.zeros(8, 8, dtype=torch.bool)
+    want[1:3, 1:3] = True
+    assert torch.equal(boxes[0], want) and not boxes[1].any()
+    maps = torch.zeros(1, 8, 8)
+    maps[0, 2:6, 2:4] = 1.0  # an L-shaped map: one region
+    maps[0, 5, 4:6] = 1.0
+    mask = torch.zeros(1, 8, 8, dtype=torch.bool)
+    mask[0, 2:6, 2:6] = True
+    scores = localization_scores(maps, mask, map_boxes=True)
+    # the map's box is rows 2..5 x cols 2..5 = the lesion's box: a perfect box IoU; the map itself is not
+    assert abs(float(scores["box_iou"][0]) - 1.0) < 1e-9
+    assert float(localization_scores(maps, mask)["box_iou"][0]) < 0.7
+
+
+def test_agcam_protocol_keeps_correct_slices_and_fills_zero(data, tmp_path):
+    from medvit_explain.model import load_model
+    from medvit_explain.workflows.evaluate import correctly_classified, load_eval_slices
+    from medvit_explain.workflows.scores import model_outputs
+    from medvit_explain.workflows.studies import find_studies
+
+    model = load_model(device="cpu")
+    kwargs = dict(methods=["cdam"], targets=["malignancy"], max_slices=12, batch_size=8, randomize_blocks=0)
+    result = evaluate_explanations(model, data, progress=False, protocol="agcam", **kwargs)
+    m = result.metrics
+    assert m["settings"]["protocol"] == "agcam" and m["settings"]["fill"] == 0.0
+    sl = load_eval_slices(find_studies(data), model, max_slices=12, seed=0, progress=False)
+    kept = correctly_classified(model, sl)
+    logits = model_outputs(model, sl.images[kept.explained])[:, 0].numpy()
+    labels = sl.targets[kept.explained, 0].numpy()
+    assert np.array_equal(logits > 0, labels > 0.5) and 0 < len(kept.explained) <= len(sl.explained)
+    assert m["n_slices"] == len(kept.explained)
+    default = evaluate_explanations(model, data, progress=False, **kwargs).metrics
+    assert default["settings"]["protocol"] == "default" and default["n_slices"] == len(sl.explained)
+    with pytest.raises(MedvitInputError, match="unknown protocol 'paper'"):
+        evaluate_explanations(model, data, progress=False, protocol="paper", **kwargs)
+    done = CliRunner().invoke(
+        _cli(),
+        [
+            "evaluate",
+            str(data),
+            "--method",
+            "cdam",
+            "--target",
+            "malignancy",
+            "--max-slices",
+            "6",
+            "--randomize-blocks",
+            "0",
+            "--protocol",
+            "agcam",
+            "--out",
+            str(tmp_path / "ev"),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["settings"]["protocol"] == "agcam"
+    assert "the box of the binarised map's largest region" in (tmp_path / "ev" / "evaluation.html").read_text()

@@ -68,6 +68,14 @@ def _out_dir(out: str | None, default: str) -> Path:
     show_default=True,
     help="A slice counts as a nodule slice from this nodule cross-section (mm²).",
 )
+@click.option(
+    "--protocol",
+    type=click.Choice(["default", "agcam"]),
+    default="default",
+    show_default=True,
+    help="agcam: the AG-CAM paper's protocol (correctly classified slices only, boxes from the map's largest "
+    "region, removed pixels set to 0).",
+)
 def evaluate(
     data,
     methods,
@@ -81,6 +89,7 @@ def evaluate(
     max_slices,
     randomize_blocks,
     min_area_mm2,
+    protocol,
 ):
     """Measure every explanation method on labelled phantoms (or a manifest CSV).
 
@@ -91,6 +100,7 @@ def evaluate(
     \b
     Example:
       medvit-explain evaluate sample_data --method cdam --method agcam --out eval/
+      medvit-explain evaluate sample_data --protocol agcam --out eval_agcam/
     """
     import torch
 
@@ -111,6 +121,7 @@ def evaluate(
         max_slices=max_slices,
         randomize_blocks=randomize_blocks,
         min_area_mm2=min_area_mm2,
+        protocol=protocol,
     )
     written = write_evaluation(result, out)
     if as_json:

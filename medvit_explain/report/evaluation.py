@@ -301,13 +301,21 @@ def _evaluation_summary(m: dict[str, Any], rows: list[dict[str, Any]]) -> list[s
     settings = m["settings"]
     primary = settings["localization_target"]
     header = list(rows[0])
+    agcam = settings.get("protocol") == "agcam"
+    which = "correctly classified nodule slices" if agcam else "nodule slices"
+    boxes = (
+        "box_: the box of the binarised map's largest region against the nodule's box, the AG-CAM paper's protocol"
+        if agcam
+        else "box_: the binarised map against the nodule's bounding box"
+    )
     body = [
         "<h2>Summary (method × metric)</h2>",
         '<p class="note">Localization: the predicted-class map of '
-        f"{_e(primary)} on nodule slices, bilinear to the input, min–max, binarised at "
-        f"{_e(settings['threshold'])}, against the nodule mask (box_: its bounding box); pointing = map maximum "
+        f"{_e(primary)} on {which}, bilinear to the input, min–max, binarised at "
+        f"{_e(settings['threshold'])}, against the nodule mask ({boxes}); pointing = map maximum "
         "inside the nodule; ev_nodule / ev_lungs = share of the positive map mass inside the nodule / lungs. "
-        f"abpc_{_e(primary)} = AUC(LeRF) − AUC(MoRF) on P({_e(primary)}) (higher = more faithful); compact = "
+        f"abpc_{_e(primary)} = AUC(LeRF) − AUC(MoRF) on P({_e(primary)}), removed pixels set to "
+        f"{_e(settings['fill'])} (higher = more faithful); compact = "
         "share of |S| ≤ 5 % of max|S|; class_sens = 1 − |Pearson r| between targets' maps (0 for a "
         "class-agnostic method); rand_rho = Spearman ρ between the maps of the trained model and of the model "
         "with its top blocks re-initialised (lower = the method depends on the learned weights; flagged when "

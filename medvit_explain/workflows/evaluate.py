@@ -54,6 +54,7 @@ __all__ = [
     "evaluate_explanations",
     "load_eval_slices",
     "lung_mask_path",
+    "correctly_classified",
     "model_metrics",
 ]
 
@@ -324,6 +325,7 @@ class _Run:
     threshold: float
     fill: float | torch.Tensor  # a removed pixel's value: one number, or one per channel [C, 1, 1]
     steps: int
+    protocol: str = "default"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return score_outputs(self.model(x.to(self.device)), self.spec, self.target_idx)
@@ -403,6 +405,7 @@ def _localization(run: _Run, loc_t: torch.Tensor) -> tuple[dict[str, float], dic
         torch.from_numpy(run.sl.nodule),
         threshold=run.threshold,
         lungs=None if run.sl.lungs is None else torch.from_numpy(run.sl.lungs),
+        map_boxes=run.protocol == "agcam",
     )
     at_threshold = {k: _mean(scores[k].numpy()) for k in LOCALIZATION_KEYS if k in scores}
     sweep = sorted({float(k.split("@")[1]) for k in scores if "@" in k})
@@ -474,6 +477,7 @@ def evaluate_explanations(
     method_options: dict[str, dict] | None = None,
     progress: bool = True,
     n_examples: int = 3,
+    protocol: str = "default",
 ) -> EvaluationResult:
     """Measure every method's maps on the nodule slices of ``data`` (see the module docstring).
 
@@ -484,6 +488,10 @@ def evaluate_explanations(
         targets: target names / indices (default: all).
         max_slices: cap on the explained nodule slices (a seeded random subset).
         randomize_blocks: the sanity check re-initialises the top 1, 2, … ``k`` blocks (cascading).
+        protocol: ``"default"`` (above) or ``"agcam"``, the AG-CAM paper's: only the slices whose primary
+            target the model classifies correctly; ``box_*`` scores from the box of the binarised map's
+            largest region against the lesion's box; ABPC with removed pixels set to 0 in the model's
+            input space (unless ``fill`` is given).
 
     Returns:
         an :class:`EvaluationResult` whose ``metrics`` is what ``metrics.json`` holds.
@@ -492,6 +500,10 @@ def evaluate_explanations(
     """
     from ..transforms import channel_fill
 
+    if protocol not in PROTOCOLS:
+        raise MedvitInputError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    if fill is None and protocol == "agcam":
+        fill = 0.0  # the paper removes pixels to 0 in the normalised input space
     if fill is None:  # each channel's window centre in model-input units; [C, 1, 1] when the channels differ
         values = channel_fill(model.preprocessing, torch.float64)
         same = bool((values == values[0]).all())
@@ -504,6 +516,8 @@ def evaluate_explanations(
         studies, model, min_area_mm2=min_area_mm2, max_slices=max_slices, seed=seed, progress=progress
     )
     overall = slice_metrics(model, sl.images, sl.targets, sl.has_nodule)
+    if protocol == "agcam":
+        sl = correctly_classified(model, sl, batch_size)
     run = _start(
         model,
         sl,
@@ -514,9 +528,11 @@ def evaluate_explanations(
         threshold=threshold,
         fill=fill,
         steps=steps,
+        protocol=protocol,
     )
     per_method, examples = _measure_all(run, methods, classes, method_options, n_examples, progress)
     settings = {
+        "protocol": protocol,
         "min_area_mm2": min_area_mm2,
         "max_slices": max_slices,
         "threshold": threshold,
@@ -534,6 +550,35 @@ def evaluate_explanations(
     counts = _counts(run, len(studies))
     return EvaluationResult(
         per_method, _model_block(overall, run.spec), run.names, counts, int(seed), settings, total, examples
+    )
+
+
+PROTOCOLS = ("default", "agcam")
+
+
+def correctly_classified(model, sl: EvalSlices, batch_size: int = 64) -> EvalSlices:
+    """``sl`` with only the explained slices whose primary target (malignancy) the model gets right
+    (logit > 0 ⇔ label > 0.5; unlabelled slices dropped): the AG-CAM paper explains correctly
+    classified images only. Raises when none is left."""
+    spec = model.task_spec
+    primary = primary_target(spec.names, spec.score_kinds)
+    if not spec.targets[primary].probability:
+        raise MedvitInputError("the agcam protocol needs a binary (or softmax) target to classify")
+    logits = model_outputs(model, sl.images[sl.explained], batch_size)[:, primary].numpy()
+    labels = sl.targets[sl.explained, primary].numpy()
+    keep = ~np.isnan(labels) & ((logits > 0) == (labels > 0.5))
+    if not keep.any():
+        raise MedvitInputError("no explained slice is classified correctly; the agcam protocol has nothing to measure")
+    return EvalSlices(
+        sl.images,
+        sl.targets,
+        sl.study,
+        sl.has_nodule,
+        sl.explained[keep],
+        sl.nodule[keep],
+        None if sl.lungs is None else sl.lungs[keep],
+        [ids for ids, k in zip(sl.nodule_ids, keep, strict=True) if k],
+        sl.study_names,
     )
 
 
