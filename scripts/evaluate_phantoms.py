@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--protocol", choices=["default", "agcam"], default="default")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = yaml.safe_load(Path(args.config).read_text())["training"]["phantoms"]
@@ -67,6 +68,7 @@ def main() -> None:
         seed=args.seed,
         max_slices=args.max_slices,
         randomize_blocks=args.randomize_blocks,
+        protocol=args.protocol,
     )
     written = write_evaluation(result, work)
     m = result.metrics
