@@ -1,11 +1,21 @@
-"""Volumes ↔ napari image layers with their world geometry (CT and overlays share one convention).
+"""Volumes ↔ napari layers with their world geometry (CT, label maps and overlays share one convention).
 
 Convention: a layer's ``data`` is the volume's array seen as ``[Z, Y, X]`` (``array.transpose(2, 1, 0)``,
 a view, no copy) and its ``affine`` is the volume's LPS affine with the three spatial axes reversed,
-so napari's world axes are LPS millimetres in the order ``(z, y, x)``. Axis 0 (the slider in 2D) is
-then the axial position for an axial scan, rows run towards posterior and columns towards the
-patient's left: the radiological view. A world point maps to the same voxel in a CT layer and in an
-overlay layer because both carry the same 4 × 4 affine.
+so napari's world axes are LPS millimetres in the order ``(z, y, x)``. A world point maps to the same
+voxel in every layer of a study because each carries its own exact 4 × 4 affine.
+
+Files are shown reoriented the way the CLI reorients them (:func:`reoriented_volume`): the voxel axes
+are permuted and flipped (numpy views: nothing is resampled or copied) so they point towards patient
+left, posterior and superior as closely as the grid allows (LPS axis codes, ``nibabel.orientations``,
+the maths of :func:`medvit_explain.transforms.orientation_of` and ``reoriented_view``), and the affine
+is rewritten for the new index order, so world positions do not move. Data axis 0, the slider in 2D,
+is then the axial position whatever the acquisition (a sagittal or coronal scan shows axial slices, as
+the model saw them), rows run towards posterior and columns towards the patient's left: the
+radiological view. An oblique scan keeps its small residual rotation in the affine, so napari's world
+positions stay exact (napari shows the slice of the nearest voxel axis, as the CLI explains it). The
+reorientation is a function of the grid alone, so a CT and the label maps and overlays on its grid
+get the same one; a layer the widget adds mirrors the CT layer it explained, whatever its layout.
 """
 
 from __future__ import annotations
@@ -16,14 +26,18 @@ from typing import Any
 import numpy as np
 
 from ..viewer_logic import DEFAULT_OPACITY, color_range
-from ..volume import Volume
+from ..volume import LPS_TO_RAS, Volume
 
 # the reversal of the three spatial axes, in homogeneous coordinates
 _REVERSE = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 
+# the CLI's canonical axis codes (``transforms.CANONICAL_AXCODES``; not imported from there because
+# ``transforms`` imports torch and this module must not: a test checks the two agree)
+DISPLAY_AXCODES = ("L", "P", "S")
 CT_CONTRAST_LIMITS = (-1000.0, 400.0)  # the model's HU window (lung to soft tissue)
 OVERLAY_PERCENTILE = 99.5  # display window = ± this percentile of |map| (a few outliers ignored)
 OVERLAY_BLENDINGS = ("translucent", "additive")
+LABELS_OPACITY = 0.5
 
 
 def napari_affine(affine_lps: np.ndarray) -> np.ndarray:
@@ -41,6 +55,38 @@ def layer_data(volume: Volume) -> np.ndarray:
     return volume.array.transpose(2, 1, 0)
 
 
+# -- reorientation ------------------------------------------------------------------------------------
+def display_orientation(volume: Volume) -> np.ndarray:
+    """nibabel ``ornt`` ([3, 2]: for each source axis, its new axis and flip) taking the volume's voxel
+    axes to LPS axis codes (equal to :func:`medvit_explain.transforms.orientation_of`)."""
+    import nibabel.orientations as nio
+
+    current = nio.io_orientation(LPS_TO_RAS @ volume.affine_lps)
+    return nio.ornt_transform(current, nio.axcodes2ornt(DISPLAY_AXCODES))
+
+
+def reoriented_volume(volume: Volume) -> Volume:
+    """The volume with its voxel axes permuted and flipped to LPS codes (see the module docstring).
+
+    The array is a view of ``volume.array`` (equal to ``transforms.reoriented_view``); origin, spacing and
+    direction describe the new index order, so ``index_to_physical`` of a voxel is unchanged (a volume
+    already in LPS order keeps its array and grid). ``metadata["display_ornt"]`` records the ``ornt``.
+    """
+    import nibabel.orientations as nio
+
+    ornt = display_orientation(volume)
+    array = volume.array
+    for axis, (_, flip) in enumerate(ornt):
+        if flip == -1:
+            array = np.flip(array, axis=axis)
+    array = array.transpose(*np.argsort(ornt[:, 0].astype(int)))  # ornt[i, 0] says where source axis i goes
+    affine = volume.affine_lps @ nio.inv_ornt_aff(ornt, volume.shape)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    metadata = {**volume.metadata, "display_ornt": ornt.astype(int).tolist()}
+    return Volume(array, affine[:3, 3].copy(), spacing, affine[:3, :3] / spacing, metadata)
+
+
+# -- layer data tuples --------------------------------------------------------------------------------
 def diverging_colormap():
     """Blue (negative) → transparent (0) → red (positive): the CT stays visible where the map is ~0,
     with ``translucent`` blending (alpha) and with ``additive`` blending (near-black centre adds nothing)."""
@@ -59,21 +105,52 @@ def diverging_colormap():
     )
 
 
-def ct_layer_data(volume: Volume, name: str | None = None) -> tuple[np.ndarray, dict[str, Any], str]:
-    """A napari ``LayerDataTuple`` for a CT: greyscale, the model's HU window, the file's geometry."""
-    name = name or _name(volume)
+def _meta(volume: Volume, kind: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "medvit": {
+            "kind": kind,
+            "path": volume.metadata.get("path"),
+            "affine_lps": volume.affine_lps.tolist(),
+            **({"display_ornt": volume.metadata["display_ornt"]} if "display_ornt" in volume.metadata else {}),
+            **extra,
+        }
+    }
+
+
+def ct_layer_data(
+    volume: Volume, name: str | None = None, extra: Mapping[str, Any] | None = None
+) -> tuple[np.ndarray, dict[str, Any], str]:
+    """A napari ``LayerDataTuple`` for a CT: greyscale, the model's HU window, the volume's geometry."""
     return (
         layer_data(volume),
         {
-            "name": name,
+            "name": name or _name(volume),
             "affine": napari_affine(volume.affine_lps),
             "colormap": "gray",
             "contrast_limits": CT_CONTRAST_LIMITS,
-            "metadata": {
-                "medvit": {"kind": "ct", "path": volume.metadata.get("path"), "affine_lps": volume.affine_lps.tolist()}
-            },
+            "metadata": _meta(volume, "ct", **dict(extra or {})),
         },
         "image",
+    )
+
+
+def labels_layer_data(
+    volume: Volume, name: str | None = None, extra: Mapping[str, Any] | None = None
+) -> tuple[np.ndarray, dict[str, Any], str]:
+    """A napari ``LayerDataTuple`` for a label map (whole numbers ≥ 0, as ``_reader.label_values`` checks):
+    a ``labels`` layer of the smallest unsigned integer type that holds them, the volume's geometry."""
+    array = volume.array
+    peak = float(array.max()) if array.size else 0.0
+    dtype = np.uint8 if peak < 2**8 else np.uint16 if peak < 2**16 else np.uint32
+    return (
+        layer_data(volume).astype(dtype),
+        {
+            "name": name or _name(volume),
+            "affine": napari_affine(volume.affine_lps),
+            "opacity": LABELS_OPACITY,
+            "metadata": _meta(volume, "labels", **dict(extra or {})),
+        },
+        "labels",
     )
 
 
@@ -89,19 +166,11 @@ def overlay_layer_data(
 ) -> tuple[Any, dict[str, Any], str]:
     """A napari ``LayerDataTuple`` for a signed map: diverging colormap centred at 0 (window ± the
     99.5th percentile of |map|, or of ``window_values`` when given), ``translucent`` or ``additive``
-    blending, the source's geometry. ``data`` replaces the ``[Z, Y, X]`` view of ``volume.array`` (a
+    blending, the volume's geometry. ``data`` replaces the ``[Z, Y, X]`` view of ``volume.array`` (a
     lazy array of the same shape, see :func:`lazy_overlay_layer_data`)."""
     if blending not in OVERLAY_BLENDINGS:
         raise ValueError(f"expected blending in {OVERLAY_BLENDINGS}, got {blending!r}")
     lo, hi = color_range(volume.array if window_values is None else window_values, percentile=OVERLAY_PERCENTILE)
-    meta = {
-        "kind": "overlay",
-        "method": method,
-        "target": target,
-        "path": volume.metadata.get("path"),
-        "affine_lps": volume.affine_lps.tolist(),
-        **dict(extra or {}),
-    }
     return (
         layer_data(volume) if data is None else data,
         {
@@ -112,7 +181,7 @@ def overlay_layer_data(
             "blending": blending,
             "opacity": DEFAULT_OPACITY,
             "rendering": "translucent",
-            "metadata": {"medvit": meta},
+            "metadata": _meta(volume, "overlay", method=method, target=target, **dict(extra or {})),
         },
         "image",
     )
@@ -126,7 +195,8 @@ def lazy_overlay_layer_data(result, method: str, target: str, name: str | None =
     computed only where napari looks: the layer is a dask array whose blocks of ``LAZY_PLANES`` source
     planes are projected on demand (:meth:`ExplainResult.map_planes`), so 18 maps of a 512 × 512 × 300 CT
     cost what the shown planes cost instead of 5.7 GB. The window comes from the model-resolution map
-    (the same values, before bilinear upsampling)."""
+    (the same values, before bilinear upsampling). The layout is ``result.volume``'s as it is (not
+    reoriented): the volume came from the CT layer (:func:`volume_from_layer`), so the map lies on it."""
     import dask
     import dask.array as da
 
@@ -147,6 +217,23 @@ def _planes_zyx(result, method: str, target: str, z0: int, z1: int) -> np.ndarra
     return np.ascontiguousarray(result.map_planes(method, target, z0, z1).transpose(2, 1, 0))
 
 
+def create_layer(layer_data_tuple: tuple):
+    """A napari layer from a ``LayerDataTuple``; an overlay's colour bar is shown (``layer.colorbar``,
+    napari ≥ 0.6.5; older versions have none and the layer comes without)."""
+    from napari.layers import Layer
+
+    layer = Layer.create(*layer_data_tuple)
+    if layer_kind(layer) == "overlay" and hasattr(layer, "colorbar"):
+        layer.colorbar.visible = True
+    return layer
+
+
+def layer_kind(layer) -> str | None:
+    """``"ct"``, ``"labels"`` or ``"overlay"`` for a layer this plugin made, else None."""
+    return (getattr(layer, "metadata", None) or {}).get("medvit", {}).get("kind")
+
+
+# -- layers → volumes ---------------------------------------------------------------------------------
 def full_affine(layer) -> np.ndarray:
     """The layer's whole data → world map (its scale / translate / rotate / shear, then its affine)."""
     from napari.utils.transforms import Affine
@@ -156,7 +243,8 @@ def full_affine(layer) -> np.ndarray:
 
 
 def volume_from_layer(layer) -> Volume:
-    """A :class:`Volume` (``[X, Y, Z]``, LPS) from a 3D image layer that follows this module's convention."""
+    """A :class:`Volume` (``[X, Y, Z]``, LPS) from a 3D image layer that follows this module's convention
+    (its array is the layer's data as it is shown, reoriented or not)."""
     data = np.asarray(layer.data)
     if data.ndim != 3 or getattr(layer, "rgb", False):
         raise ValueError(f"expected a 3D greyscale image layer, got {layer.name!r} with shape {data.shape}")

@@ -2,13 +2,21 @@
 
 The explainer (model loading included, so torch is imported only then) runs in a worker thread
 (``napari.qt.threading.create_worker``); the UI stays responsive and a progress bar advances after
-each batch of slices. Each method × target map is added as an image layer on the CT's world grid
-(diverging colormap centred at 0, ``translucent`` or ``additive`` blending), the per-slice scores go
-into a table, and the view jumps to the slice with the highest malignancy probability.
+each batch of slices. Each method × target map is added as an image layer on the CT layer's world grid
+(diverging colormap centred at 0, ``translucent`` or ``additive`` blending, a colour bar for the
+selected map), the per-slice scores go into a table, and the view jumps to the slice with the highest
+malignancy probability; clicking a row of the table jumps to that row's slice.
+
+Cancel stops the run between batches: the progress callback that :func:`~medvit_explain.pipeline.explain_volume`
+calls after each batch raises :class:`ExplainCancelled` once Cancel was pressed, the worker returns
+nothing (``worker.quit()`` also drops a result that was already on its way) and no layer is added.
+Layers are added only once every one of them was built, and removed again if adding one fails, so a
+run adds all of its maps or none.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +37,7 @@ from qtpy.QtCore import QObject, Signal
 from ..registry import method_names
 from ..viewer_logic import top_slice
 from ..vocabulary import DEVICE_CHOICES
-from ._layers import OVERLAY_BLENDINGS, lazy_overlay_layer_data, volume_from_layer
+from ._layers import OVERLAY_BLENDINGS, layer_kind, lazy_overlay_layer_data, volume_from_layer
 
 SCORE_COLUMNS_FIRST = ("slice", "source_index", "z_mm", "malignancy_prob")
 DEFAULT_TARGETS = ("malignancy",)
@@ -41,6 +49,10 @@ def default_target_names() -> list[str]:
 
     spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "model" / "task_lidc.yaml").read_text())
     return [t["name"] for t in spec["targets"]]
+
+
+class ExplainCancelled(Exception):
+    """Raised in the worker thread, between batches, after Cancel was pressed (caught there)."""
 
 
 class _Relay(QObject):
@@ -71,9 +83,11 @@ class ExplainWidget(Container):
         self.batch_size = SpinBox(label="Batch size", value=16, min=1, max=1024)
         self.blending = ComboBox(label="Blending", choices=list(OVERLAY_BLENDINGS), value="translucent")
         self.run_button = PushButton(text="Explain")
+        self.cancel_button = PushButton(text="Cancel", enabled=False, tooltip="stop after the current batch")
         self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
         self.status = Label(label="Status", value="")
-        self.scores = Table(label="Scores", value=None)
+        self.scores = Table(label="Scores", value=None, tooltip="click a row to show its slice")
+        self.scores.read_only = True
         super().__init__(
             widgets=[
                 self.ct_layer,
@@ -84,6 +98,7 @@ class ExplainWidget(Container):
                 self.batch_size,
                 self.blending,
                 self.run_button,
+                self.cancel_button,
                 self.progress,
                 self.status,
                 self.scores,
@@ -92,11 +107,18 @@ class ExplainWidget(Container):
         self.worker = None
         self.result = None
         self.added_layers: list[Any] = []
+        self._shown_on = None  # the CT layer the shown result was computed on
+        self._rows: list[dict] = []  # the score table's rows, in its order
+        self._cancel = threading.Event()  # a new one per run: a late Cancel never reaches the next run
         self._relay = _Relay()
         self._relay.advanced.connect(self._advance)
         self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        self.scores.native.cellClicked.connect(lambda row, _col: self.go_to_row(row))
+        self.scores.native.currentCellChanged.connect(lambda row, *_: self.go_to_row(row))  # arrow keys
         napari_viewer.layers.events.inserted.connect(self._refresh)
         napari_viewer.layers.events.removed.connect(self._refresh)
+        napari_viewer.layers.selection.events.active.connect(self._follow_colorbar)
         self._refresh()
 
     # -- choices -----------------------------------------------------------------------------------
@@ -109,7 +131,7 @@ class ExplainWidget(Container):
             if isinstance(layer, Image)
             and layer.ndim == 3
             and not getattr(layer, "rgb", False)
-            and (layer.metadata or {}).get("medvit", {}).get("kind") != "overlay"
+            and layer_kind(layer) != "overlay"
         ]
 
     def _refresh(self, _event=None) -> None:
@@ -157,6 +179,7 @@ class ExplainWidget(Container):
         self.progress.value = 0
         self._say(f"explaining {layer.name} ({', '.join(methods)} × {', '.join(targets)}) …")
         self.run_button.enabled = False
+        self._cancel = cancel = threading.Event()
         self.worker = create_worker(
             _explain,
             volume,
@@ -166,13 +189,24 @@ class ExplainWidget(Container):
             targets,
             int(self.batch_size.value),
             self._relay.advanced.emit,
+            cancel,
             _start_thread=False,
             _connect={"errored": self._failed},  # handled here: shown, not re-raised in the event loop
         )
-        self.worker.returned.connect(lambda result: self._show(result, layer))
+        self.worker.returned.connect(lambda result: self._show(result, layer, cancel))
         self.worker.finished.connect(self._finished)
+        self.cancel_button.enabled = True
         self.worker.start()
         return self.worker
+
+    def cancel(self, _=None) -> None:
+        """Stop the running explain after its current batch; nothing of it is added to the viewer."""
+        if self.worker is None or self._cancel.is_set():
+            return
+        self._cancel.set()
+        self.worker.quit()  # superqt: the worker's result, if it is already computed, is not emitted
+        self.cancel_button.enabled = False
+        self._say("cancelling after the current batch …")
 
     def _advance(self, n: int) -> None:
         self.progress.value = min(self.progress.max, self.progress.value + int(n))
@@ -180,6 +214,10 @@ class ExplainWidget(Container):
     def _finished(self) -> None:
         self.worker = None
         self.run_button.enabled = True
+        self.cancel_button.enabled = False
+        if self._cancel.is_set():
+            self.progress.value = 0
+            self._say("cancelled")
 
     def _failed(self, exc: BaseException) -> None:
         # napari's worker also posts the exception to its notification manager
@@ -190,27 +228,40 @@ class ExplainWidget(Container):
         self.status.value = text
 
     # -- results -----------------------------------------------------------------------------------
-    def _show(self, result, ct_layer) -> None:
-        self.result = result
-        self.progress.value = self.progress.max
+    def _show(self, result, ct_layer, cancel: threading.Event) -> None:
+        if result is None or cancel.is_set():  # cancelled while the result was on its way
+            return
         blending = self.blending.value
-        for method in result.methods:
-            for target in result.targets:
-                data, kwargs, _ = lazy_overlay_layer_data(
-                    result, method, target, name=f"{ct_layer.name} {method}/{target}", blending=blending
-                )
-                self.added_layers.append(self._viewer.add_image(data, **kwargs))
+        built = [
+            lazy_overlay_layer_data(result, m, t, name=f"{ct_layer.name} {m}/{t}", blending=blending)
+            for m in result.methods
+            for t in result.targets
+        ]
+        added = []
+        try:
+            for data, kwargs, _ in built:
+                added.append(self._viewer.add_image(data, **kwargs))
+        except Exception as exc:
+            for layer in added:  # all or nothing
+                self._viewer.layers.remove(layer)
+            self._say(f"error: adding the maps failed, none was added ({' '.join(str(exc).split())})")
+            raise  # napari's event loop reports it with its traceback
+        self.result, self._shown_on = result, ct_layer
+        self.added_layers.extend(added)
+        if added and hasattr(added[-1], "colorbar"):
+            self._follow_colorbar(layer=added[-1])
+        self.progress.value = self.progress.max
         table = result.predictions
         columns = [c for c in SCORE_COLUMNS_FIRST if c in table.columns]
         columns += [c for c in table.columns if c not in columns]
+        self._rows = list(table.rows)
         self.scores.value = {
-            "data": [[row.get(c) for c in columns] for row in table.rows],
-            "index": [str(i) for i in range(len(table.rows))],
+            "data": [[row.get(c) for c in columns] for row in self._rows],
+            "index": [str(i) for i in range(len(self._rows))],
             "columns": columns,
         }
-        best = top_slice(table.rows)
-        if best is not None and "z_mm" in best and ct_layer.ndim == 3:
-            self._go_to(ct_layer, result, best)
+        best = top_slice(self._rows)
+        if best is not None and "z_mm" in best and self._go_to(best):
             self._say(
                 f"done; highest malignancy_prob {best.get('malignancy_prob', float('nan')):.3f} at "
                 f"slice {best.get('slice')} (z = {best['z_mm']:.1f} mm)"
@@ -218,27 +269,70 @@ class ExplainWidget(Container):
         else:
             self._say("done")
 
-    def _go_to(self, ct_layer, result, row) -> None:
-        """Move the slider to the world position of the row's slice (its centre voxel)."""
-        axis = _slice_axis(result.volume)
-        index = np.array(result.volume.shape, dtype=np.float64) / 2 - 0.5
-        index[axis] = row["source_index"]
-        world = ct_layer.data_to_world(index[::-1])  # data axes are [Z, Y, X]
-        step = list(self._viewer.dims.point)
-        step[-3:] = [float(v) for v in world][-3:]
-        self._viewer.dims.point = step
+    # -- navigation --------------------------------------------------------------------------------
+    def go_to_row(self, row: int) -> bool:
+        """Show the slice of row ``row`` of the score table (what a click on the row does)."""
+        if not 0 <= row < len(self._rows):
+            return False
+        return self._go_to(self._rows[row])
+
+    def _go_to(self, row) -> bool:
+        """Move the slider to the row's slice of the CT layer as it is shown.
+
+        The row's ``source_index`` counts along the volume axis the explain sliced (the one that became
+        the canonical k); in the layer's ``[Z, Y, X]`` data that is axis ``2 - axis``. The viewer's current
+        point is taken to the layer's data coordinates, that coordinate replaced, and the point taken
+        back to the world, so the other coordinates stay where they are (and an oblique layer lands on
+        exactly that slice: napari slices at the data coordinate of the world point)."""
+        layer, result = self._shown_on, self.result
+        if layer is None or result is None or layer not in self._viewer.layers or "source_index" not in row:
+            return False
+        data_axis = 2 - _slice_axis(result)
+        shape = np.array(layer.data.shape, dtype=np.float64)
+        point = np.array(self._viewer.dims.point, dtype=np.float64)
+        data = np.clip(np.asarray(layer.world_to_data(point[-3:]), dtype=np.float64), 0, shape - 1)
+        data[data_axis] = row["source_index"]
+        point[-3:] = np.asarray(layer.data_to_world(data), dtype=np.float64)
+        self._viewer.dims.point = tuple(float(v) for v in point)
+        return True
+
+    def _follow_colorbar(self, event=None, layer=None) -> None:
+        """One colour bar: the selected overlay's (each map has its own window)."""
+        layer = layer if layer is not None else self._viewer.layers.selection.active
+        if layer_kind(layer) != "overlay" or not hasattr(layer, "colorbar"):
+            return
+        for other in self._viewer.layers:
+            if layer_kind(other) == "overlay" and hasattr(other, "colorbar"):
+                other.colorbar.visible = other is layer
 
 
-def _explain(volume, model_path, device, methods, targets, batch_size, progress):
+def _explain(volume, model_path, device, methods, targets, batch_size, progress, cancel: threading.Event):
+    """The worker: the result, or None when ``cancel`` was set (checked after loading and after each batch)."""
     from ..model import load_model
     from ..pipeline import explain_volume
 
-    model = load_model(model_path, device=device)
-    return explain_volume(model, volume, methods, targets, batch_size=batch_size, progress=progress)
+    def step(n: int) -> None:
+        if cancel.is_set():
+            raise ExplainCancelled
+        progress(n)
+
+    try:
+        model = load_model(model_path, device=device)
+        if cancel.is_set():
+            return None
+        return explain_volume(model, volume, methods, targets, batch_size=batch_size, progress=step)
+    except ExplainCancelled:
+        return None
 
 
-def _slice_axis(volume) -> int:
-    """The voxel axis closest to the patient's superior–inferior direction (the axial slicing axis)."""
+def _slice_axis(result_or_volume) -> int:
+    """The volume axis that is sliced: the one that became the canonical k (the explain's own ``ornt``),
+    or for a bare volume the voxel axis closest to the superior–inferior direction."""
+    inputs = getattr(result_or_volume, "inputs", None)
+    ornt = getattr(inputs, "ornt", None)
+    if ornt is not None:
+        return int(np.argsort(np.asarray(ornt)[:, 0])[2])
+    volume = getattr(result_or_volume, "volume", result_or_volume)
     return int(np.argmax(np.abs(volume.direction[2, :])))
 
 
