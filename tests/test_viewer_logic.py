@@ -4,6 +4,8 @@ and the 3D Slicer module's files (they cannot run here, so they are byte-compile
 from __future__ import annotations
 
 import ast
+import json
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -104,6 +106,115 @@ def test_python_m_medvit_explain_runs_the_cli():
     assert out.returncode == 0 and "explain" in out.stdout.lower()
 
 
+def test_cli_command_for_an_interpreter_a_script_a_venv_and_a_checkout(tmp_path):
+    def executable(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\n")
+        path.chmod(0o755)
+        return path
+
+    python = executable(tmp_path / "env" / "bin" / "python3.11")
+    assert vl.cli_command(python) == [str(python), "-m", "medvit_explain"]
+    assert vl.cli_command(executable(tmp_path / "PythonSlicer"))[1:] == ["-m", "medvit_explain"]
+    script = executable(tmp_path / "env" / "bin" / "medvit-explain")
+    assert vl.cli_command(script) == [str(script)]
+    assert vl.cli_command(tmp_path / "env") == [str(script)]  # a virtual environment
+    checkout_script = executable(tmp_path / "checkout" / ".venv" / "bin" / "medvit-explain")
+    assert vl.cli_command(tmp_path / "checkout") == [str(checkout_script)]  # a checkout with its .venv
+    wrapper = executable(tmp_path / "run-medvit.sh")
+    assert vl.cli_command(f"  {wrapper}  ") == [str(wrapper)]
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("", "got an empty path"),
+        ("missing", "got .*missing \\(missing\\)"),
+        ("empty-dir", "expected a virtual environment or a checkout"),
+        ("not-executable", "not executable"),
+    ],
+)
+def test_cli_command_refuses_what_cannot_run(tmp_path, name, match):
+    (tmp_path / "empty-dir").mkdir()
+    (tmp_path / "not-executable").write_text("x")
+    with pytest.raises(ValueError, match=match):
+        vl.cli_command(tmp_path / name if name else "")
+
+
+def test_explain_command_with_a_cli_prefix_and_roi_inputs():
+    cli = ["/env/bin/medvit-explain"]
+    cmd = vl.explain_command(cli, "ct.nrrd", "out", methods=["cdam"], roi_centers="c.csv", extra_args=["--no-report"])
+    assert cmd == [
+        "/env/bin/medvit-explain",
+        "explain",
+        "ct.nrrd",
+        "--out",
+        "out",
+        "--method",
+        "cdam",
+        "--device",
+        "auto",
+        "--roi-centers",
+        "c.csv",
+        "--no-report",
+    ]
+    assert vl.explain_command(cli, "ct", "out", roi_mask="m.nrrd")[-2:] == ["--roi-mask", "m.nrrd"]
+    assert vl.explain_command(cli, "ct", "out", methods=["anything"])[6] == "anything"  # the CLI checks it
+    with pytest.raises(ValueError, match="unknown method 'x'; expected one of cdam, agcam"):
+        vl.explain_command(cli, "ct", "out", methods=["x"], method_names=["cdam", "agcam"])
+    with pytest.raises(ValueError, match="either ROI centres or an ROI mask, got both"):
+        vl.explain_command(cli, "ct", "out", roi_centers="c.csv", roi_mask="m.nrrd")
+    with pytest.raises(ValueError, match="got an empty one"):
+        vl.explain_command([], "ct", "out")
+    py = vl.build_explain_command("py", "ct", "out", roi_mask="m.nrrd")
+    assert py[:4] == ["py", "-m", "medvit_explain", "explain"] and py[-2:] == ["--roi-mask", "m.nrrd"]
+
+
+def test_method_list_from_the_cli_output():
+    assert vl.list_methods_command(["medvit-explain"]) == ["medvit-explain", "list-methods", "--json"]
+    out = subprocess.run(
+        vl.list_methods_command([sys.executable, "-m", "medvit_explain"]), capture_output=True, text=True, check=True
+    )
+    rows = vl.parse_method_list(out.stdout)
+    assert [r["name"] for r in rows] == method_names() and all("citation" in r for r in rows)
+    noisy = "UserWarning: something\n  warnings.warn(x)\n" + out.stdout + "\n"
+    assert vl.parse_method_list(noisy) == rows
+    with pytest.raises(ValueError, match="expected the JSON method list.*got: error: boom"):
+        vl.parse_method_list("[not json\nerror: boom")
+
+
+def test_model_targets_from_a_config_without_torch(tmp_path):
+    shipped = vl.model_targets()
+    assert [t["name"] for t in shipped][:2] == ["malignancy", "subtlety"] and shipped[0]["kind"] == "binary"
+    spec = {"task_spec": {"targets": [{"name": "a", "kind": "binary"}, {"name": "b", "kind": "regression"}]}}
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(spec))
+    assert [t["name"] for t in vl.model_targets(tmp_path / "ckpt")] == ["a", "b"]
+    (tmp_path / "w.json").write_text(json.dumps(spec))
+    assert [t["name"] for t in vl.model_targets(tmp_path / "w.safetensors")] == ["a", "b"]  # sibling config
+    (tmp_path / "named.json").write_text(json.dumps({"task_spec": "lidc"}))
+    assert vl.model_targets(tmp_path / "named.json") is None  # the CLI knows, the viewer does not
+    assert vl.model_targets(tmp_path / "nowhere") is None
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="expected a JSON model config"):
+        vl.model_targets(tmp_path / "bad.json")
+    (tmp_path / "unnamed.json").write_text(json.dumps({"task_spec": {"targets": [{"kind": "binary"}]}}))
+    with pytest.raises(ValueError, match="expected named targets"):
+        vl.model_targets(tmp_path / "unnamed.json")
+
+
+def test_write_roi_centers_is_what_roi_centers_reads(tmp_path):
+    from medvit_explain.commands.roi import read_roi_centers
+
+    path = vl.write_roi_centers(tmp_path / "c.csv", [(-61.358, 21.401, -35.297), [1e-3, 2.5, -40]])
+    assert path.read_text().splitlines()[0] == "x_mm,y_mm,z_mm"
+    assert np.array_equal(read_roi_centers(str(path)), [[-61.358, 21.401, -35.297], [1e-3, 2.5, -40.0]])
+    with pytest.raises(ValueError, match="at least one ROI centre"):
+        vl.write_roi_centers(tmp_path / "e.csv", [])
+    with pytest.raises(ValueError, match="finite"):
+        vl.write_roi_centers(tmp_path / "n.csv", [(0.0, float("nan"), 1.0)])
+
+
 # -- stream parsing ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "line, expected",
@@ -124,6 +235,12 @@ def test_parse_progress(line, expected):
     else:
         assert (progress.done, progress.total) == expected
         assert progress.fraction == pytest.approx(expected[0] / expected[1])
+
+
+def test_parse_progress_keeps_the_bar_label():
+    assert vl.parse_progress("explain:  40%|####  | 4/10 [00:01<00:02]").label == "explain"
+    assert vl.parse_progress("write: 100%|##| 1/1 [00:00<00:00,  8.36map/s]").label == "write"
+    assert vl.parse_progress(" 10%|#  | 1/10").label == ""
 
 
 def test_cli_error_message():
@@ -295,33 +412,85 @@ def test_color_range_symmetric():
         vl.color_range(a, percentile=0)
 
 
+def test_robust_window_from_a_percentile_of_the_non_zero_values():
+    a = np.zeros((4, 50, 50), np.float32)  # mostly 0 outside the body
+    rng = np.random.default_rng(0)
+    inside = rng.normal(0, 1, (2, 20, 20)).astype(np.float32)
+    a[1:3, 10:30, 10:30] = inside
+    a[2, 15, 15] = 40.0  # one peak
+    lo, hi = vl.robust_window(a)
+    nonzero = np.abs(a[a != 0])
+    assert hi == pytest.approx(np.percentile(nonzero, 99)) and lo == -hi and hi < 40.0
+    assert vl.robust_window(a, 100.0) == (-40.0, 40.0)
+    assert vl.robust_window(np.abs(a), 90.0) == (0.0, pytest.approx(np.percentile(nonzero, 90)))  # AG-CAM: >= 0
+    assert vl.robust_window(np.zeros(5)) == (0.0, 1.0)
+    assert vl.robust_window(np.array([0.0, -0.0, np.nan, -2.0])) == (-2.0, 2.0)
+    with pytest.raises(ValueError, match="percentile in \\(0, 100\\], got 0"):
+        vl.robust_window(a, 0)
+
+
+def test_overlay_colors_have_a_transparent_centre():
+    signed = vl.overlay_colors(256)
+    alpha = [c[3] for c in signed]
+    assert len(signed) == 256 and alpha[127] == alpha[128] == 0.0 and alpha[0] == alpha[255] == 1.0
+    t = [abs(2 * i / 255 - 1) for i in range(256)]
+    assert all((a == 0.0) == (ti < vl.DEFAULT_TRANSPARENT_FRACTION) for a, ti in zip(alpha, t))
+    assert all(a1 <= a2 for a1, a2 in zip(alpha[128:], alpha[129:]))  # alpha grows with |value|
+    assert all(a1 >= a2 for a1, a2 in zip(alpha[:128], alpha[1:128]))
+    red, blue = signed[255], signed[0]
+    assert red[:3] == (1.0, 1.0, 0.0) and blue[2] == 1.0 and blue[0] < 0.5  # yellow for, light blue against
+    positive = vl.overlay_colors(256, signed=False, transparent_fraction=0.25)
+    assert [c[3] for c in positive[:64]] == [0.0] * 64 and positive[64][3] > 0 and positive[255][:3] == (1.0, 1.0, 0.0)
+    assert vl.overlay_colors(4, transparent_fraction=0.0)[0][3] == 1.0
+    for kwargs, match in [({"n": 1}, "at least 2 colours"), ({"transparent_fraction": 1.0}, "in \\[0, 1\\)")]:
+        with pytest.raises(ValueError, match=match):
+            vl.overlay_colors(**kwargs)
+
+
 # -- the 3D Slicer extension (cannot run here: compile it and check its layout) ----------------------------
 def test_slicer_extension_layout():
+    """The layout the Extensions Index builds: the extension at a repository root, a license there, the
+    metadata, an icon and a screenshot whose URLs name files of this folder, and a catalog entry."""
     module = SLICER / "MedViTExplain"
     for rel in [
         "CMakeLists.txt",
         "README.md",
+        "LICENSE",
+        "MedViTExplain.json",
+        "Screenshots/MedViTExplain_overlay.png",
         "MedViTExplain/CMakeLists.txt",
         "MedViTExplain/MedViTExplain.py",
         "MedViTExplain/Resources/UI/MedViTExplain.ui",
         "MedViTExplain/Resources/Icons/MedViTExplain.png",
+        "MedViTExplain/Testing/CMakeLists.txt",
     ]:
         assert (SLICER / rel).is_file(), rel
     top = (SLICER / "CMakeLists.txt").read_text()
-    for key in [
-        "EXTENSION_HOMEPAGE",
-        "EXTENSION_CATEGORY",
-        "EXTENSION_CONTRIBUTORS",
-        "EXTENSION_DESCRIPTION",
-        "EXTENSION_ICONURL",
-        "EXTENSION_SCREENSHOTURLS",
-        "add_subdirectory(MedViTExplain)",
-    ]:
-        assert key in top
+    meta = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', top))
+    assert re.search(r"project\s*\(\s*MedViTExplain\s*\)", top) and "add_subdirectory(MedViTExplain)" in top
+    assert meta["EXTENSION_CATEGORY"] == "Informatics" and meta["EXTENSION_DEPENDS"] == "PyTorch"
+    assert meta["EXTENSION_CONTRIBUTORS"] and len(meta["EXTENSION_DESCRIPTION"]) > 80
+    raw = "https://raw.githubusercontent.com/medvit-explain/SlicerMedViTExplain/main/"
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in meta[key].split():
+            assert url.startswith(raw) and url.endswith(".png"), url
+            image = SLICER / url[len(raw) :]
+            assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", url  # a real image of this folder
+    assert meta["EXTENSION_HOMEPAGE"].startswith("https://github.com/medvit-explain/SlicerMedViTExplain")
+    entry = json.loads((SLICER / "MedViTExplain.json").read_text())
+    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+               "dicom_support_rule", "build_subdirectory", "enabled", "tier"}  # fmt: skip
+    assert set(entry) <= allowed and {"$schema", "category", "scm_url"} <= set(entry)
+    assert entry["category"] == meta["EXTENSION_CATEGORY"] and entry["build_dependencies"] == ["PyTorch"]
+    repo = entry["scm_url"].rstrip("/").split("/")[-1].removesuffix(".git")
+    assert "slicer" in repo.lower() and meta["EXTENSION_HOMEPAGE"].split("#")[0].endswith(repo)
+    assert "Apache License" in (SLICER / "LICENSE").read_text()[:200]
     cmake = (module / "CMakeLists.txt").read_text()
     assert "slicerMacroBuildScriptedModule" in cmake and "Resources/UI/${MODULE_NAME}.ui" in cmake
-    assert "set(MODULE_NAME MedViTExplain)" in cmake
+    assert "set(MODULE_NAME MedViTExplain)" in cmake and "slicer_add_python_unittest" in cmake
     assert (module / "Resources" / "Icons" / "MedViTExplain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    readme = (SLICER / "README.md").read_text()
+    assert "5.2 or newer" in readme and "rendering made outside 3D Slicer" in readme
 
 
 def test_slicer_module_compiles_and_has_the_four_classes(tmp_path):
@@ -341,7 +510,9 @@ def test_slicer_module_compiles_and_has_the_four_classes(tmp_path):
     assert classes["MedViTExplainTest"] == ["ScriptedLoadableModuleTest"]
     text = source.read_text()
     assert "shell=True" not in text and "os.system" not in text
-    assert "viewer_logic" in text and "pip_install" in text
+    assert "viewer_logic" in text and "pip_install" in text and "PyTorchUtils" in text
+    assert "saveNode(" not in text  # it would re-point the CT's storage node at a temporary file
+    ast.parse(text, feature_version=(3, 9))  # Slicer 5.2-5.8 run Python 3.9
 
 
 def test_slicer_ui_file_is_valid_and_names_the_widgets():
@@ -350,14 +521,28 @@ def test_slicer_ui_file_is_valid_and_names_the_widgets():
     text = (SLICER / "MedViTExplain" / "MedViTExplain.py").read_text()
     for name in [
         "inputSelector",
+        "roiSelector",
         "modelPathLineEdit",
         "methodsList",
         "targetsList",
         "deviceComboBox",
+        "batchSizeSpinBox",
+        "reportCheckBox",
         "applyButton",
+        "cancelButton",
+        "progressBar",
+        "statusLabel",
         "mapSelector",
         "opacitySlider",
-        "scoresTable",
+        "percentileSlider",
+        "transparentSlider",
+        "jumpTopButton",
+        "showScoresButton",
+        "openReportButton",
+        "executablePathLineEdit",
+        "outputFolderLineEdit",
+        "installButton",
+        "setupLabel",
     ]:
         assert name in names, name
         assert f"ui.{name}" in text, name
