@@ -287,3 +287,31 @@ def test_agcam_protocol_keeps_correct_slices_and_fills_zero(data, tmp_path):
     assert done.exit_code == 0, done.output
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["settings"]["protocol"] == "agcam"
     assert "the box of the binarised map's largest region" in (tmp_path / "ev" / "evaluation.html").read_text()
+
+
+def test_negated_output_flips_one_column_of_any_head():
+    """The benign-logit model: output k negated, the others unchanged, for a linear head (its row negated,
+    so LRP-style methods still see a Linear), an MLP head and a softmax head (wrapped)."""
+    from medvit_explain.model import build_model
+    from medvit_explain.workflows.evaluate import _negated_output, _NegatedColumn
+
+    from .models import tiny_config
+
+    x = torch.randn(2, 1, 32, 32)
+    softmax = [
+        {"name": "m", "kind": "softmax", "classes": ["b", "m"], "positive": "m"},
+        {"name": "d", "kind": "regression", "scale": [0, 4]},
+    ]
+    for head, spec, wrapped in (
+        (None, "lidc", False),
+        ({"layers": [{"linear": 8}, "relu", "linear"]}, "lidc", False),
+        (None, softmax, True),
+    ):
+        torch.manual_seed(0)
+        model = build_model({**tiny_config(), "head": head, "task_spec": spec}).eval()
+        flipped = _negated_output(model, 0)
+        assert isinstance(flipped.head, _NegatedColumn) == wrapped
+        with torch.no_grad():
+            a, b = model(x), flipped(x)
+        torch.testing.assert_close(b[:, 0], -a[:, 0])
+        torch.testing.assert_close(b[:, 1:], a[:, 1:])

@@ -283,11 +283,23 @@ class _NegatedColumn(torch.nn.Module):
 
 
 def _negated_output(model, k: int):
-    """A copy of ``model`` whose output ``k`` is negated (the benign logit of a binary target)."""
+    """A copy of ``model`` whose output ``k`` is negated (the benign logit of a binary target): the row of
+    the last Linear when output ``k`` is that Linear's (a plain head, as methods that propagate through the
+    head's layers need), else a wrapper around any head."""
     import copy
 
     clone = copy.deepcopy(model)
-    clone.head = _NegatedColumn(clone.head, k)
+    head = clone.head
+    last = head if isinstance(head, torch.nn.Linear) else None
+    if isinstance(head, torch.nn.Sequential) and len(head) and isinstance(head[-1], torch.nn.Linear):
+        last = head[-1]
+    if last is not None and getattr(head, "scores", None) is None:
+        with torch.no_grad():
+            last.weight[k].neg_()
+            if last.bias is not None:
+                last.bias[k].neg_()
+    else:
+        clone.head = _NegatedColumn(head, k)
     return clone.eval()
 
 
