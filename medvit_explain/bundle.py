@@ -588,24 +588,6 @@ def _check_out(out: Path) -> None:
         )
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` onto ``out``; a previous bundle there is removed only once it is replaced."""
-    old: Path | None = None
-    try:
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old)  # a folder may be renamed onto an empty one
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None and not out.exists():
-            with contextlib.suppress(OSError):
-                os.replace(old, out)  # put the previous bundle back
-        raise
-    finally:
-        if old is not None and old.exists():
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
@@ -624,7 +606,7 @@ def export_bundle(
     Raises :class:`MedvitInputError` (exit code 2 in the CLI) for a folder it will not overwrite, an ROI-mode
     model (the MONAI chain is slice mode), an unknown method or an unreadable checkpoint."""
     from .io.checksum import file_sha256
-    from .io.writer import usual_mode
+    from .io.writer import replace_folder, usual_mode
     from .model import load_model, save_checkpoint
     from .model.checkpoint import CARD_NAMES, SAMPLE_MODEL_DIR  # CARD_NAMES: beside a checkpoint, copied to docs/
     from .registry import explainer_class
@@ -674,7 +656,7 @@ def export_bundle(
         for path in tmp.rglob("*"):
             os.chmod(path, usual_mode(directory=path.is_dir()))
         _check_out(out)  # again: something may have appeared there meanwhile
-        _replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -41,6 +41,28 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def replace_folder(new: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move the finished folder ``new`` onto ``final`` (same filesystem). A previous ``final`` is moved
+    aside first, put back if the move fails, and removed only once it is replaced."""
+    import shutil
+
+    new, final = Path(new), Path(final)
+    old: Path | None = None
+    try:
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, old)  # a folder may be renamed onto an empty one
+        os.replace(new, final)
+    except BaseException:
+        if old is not None and not final.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, final)  # put the previous one back
+        raise
+    finally:
+        if old is not None and old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def remove_leftovers(finals: list[Path]) -> None:
     """Remove the temporary files of :func:`atomic_path` (``.<name>.XXXXXXXX<suffix>``) that a killed
     process left beside these final paths; nothing else is touched."""

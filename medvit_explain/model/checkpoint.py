@@ -24,7 +24,6 @@ A checkpoint written by :func:`save_checkpoint` has our names, so it is saved wi
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import math
@@ -444,21 +443,12 @@ def save_checkpoint(model: MedViT, path: str | Path, provenance: Mapping[str, An
             raise CheckpointError(
                 f"refusing to overwrite {str(path)!r}: it holds files that are not a checkpoint ({_list(other)})"
             )
+    from medvit_explain.io.writer import replace_folder
+
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    old_dir: Path | None = None
     try:
         _write_pair(model, config, tmp_dir / WEIGHTS_NAME, tmp_dir / CONFIG_NAME)
-        if path.exists():
-            old_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old_dir)  # rename onto an empty directory is allowed
-        os.replace(tmp_dir, path)
-    except BaseException:
-        if old_dir is not None and not path.exists():
-            with contextlib.suppress(OSError):
-                os.replace(old_dir, path)  # put the previous checkpoint back
-        raise
+        replace_folder(tmp_dir, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        if old_dir is not None and old_dir.exists():
-            shutil.rmtree(old_dir, ignore_errors=True)
     return path
