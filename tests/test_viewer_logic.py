@@ -607,3 +607,15 @@ def test_the_slicer_path_end_to_end(tmp_path):
     with pytest.raises(vl.ExplainCommandError) as info:
         vl.run_command(bad)
     assert info.value.returncode == 2 and "missing.nii.gz" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_piped_progress_reaches_the_total(tmp_path):
+    """Through a pipe the CLI prints every progress update, the last "n/n" included, however fast the run
+    (tqdm's refresh interval would drop it, and a viewer's bar would stop short)."""
+    ct = Path(__file__).resolve().parents[1] / "sample_data" / "phantom_000.nii.gz"
+    args = [sys.executable, "-m", "medvit_explain", "explain", str(ct), "--method", "cdam", "--target", "malignancy"]
+    done = subprocess.run([*args, "--out", str(tmp_path / "out"), "--no-report"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    seen = [p for p in map(vl.parse_progress, re.split(r"[\r\n]", done.stderr)) if p is not None]
+    explain = [p for p in seen if p.label == "explain"]
+    assert explain and explain[-1].done == explain[-1].total == 40

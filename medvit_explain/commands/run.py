@@ -31,9 +31,14 @@ def _explained(table) -> str:
 
 
 def _progress_bar(total: int, desc: str, unit: str = "slice"):
+    """A tqdm bar on stderr. When stderr is a pipe (a viewer reading the progress) every update is printed,
+    the last one included: tqdm's 0.1 s refresh interval would otherwise drop the final "n/n" of a fast run,
+    and a viewer's progress bar would stop short."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
+    piped = not sys.stderr.isatty()
+    every = {"mininterval": 0, "miniters": 1} if piped else {}
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, **every)
 
 
 @click.command()
