@@ -43,13 +43,12 @@ from monai.data import ImageReader, MetaTensor
 from monai.transforms import InvertibleTransform, LoadImaged, MapTransform, Transform
 
 from .errors import MedvitInputError
+from .orientation import ornt_from_affine_ras, reoriented_view
 from .transforms import (
     Preprocessing,
     body_box,
     normalise_channels,
-    ornt_from_affine_ras,
     pick_channels,
-    reoriented_view,
     resize_planes,
     window_channels,
 )

@@ -15,7 +15,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medvit_explain"
 LAYERS = [
     # words every layer shares; the output file names are words the viewers and writers share
     (0, ["vocabulary", "errors", "volume", "versions", "outputs.layout"]),
-    (1, ["io", "transforms", "phantom"]),  # reading and writing CTs, the model-input chain, synthetic CTs
+    (
+        1,
+        ["io", "orientation", "transforms", "phantom"],
+    ),  # reading and writing CTs, the model-input chain, synthetic CTs
     (2, ["model"]),
     (3, ["explainers", "registry"]),
     # explaining a volume and writing one study's files; the study report is one of those files

@@ -8,7 +8,7 @@ voxel in every layer of a study because each carries its own exact 4 × 4 affine
 Files are shown reoriented the way the CLI reorients them (:func:`reoriented_volume`): the voxel axes
 are permuted and flipped (numpy views: nothing is resampled or copied) so they point towards patient
 left, posterior and superior as closely as the grid allows (LPS axis codes, ``nibabel.orientations``,
-the maths of :func:`medvit_explain.transforms.orientation_of` and ``reoriented_view``), and the affine
+:func:`medvit_explain.orientation.orientation_of` and ``reoriented_view``, as the CLI), and the affine
 is rewritten for the new index order, so world positions do not move. Data axis 0, the slider in 2D,
 is then the axial position whatever the acquisition (a sagittal or coronal scan shows axial slices, as
 the model saw them), rows run towards posterior and columns towards the patient's left: the
@@ -25,15 +25,13 @@ from typing import Any
 
 import numpy as np
 
+from ..orientation import orientation_of, reoriented_view
 from ..viewer_logic import DEFAULT_OPACITY, color_range
-from ..volume import LPS_TO_RAS, Volume
+from ..volume import Volume
 
 # the reversal of the three spatial axes, in homogeneous coordinates
 _REVERSE = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 
-# the CLI's canonical axis codes (``transforms.CANONICAL_AXCODES``; not imported from there because
-# ``transforms`` imports torch and this module must not: a test checks the two agree)
-DISPLAY_AXCODES = ("L", "P", "S")
 CT_CONTRAST_LIMITS = (-1000.0, 400.0)  # the model's HU window (lung to soft tissue)
 OVERLAY_PERCENTILE = 99.5  # display window = ± this percentile of |map| (a few outliers ignored)
 OVERLAY_BLENDINGS = ("translucent", "additive")
@@ -56,30 +54,17 @@ def layer_data(volume: Volume) -> np.ndarray:
 
 
 # -- reorientation ------------------------------------------------------------------------------------
-def display_orientation(volume: Volume) -> np.ndarray:
-    """nibabel ``ornt`` ([3, 2]: for each source axis, its new axis and flip) taking the volume's voxel
-    axes to LPS axis codes (equal to :func:`medvit_explain.transforms.orientation_of`)."""
-    import nibabel.orientations as nio
-
-    current = nio.io_orientation(LPS_TO_RAS @ volume.affine_lps)
-    return nio.ornt_transform(current, nio.axcodes2ornt(DISPLAY_AXCODES))
-
-
 def reoriented_volume(volume: Volume) -> Volume:
     """The volume with its voxel axes permuted and flipped to LPS codes (see the module docstring).
 
-    The array is a view of ``volume.array`` (equal to ``transforms.reoriented_view``); origin, spacing and
+    The array is :func:`medvit_explain.orientation.reoriented_view` of ``volume.array``; origin, spacing and
     direction describe the new index order, so ``index_to_physical`` of a voxel is unchanged (a volume
     already in LPS order keeps its array and grid). ``metadata["display_ornt"]`` records the ``ornt``.
     """
     import nibabel.orientations as nio
 
-    ornt = display_orientation(volume)
-    array = volume.array
-    for axis, (_, flip) in enumerate(ornt):
-        if flip == -1:
-            array = np.flip(array, axis=axis)
-    array = array.transpose(*np.argsort(ornt[:, 0].astype(int)))  # ornt[i, 0] says where source axis i goes
+    ornt = orientation_of(volume)
+    array = reoriented_view(volume.array, ornt)
     affine = volume.affine_lps @ nio.inv_ornt_aff(ornt, volume.shape)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     metadata = {**volume.metadata, "display_ornt": ornt.astype(int).tolist()}
