@@ -178,9 +178,3 @@ def _layer_name(item: Any, where: str) -> tuple[str, Any]:
     if name not in known:
         raise CheckpointError(f"{where}: unknown layer {name!r}; expected one of {', '.join(known)}")
     return name, arg
-
-
-def raw_outputs(model: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
-    """The head's outputs before the task's scores (the class logits of a softmax target)."""
-    head = model.head
-    return head.raw(pooled) if hasattr(head, "raw") else head(pooled)
