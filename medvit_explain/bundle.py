@@ -222,16 +222,6 @@ def inference_config(model, methods: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def _versions(*names: str) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in names:
-        with contextlib.suppress(PackageNotFoundError):
-            out[name] = version(name)
-    return out
-
-
 def _fmt(value: float) -> str:
     return f"{float(value):g}"
 
@@ -319,8 +309,11 @@ def bundle_metadata(
     provenance = model.config.get("provenance") or {}
     channel_def, value_range = _input_channels(prep)
     metrics, metrics_source = _eval_metrics(model, card)
-    versions = _versions("monai", "torch", "numpy", "medvit-explain", "timm", "safetensors")
-    versions.update(_versions("SimpleITK", "pydicom", "nibabel"))
+    from .versions import package_versions
+
+    versions = package_versions(
+        ("monai", "torch", "numpy", "medvit-explain", "timm", "safetensors", "SimpleITK", "pydicom", "nibabel")
+    )
     required = {k: v for k, v in versions.items() if k not in ("monai", "torch", "numpy")}
     citations = list(dict.fromkeys(explainer_class(m).citation for m in methods))
     titles = ", ".join(f"{m} ({explainer_class(m).title})" for m in methods)

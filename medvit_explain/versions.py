@@ -5,12 +5,12 @@ from __future__ import annotations
 PACKAGES = ("medvit-explain", "torch", "timm", "monai", "safetensors", "SimpleITK", "pydicom", "nibabel", "numpy")
 
 
-def package_versions() -> dict[str, str]:
-    """{distribution: version} for the installed ones among :data:`PACKAGES`."""
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
+    """{distribution: version} for the installed ones among ``names`` (default :data:`PACKAGES`), in that order."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in PACKAGES:
+    for name in names:
         try:
             out[name] = version(name)
         except PackageNotFoundError:
