@@ -9,29 +9,50 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 import click
 
 from .commands.options import modality_option, series_option
-from .errors import MedvitInputError
+from .errors import OS_ADVICE, MedvitInputError, MedvitWarning, os_error_message, printable
 
 
 class MedvitGroup(click.Group):
-    """A group that reports user errors as one line with exit code 2 (no traceback)."""
+    """A group that reports user errors as one line with exit code 2 (no traceback).
+
+    Our own warnings (:class:`~medvit_explain.errors.MedvitWarning`) are printed as one ``warning:``
+    line each; other libraries' warnings (deprecations, pickling notes) are silenced.
+    """
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except MedvitInputError as exc:
-            _fail(str(exc))
-        except click.UsageError as exc:
-            _fail(exc.format_message())
-        except click.exceptions.FileError as exc:
-            _fail(exc.format_message())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("always", MedvitWarning)
+            warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except MedvitInputError as exc:
+                _fail(str(exc))
+            except click.UsageError as exc:
+                _fail(exc.format_message())
+            except click.exceptions.FileError as exc:
+                _fail(exc.format_message())
+            except OSError as exc:
+                if exc.errno not in OS_ADVICE:
+                    raise
+                _fail(os_error_message(exc))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = "warning: " + " ".join(printable(message).split())
+    if "tqdm" in sys.modules:  # a progress bar may be on the line: clear it, print, draw it again
+        sys.modules["tqdm"].tqdm.write(text, file=sys.stderr)
+    else:
+        click.echo(text, err=True)
 
 
 def _fail(message: str) -> None:
-    click.echo("error: " + " ".join(message.split()), err=True)
+    click.echo("error: " + " ".join(printable(message).split()), err=True)
     sys.exit(2)
 
 

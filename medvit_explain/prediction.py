@@ -34,10 +34,30 @@ def model_inputs(
         if len(roi_centers) == 0:
             raise MedvitInputError("the ROI mask holds no labelled voxel (expected labels 1..n)")
     if roi_centers is not None:
-        return RoiInputs(volume, pre, np.asarray(roi_centers, dtype=np.float64).reshape(-1, 3), labels)
+        roi_centers = np.asarray(roi_centers, dtype=np.float64).reshape(-1, 3)
+        check_centres_inside(roi_centers, volume)
+        return RoiInputs(volume, pre, roi_centers, labels)
     if pre.mode == "roi":
         raise MedvitInputError("this model expects nodule ROIs: pass --roi-centers FILE or --roi-mask FILE")
     return SliceInputs(volume, pre)
+
+
+def check_centres_inside(centres: np.ndarray, volume: Volume) -> None:
+    """Refuse ROI centres (LPS mm) that lie outside the CT (beyond half a voxel past its first or last voxel
+    centre): such a crop holds only padding, and its score would mean nothing."""
+    index = volume.physical_to_index(centres)
+    outside = np.any((index < -0.5) | (index > np.asarray(volume.shape) - 0.5), axis=1)
+    if not np.any(outside):
+        return
+    first = int(np.argmax(outside))
+    corners = volume.index_to_physical(np.array([[0.0, 0.0, 0.0], np.asarray(volume.shape, dtype=float) - 1]))
+    lo, hi = np.minimum(*corners), np.maximum(*corners)
+    span = ", ".join(f"{a:.1f}..{b:.1f}" for a, b in zip(lo, hi))
+    raise MedvitInputError(
+        f"{int(outside.sum())} of {len(centres)} ROI centre(s) lie outside the CT, e.g. ROI {first + 1} at "
+        f"{np.round(centres[first], 1).tolist()} mm (the CT spans x, y, z = {span} mm, LPS); give centres in this "
+        "scan's LPS millimetres"
+    )
 
 
 def model_batches(inputs: ModelInputs, batch_size: int, device: torch.device) -> Iterator[InputBatch]:

@@ -23,6 +23,8 @@ import threading
 import warnings
 from typing import Any
 
+from .errors import MedvitWarning
+
 __all__ = [
     "ENTRY_POINT_GROUP",
     "explainer_class",
@@ -88,7 +90,7 @@ def _load_entry_points() -> None:
                 raise ValueError(f"the entry point is named {ep.name!r} but the class says {cls.name!r}")
             register(cls)
         except Exception as exc:  # a broken plugin is reported and skipped; the built-in methods still work
-            warnings.warn(f"medvit-explain: skipped the explainer plugin {ep.name} = {ep.value}: {exc}", stacklevel=2)
+            warnings.warn(f"skipped the explainer plugin {ep.name} = {ep.value}: {exc}", MedvitWarning, stacklevel=2)
 
 
 def method_names() -> list[str]:

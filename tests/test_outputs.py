@@ -145,8 +145,10 @@ def test_overlays_stream_one_map_per_worker(tmp_path, monkeypatch, workers):
 
 
 def test_failed_overlay_leaves_no_partial_file(tmp_path, monkeypatch):
-    """A write that fails (a full disk) raises; no temporary file, no summary is left behind."""
+    """A write that fails (a full disk) raises one OutputError; nothing is left: no temporary file, no
+    staging folder, and none of the overlays that were complete (all or nothing)."""
     import medvit_explain.outputs.writing as writing
+    from medvit_explain.errors import OutputError
 
     result = _phantom_result(targets=["malignancy", "texture"])
     real = writing.write_map
@@ -159,11 +161,9 @@ def test_failed_overlay_leaves_no_partial_file(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(writing, "write_map", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OutputError, match="No space left on device .free some space"):
         write_outputs(result, tmp_path / "out", stem="ph", report=False, workers=1)
-    left = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert "summary.json" not in left and not any(n.startswith(".") for n in left)
-    assert all("texture" not in n for n in left)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
 
 
 def test_cli_int16_default_equals_float32_within_tolerance(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -78,7 +79,9 @@ def predict(
     Example:
       medvit-explain predict sample_data/phantom_000.nii.gz --out predictions.csv
     """
+    from ..errors import OutputError, os_error_message
     from ..io import load_volume
+    from ..outputs.writing import output_folder
     from ..pipeline import input_count
     from ..prediction import predict as run_predict
 
@@ -86,12 +89,18 @@ def predict(
     volume = load_volume(input_path, series_uid=series_uid, allow_modality=allow_modality)
     centres, mask = resolve_roi(roi_centers, roi_mask)
     total = input_count(model, volume, centres, mask)
-    with _progress_bar(total, "predict") as bar:
-        table = run_predict(
-            model, volume, batch_size=batch_size, roi_centers=centres, roi_mask=mask, progress=bar.update
-        )
-    if out_csv:
-        table.to_csv(out_csv)
+    if out_csv and Path(out_csv).is_dir():
+        raise OutputError(f"--out {out_csv} is a folder; give the CSV file to write")
+    with output_folder(Path(out_csv).parent) if out_csv else contextlib.nullcontext():
+        with _progress_bar(total, "predict") as bar:
+            table = run_predict(
+                model, volume, batch_size=batch_size, roi_centers=centres, roi_mask=mask, progress=bar.update
+            )
+        if out_csv:
+            try:
+                table.to_csv(out_csv)
+            except OSError as exc:
+                raise OutputError("cannot write " + os_error_message(exc, out_csv)) from None
     summary = table.summary()
     if as_json:
         click.echo(json.dumps({"columns": table.columns, "rows": table.rows, "summary": summary}))
@@ -173,10 +182,10 @@ def explain(input_path, out_dir, series_uid, roi_centers, roi_mask, options):
       medvit-explain explain sample_data/phantom_000.nii.gz
       medvit-explain explain scan_dicom/ --method cdam --target malignancy --target spiculation --dicom
     """
-    from ..errors import MedvitInputError
     from ..io import load_volume
     from ..outputs import write_outputs
     from ..outputs.layout import volume_stem
+    from ..outputs.writing import output_folder
     from ..pipeline import check_targets, explain_volume, input_count
 
     # everything that can fail on bad input is checked before the output folder is touched
@@ -185,36 +194,37 @@ def explain(input_path, out_dir, series_uid, roi_centers, roi_mask, options):
     volume = load_volume(input_path, series_uid=series_uid, allow_modality=options.allow_modality)
     check_targets(model, options.targets)
     centres, mask = resolve_roi(roi_centers, roi_mask)
-    if options.dicom and not str(volume.metadata.get("format", "")).startswith("dicom"):
-        raise MedvitInputError("--dicom needs a DICOM input (a series folder or a DICOM file)")
+    if options.dicom:
+        from ..io.dicom_output import dicom_sources
+
+        dicom_sources(volume)  # everything --dicom needs from the input, checked before any work
     stem = volume_stem(input_path)
-    out = Path(out_dir) if out_dir else Path(str(input_path).rstrip("/")).parent / f"{stem}_explain"
-    if out.exists() and not out.is_dir():
-        raise MedvitInputError(f"--out {out} exists and is not a folder")
+    out = Path(out_dir) if out_dir else Path(input_path).resolve().parent / f"{stem}_explain"
     total = input_count(model, volume, centres, mask)
-    with _progress_bar(total, "explain") as bar:
-        result = explain_volume(
-            model,
-            volume,
-            methods=list(options.methods),
-            targets=options.targets,
-            batch_size=options.batch_size,
-            precision=options.precision,
-            roi_centers=centres,
-            roi_mask=mask,
-            progress=bar.update,
-        )
-    n_maps = len(result.methods) * len(result.targets)
-    with _progress_bar(n_maps, "write", unit="map") as bar:
-        written = write_outputs(
-            result,
-            out,
-            stem=stem,
-            map_dtype=options.map_dtype,
-            report=options.report,
-            dicom=options.dicom,
-            progress=bar.update,
-        )
+    with output_folder(out):
+        with _progress_bar(total, "explain") as bar:
+            result = explain_volume(
+                model,
+                volume,
+                methods=list(options.methods),
+                targets=options.targets,
+                batch_size=options.batch_size,
+                precision=options.precision,
+                roi_centers=centres,
+                roi_mask=mask,
+                progress=bar.update,
+            )
+        n_maps = len(result.methods) * len(result.targets)
+        with _progress_bar(n_maps, "write", unit="map") as bar:
+            written = write_outputs(
+                result,
+                out,
+                stem=stem,
+                map_dtype=options.map_dtype,
+                report=options.report,
+                dicom=options.dicom,
+                progress=bar.update,
+            )
     summary = result.predictions.summary()
     where = f"{len(written)} files in {out}" + (f"; report: {written['report']}" if "report" in written else "")
     if "max_malignancy_slice" in summary:

@@ -230,6 +230,30 @@ def _parametric_map(
     )
 
 
+def dicom_sources(volume) -> list[pydicom.Dataset]:
+    """The source DICOM headers the Parametric Maps of ``volume`` reference, in k order; raises
+    ``MedvitInputError`` when maps cannot be written for this input (not DICOM, resampled on reading,
+    files gone or not matching the slices). Cheap (headers only): ``explain --dicom`` calls it before
+    computing anything, so a run that cannot write its DICOM output writes nothing at all."""
+    meta = volume.metadata
+    fmt = meta.get("format")
+    if fmt not in DICOM_FORMATS:
+        where = f" ({meta['path']})" if meta.get("path") else ""
+        raise MedvitInputError(
+            f"--dicom needs a DICOM input (a DICOM series folder or file) whose instances the maps can "
+            f"reference; got a {fmt or 'non-DICOM'} input{where}. Drop --dicom or pass the DICOM series."
+        )
+    if meta.get("resampled"):
+        raise MedvitInputError(
+            f"--dicom cannot reference the source images: the series was resampled on reading ({meta['resampled']}), "
+            "so no map slice lies on a source image; drop --dicom (the NIfTI overlays are on the resampled grid)"
+        )
+    files = meta.get("dicom_files") or []
+    if not files:
+        raise MedvitInputError("--dicom: the input's DICOM file list is missing; cannot reference the sources")
+    return _sources_in_k_order(volume, _read_sources(files))
+
+
 def write_dicom_maps(result, folder: str | os.PathLike, stem: str, map_dtype: str = "int16", workers: int = 1) -> Path:
     """Write one Parametric Map per method × target of ``result`` into ``folder``.
 
@@ -254,17 +278,7 @@ def write_dicom_maps(result, folder: str | os.PathLike, stem: str, map_dtype: st
 
     volume = result.volume
     meta = volume.metadata
-    fmt = meta.get("format")
-    if fmt not in DICOM_FORMATS:
-        where = f" ({meta['path']})" if meta.get("path") else ""
-        raise MedvitInputError(
-            f"--dicom needs a DICOM input (a DICOM series folder or file) whose instances the maps can "
-            f"reference; got a {fmt or 'non-DICOM'} input{where}. Drop --dicom or pass the DICOM series."
-        )
-    files = meta.get("dicom_files") or []
-    if not files:
-        raise MedvitInputError("--dicom: the input's DICOM file list is missing; cannot reference the sources")
-    sources = _sources_in_k_order(volume, _read_sources(files))
+    sources = dicom_sources(volume)
     source_series = str(getattr(sources[0], "SeriesInstanceUID", meta.get("series_uid", "")))
     model_name = (result.model_info or {}).get("name", "medvit-explain")
     folder = Path(folder)

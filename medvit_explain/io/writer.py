@@ -23,13 +23,27 @@ def usual_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+_KNOWN_SUFFIXES = (".nii.gz", ".nrrd", ".nii", ".mha", ".csv", ".json", ".html", ".dcm", ".png")
+_TEMP_NAME_BYTES = 160  # the part of a final name kept in its temporary name (file names stop at 255 bytes)
+
+
+def _temp_affixes(final: Path) -> tuple[str, str]:
+    """(prefix, suffix) of ``final``'s temporary names: ``.<name, cut to 160 bytes>.`` and its image suffix
+    (writers such as ITK pick the format from it). Only known suffixes count: a dotted name such as
+    ``a.b.c.nii.gz`` keeps ``.nii.gz``, not ``.b.c.nii.gz``, so the temporary name stays short."""
+    name = final.name
+    suffix = next((s for s in _KNOWN_SUFFIXES if name.lower().endswith(s)), final.suffix[:16] or ".tmp")
+    head = name.encode("utf-8")[:_TEMP_NAME_BYTES].decode("utf-8", "ignore")
+    return f".{head}.", suffix
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it onto ``final`` only if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(final.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
+    prefix, suffix = _temp_affixes(final)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, usual_mode())
@@ -67,7 +81,8 @@ def remove_leftovers(finals: list[Path]) -> None:
     """Remove the temporary files of :func:`atomic_path` (``.<name>.XXXXXXXX<suffix>``) that a killed
     process left beside these final paths; nothing else is touched."""
     for final in finals:
-        for path in Path(final).parent.glob(f".{glob.escape(Path(final).name)}.*"):
+        prefix, _ = _temp_affixes(Path(final))
+        for path in Path(final).parent.glob(f"{glob.escape(prefix)}*"):
             if path.is_file():
                 path.unlink(missing_ok=True)
 
@@ -83,8 +98,46 @@ def to_sitk(volume: Volume, dtype=np.float32) -> sitk.Image:
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, dtype=np.float32, compress: bool = True) -> Path:
-    """Write ``volume`` to ``path`` (.nii.gz, .nii, .nrrd, .mha) atomically; returns the path."""
+    """Write ``volume`` to ``path`` (.nii.gz, .nii, .nrrd, .mha) atomically; returns the path.
+
+    ITK's writers report a short write (a full disk, a file-size limit) only on stderr and return normally,
+    so the temporary file is checked to hold all the voxel data before it is renamed; a short file raises
+    ``OSError`` (ENOSPC) and nothing is left at ``path``.
+    """
     path = Path(path)
+    nbytes = int(np.prod(volume.shape)) * np.dtype(dtype).itemsize
     with atomic_path(path) as tmp:
         sitk.WriteImage(to_sitk(volume, dtype), str(tmp), compress)
+        check_written(tmp, nbytes, compressed=compress and path.name.lower().endswith((".gz", ".nrrd", ".mha")))
     return path
+
+
+def check_written(path: Path, data_bytes: int, compressed: bool) -> None:
+    """Raise ``OSError`` unless ``path`` holds at least ``data_bytes`` bytes of data: the file itself, or
+    what it decompresses to (a gzip stream — ``.nii.gz`` — read through; a compressed NRRD/MHA is read back
+    by ITK, whose zlib reader fails on a cut stream)."""
+    import errno
+
+    if not compressed:
+        size = path.stat().st_size
+    elif path.name.lower().endswith(".gz"):
+        import gzip
+        import zlib
+
+        size = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while block := stream.read(1 << 24):
+                    size += len(block)
+        except (EOFError, OSError, zlib.error):
+            size = -1
+    else:
+        try:
+            image = sitk.ReadImage(str(path))
+            size = image.GetNumberOfPixels() * image.GetSizeOfPixelComponent() * image.GetNumberOfComponentsPerPixel()
+        except RuntimeError:
+            size = -1
+    if size < data_bytes:
+        raise OSError(
+            errno.ENOSPC, "the file was cut short while writing (a full disk or a file-size limit?)", str(path)
+        )

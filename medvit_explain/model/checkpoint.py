@@ -43,7 +43,7 @@ import yaml
 from medvit_explain.errors import CheckpointError
 from medvit_explain.model.device import resolve_device
 from medvit_explain.model.keymaps import monai_key_name, monai_vit_keys, torchvision_vit_keys
-from medvit_explain.model.network import FORMAT, MedViT, build_model
+from medvit_explain.model.network import FORMAT, MedViT, build_model, check_not_remote
 from medvit_explain.vocabulary import jsonable
 
 WEIGHTS_NAME = "model.safetensors"
@@ -144,6 +144,11 @@ def _locate(path: Path, config: str | Path | Mapping[str, Any] | None) -> tuple[
             raise CheckpointError(f"checkpoint directory {str(path)!r} has no {WEIGHTS_NAME}")
         candidates = [path / f"config{s}" for s in CONFIG_SUFFIXES]
     else:
+        if path.suffix.lower() not in WEIGHT_SUFFIXES:
+            raise CheckpointError(
+                f"unsupported checkpoint file {str(path)!r}; expected a checkpoint folder or one of "
+                f"{', '.join(WEIGHT_SUFFIXES)}"
+            )
         weights = path
         candidates = [path.with_suffix(s) for s in CONFIG_SUFFIXES] + [path.parent / CONFIG_NAME]
     if isinstance(config, Mapping):
@@ -155,7 +160,7 @@ def _locate(path: Path, config: str | Path | Mapping[str, Any] | None) -> tuple[
             return weights, load_config(candidate), candidate.parent
     raise CheckpointError(
         f"no config found for {str(path)!r}; expected {' or '.join(c.name for c in candidates)} beside it, "
-        "or pass config=PATH"
+        "or pass --model-config FILE (config= in Python)"
     )
 
 
@@ -355,6 +360,7 @@ def load_model(
                 "pass a checkpoint path (the sample model is trained from configs/sample_model.yaml)"
             )
         path = SAMPLE_MODEL_DIR
+    check_not_remote(str(path), "--model", "there: pass a local checkpoint folder or weights file (see convert)")
     path = Path(path).expanduser()
     weights, cfg, base_dir = _locate(path, config)
     raw = apply_key_rules(read_state_dict(weights), cfg)

@@ -155,6 +155,7 @@ def _architecture(config: Mapping[str, Any]) -> tuple[str, dict[str, Any], float
     name = arch.get("timm_name")
     if not isinstance(name, str) or not name:
         raise CheckpointError(f"config: expected architecture.timm_name (a timm model name), got {name!r}")
+    check_not_remote(name, "config: architecture.timm_name")
     eps = arch.get("norm_eps")
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1):
         raise CheckpointError(f"config: expected architecture.norm_eps a small positive number (1e-5), got {eps!r}")
@@ -176,10 +177,25 @@ def _architecture(config: Mapping[str, Any]) -> tuple[str, dict[str, Any], float
     return name, kwargs, None if eps is None else float(eps)
 
 
+REMOTE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:", "http://", "https://")
+
+
+def check_not_remote(name: str, where: str, advice: str = "") -> None:
+    """Refuse a timm model name that would fetch or read a model elsewhere (``hf-hub:``, ``local-dir:``, a
+    URL): timm would make network requests (an offline machine hangs, then fails) or read a config we did not
+    check. Weights come from the checkpoint only."""
+    if str(name).strip().lower().startswith(REMOTE_PREFIXES):
+        raise CheckpointError(
+            f"{where} {name!r} names a hub or remote model; medvit-explain never downloads or reads models from "
+            + (advice or "there: give the timm architecture name (e.g. vit_small_patch16_224) and a local checkpoint")
+        )
+
+
 def build_backbone(timm_name: str, kwargs: Mapping[str, Any], norm_eps: float | None = None) -> VisionTransformer:
     """``timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)``, checked to be a ViT.
     ``norm_eps`` sets every LayerNorm's epsilon afterwards (timm's ViT uses 1e-6; MONAI's and PyTorch's
     default is 1e-5), so a converted model computes exactly what the original did."""
+    check_not_remote(timm_name, "timm model")
     try:
         backbone = timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
     except (RuntimeError, TypeError, ValueError, AssertionError, KeyError) as exc:

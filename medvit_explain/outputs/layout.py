@@ -65,13 +65,28 @@ def _methods_from_cli(python_exe: str) -> tuple[str, ...]:
     return tuple(row["name"] for row in json.loads(done.stdout))
 
 
+STEM_BYTES = 96  # a longer stem is cut (and a hash of the whole added) so every output name fits in 255 bytes
+
+
 def volume_stem(path: str | os.PathLike) -> str:
-    """The file-name stem of outputs of ``path`` (``scan.nii.gz`` → ``scan``; a folder: its name)."""
-    name = Path(str(path).rstrip("/\\")).name
+    """The file-name stem of outputs of ``path`` (``scan.nii.gz`` → ``scan``; a folder: its name; ``.``:
+    the current folder's name). A stem longer than 96 bytes is cut and ends with ``~`` and 8 hex digits of
+    its full text's SHA-1, so the overlay names (stem, method, target) still fit a file name."""
+    text = str(path).rstrip("/\\") or str(path)
+    name = Path(text).name
+    if name in ("", ".", ".."):
+        name = Path(text).resolve().name or "volume"
     for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= STEM_BYTES:
+        return name
+    import hashlib
+
+    digest = hashlib.sha1(raw).hexdigest()[:8]
+    return raw[: STEM_BYTES - 9].decode("utf-8", "ignore") + "~" + digest
 
 
 def overlay_name(stem: str, method: str, target: str) -> str:

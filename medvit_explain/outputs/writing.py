@@ -2,28 +2,103 @@
 
 Each overlay is projected onto the source grid, quantised and compressed by one worker thread, one
 (method, target) at a time per worker: memory holds the CT plus ``workers`` full-size maps, whatever
-the number of methods and targets. Every file is written under a temporary name and renamed when
-complete, so a final path never holds a partial file; the first error stops the remaining overlays and
-is raised.
+the number of methods and targets.
+
+All or nothing: every file is written into a hidden staging folder inside the output folder
+(``.medvit-explain-run-<pid>-XXXX``) and moved to its final name only when all of them are complete,
+so a failed run (a full disk, a quota, an error in the DICOM writer) leaves no new file at a final path
+and no half-written study. A killed run's staging folder is removed by the next run into that folder.
+Files of an earlier run that are replaced are named in one warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from ..errors import MedvitWarning, OutputError, os_error_message
 from ..io.nifti import write_map
-from ..io.writer import atomic_path, remove_leftovers
+from ..io.writer import atomic_path, remove_leftovers, replace_folder
 from ..vocabulary import DEFAULT_MAP_DTYPE, MAP_DTYPES, to_json
 from .layout import DICOM_FOLDER, PREDICTIONS, REPORT, SUMMARY, overlay_name, volume_stem
 
-__all__ = ["MAX_WORKERS", "overlay_workers", "write_outputs"]
+__all__ = ["MAX_WORKERS", "output_folder", "overlay_workers", "write_outputs"]
 
 MAX_WORKERS = 4  # each in-flight overlay holds one float32 map on the source grid
+STAGE_PREFIX = ".medvit-explain-run-"
+
+
+@contextlib.contextmanager
+def output_folder(out_dir: str | os.PathLike):
+    """Create ``out_dir`` (and missing parents) and check a file can be made in it, before any work is done;
+    if the block raises, the folders this created are removed again (when still empty). Raises
+    :class:`~medvit_explain.errors.OutputError` (one line) when the folder cannot be written."""
+    out_dir = Path(out_dir)
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+    try:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise OutputError(f"--out {out_dir} exists and is not a folder")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        _remove_empty(created)
+        raise OutputError("cannot write to " + os_error_message(exc, out_dir)) from None
+    try:
+        yield out_dir
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _remove_stale_stages(out_dir: Path) -> None:
+    """Remove the staging folders of runs that were killed (their process is gone)."""
+    for stage in out_dir.glob(f"{STAGE_PREFIX}*"):
+        pid = stage.name[len(STAGE_PREFIX) :].split("-")[0]
+        if stage.is_dir() and not stage.is_symlink() and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _publish(stage: Path, out_dir: Path, written: dict[str, Path]) -> dict[str, Path]:
+    """Move every staged file (and the ``dicom`` folder) to its final name in ``out_dir``; warn once about
+    files of an earlier run that were replaced."""
+    names = sorted({p.relative_to(stage).parts[0] for p in written.values()})
+    replaced = [n for n in names if (out_dir / n).exists() or (out_dir / n).is_symlink()]
+    for name in names:
+        if (stage / name).is_dir():
+            replace_folder(stage / name, out_dir / name)
+        else:
+            if (out_dir / name).is_dir() and not (out_dir / name).is_symlink():
+                raise OutputError(f"a folder is in the way of {out_dir / name}; move it or choose another --out")
+            os.replace(stage / name, out_dir / name)
+    if replaced:
+        shown = ", ".join(replaced[:3]) + (f" and {len(replaced) - 3} more" if len(replaced) > 3 else "")
+        warnings.warn(f"replaced {len(replaced)} earlier output(s) in {out_dir}: {shown}", MedvitWarning, stacklevel=3)
+    return {key: out_dir / path.relative_to(stage) for key, path in written.items()}
 
 
 def overlay_workers(n_maps: int) -> int:
@@ -65,17 +140,33 @@ def write_outputs(
     stem = stem or volume_stem(result.volume.metadata.get("path", "volume"))
     finals = [overlay_name(stem, m, t) for m in result.methods for t in result.targets]
     remove_leftovers([out_dir / name for name in (*finals, PREDICTIONS, REPORT, SUMMARY)])
+    _remove_stale_stages(out_dir)
     result.input_checksum()
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=out_dir))
+        try:
+            written = _write_staged(result, stage, stem, map_dtype, report, dicom, workers, progress)
+            return _publish(stage, out_dir, written)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write the outputs into {os_error_message(exc, out_dir)}; no output of this run was kept"
+        ) from exc
+
+
+def _write_staged(result, stage: Path, stem: str, map_dtype: str, report: bool, dicom: bool, workers, progress):
+    """Every output file of ``result``, written into the staging folder ``stage``."""
     t0 = time.perf_counter()
-    written = _write_overlays(result, out_dir, stem, map_dtype, workers, progress)
-    written["predictions"] = out_dir / PREDICTIONS
+    written = _write_overlays(result, stage, stem, map_dtype, workers, progress)
+    written["predictions"] = stage / PREDICTIONS
     result.predictions.to_csv(written["predictions"])
     if dicom:
         from ..io.dicom_output import write_dicom_maps
 
         written["dicom"] = write_dicom_maps(
             result,
-            out_dir / DICOM_FOLDER,
+            stage / DICOM_FOLDER,
             stem=stem,
             map_dtype=map_dtype,
             workers=workers or overlay_workers(len(result.methods) * len(result.targets)),
@@ -85,12 +176,12 @@ def write_outputs(
         from ..report.html import write_report
 
         t0 = time.perf_counter()
-        written["report"] = write_report(result, out_dir / REPORT)
+        written["report"] = write_report(result, stage / REPORT)
         result.timings["report"] = time.perf_counter() - t0
     summary = result.summary()
     summary["map_dtype"] = map_dtype
     summary["files"] = {k: str(Path(v).name) for k, v in written.items()}
-    written["summary"] = out_dir / SUMMARY
+    written["summary"] = stage / SUMMARY
     with atomic_path(written["summary"]) as tmp:
         Path(tmp).write_text(to_json(summary))
     return written
