@@ -110,6 +110,7 @@ class ExplainResult:
                 "shape": list(self.volume.shape),
                 "spacing": [float(s) for s in self.volume.spacing],
                 "format": self.volume.metadata.get("format"),
+                **({"resampled": self.volume.metadata["resampled"]} if self.volume.metadata.get("resampled") else {}),
             },
             "model": self.model_info,
             "methods": self.methods,

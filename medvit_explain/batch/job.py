@@ -4,35 +4,49 @@ The driver (this module) owns every record: an engine hands it one outcome per s
 writes ``.done.json`` (after checking the outputs are there) or ``.failed.json``, then rewrites
 ``results.csv`` and ``batch.json`` from what it knows. A ``kill -9`` at any moment leaves either a
 complete study with its record, or a study without a record that the next run redoes from scratch.
+A study whose input changed since its record (another file, or the same file rewritten; see
+:func:`.records.input_identity`) is redone too.
+
+Before anything is written the manifest, the model, the targets and ``--out`` are checked (a study id that
+is not a safe folder name, a symbolic link where the job writes); afterwards an ``OSError`` writing the
+job's own files (a full disk, a read-only folder) ends the job with one :class:`OutputError` line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import fcntl
 import hashlib
 import io
 import json
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import MedvitInputError
+from ..errors import MedvitInputError, OutputError, os_error_message, printable
 from ..io.writer import atomic_path
 from .manifest import Study, read_manifest
 from .records import (
+    AUDIT_NAME,
     DONE_NAME,
     FAILED_NAME,
     JOB_NAME,
+    LOCK_NAME,
     RESULTS_NAME,
+    check_no_links,
+    input_changed,
+    input_identity,
     now_iso,
     read_done,
     read_failed,
     read_json,
+    real_folder,
     result_row,
     write_done,
     write_failed,
@@ -60,36 +74,59 @@ class BatchSummary:
     results_csv: Path
     audit: Path | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)  # (study_id, error)
+    changed: int = 0  # run again because their input changed since their record
 
 
-def check_out_dir(out_dir: str | os.PathLike) -> Path:
-    """``out_dir`` as a folder that is new, empty or an earlier batch's output (else MedvitInputError)."""
+def check_out_dir(out_dir: str | os.PathLike, study_ids: Sequence[str] = ()) -> Path:
+    """``out_dir`` as a folder that is new, empty or an earlier batch's output, where none of the job's
+    files and none of the folders of ``study_ids`` is a symbolic link (else MedvitInputError)."""
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise MedvitInputError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / JOB_NAME).is_file():
-        raise MedvitInputError(
-            f"--out {out} is not empty and holds no {JOB_NAME}; choose a new folder or the "
-            "output folder of an earlier batch to resume it"
-        )
+    try:
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"--out {printable(out)} exists and is not a folder")
+        if out.is_dir() and any(out.iterdir()) and not (out / JOB_NAME).is_file():
+            raise OutputError(
+                f"--out {printable(out)} is not empty and holds no {JOB_NAME}; choose a new folder or the "
+                "output folder of an earlier batch to resume it"
+            )
+        if out.is_dir():
+            check_no_links(out, list(study_ids))
+    except OSError as exc:
+        raise OutputError("cannot read --out " + os_error_message(exc)) from None
     return out
 
 
 @contextlib.contextmanager
 def job_lock(out: Path) -> Iterator[None]:
-    """One job per output folder at a time (the lock goes with the process, even on ``kill -9``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as stream:
+    """One job per output folder at a time (the lock goes with the process, even on ``kill -9``).
+
+    ``.lock`` is opened without following a symbolic link and without truncating it: a link planted there
+    would otherwise have its target (anywhere on the disk) emptied."""
+    path = out / LOCK_NAME
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OutputError(
+                f"{printable(path)} is a symbolic link; a batch does not follow links in --out; remove it"
+            ) from None
+        raise OutputError("cannot write to " + os_error_message(exc)) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OutputError(f"{printable(path)} is not a regular file; remove it")
         try:
-            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise MedvitInputError(
-                f"another batch job is writing to {out}; wait for it or choose another --out"
+                f"another batch job is writing to {printable(out)}; wait for it or choose another --out"
             ) from None
         try:
             yield
         finally:
-            fcntl.flock(stream, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def format_eta(seconds: float | None) -> str:
@@ -118,6 +155,7 @@ class BatchJob:
         self.status: dict[str, str] = {}
         self.records: dict[str, dict | None] = {}
         self.skipped = 0
+        self.changed = 0
         self.ran = 0
         self.started = time.perf_counter()
         self.started_at = now_iso()
@@ -125,25 +163,44 @@ class BatchJob:
 
     # ------------------------------------------------------------------ state on disk
     def scan(self, retry_failed: bool) -> list[Study]:
-        """Statuses from the records on disk; returns the studies to run (in manifest order)."""
+        """Statuses from the records on disk; returns the studies to run (in manifest order).
+
+        A done or failed record made from another input than the study's (see
+        :func:`.records.input_identity`) is stale: the study runs again and counts in ``changed``."""
         todo = []
         for study in self.studies:
             study_dir = self.out / study.study_id
             done = read_done(study_dir, self.fingerprint)
             failed = read_failed(study_dir) if done is None else None
-            if done is not None:
+            mask = study.nodule_mask if self.settings.roi_from_mask else None
+            changed = (done or failed) is not None and input_changed(done or failed, input_identity(study.path, mask))
+            if done is not None and not changed:
                 self.status[study.study_id], self.records[study.study_id] = "done", done
                 self.skipped += 1
-            elif failed is not None and not retry_failed:
+            elif failed is not None and not changed and not retry_failed:
                 self.status[study.study_id], self.records[study.study_id] = "failed", failed
             else:
                 self.status[study.study_id], self.records[study.study_id] = "pending", None
+                self.changed += changed
                 todo.append(study)
-        for stale in self.out.glob(f".{RESULTS_NAME}.*"):  # temporaries of a write that a kill interrupted
-            stale.unlink(missing_ok=True)
-        for stale in self.out.glob(f".{JOB_NAME}.*"):
-            stale.unlink(missing_ok=True)
+        for name in (RESULTS_NAME, JOB_NAME):  # temporaries of a write that a kill interrupted
+            for stale in self.out.glob(f".{name}.*"):
+                if stale.is_file() or stale.is_symlink():
+                    stale.unlink(missing_ok=True)
         return todo
+
+    def plan_line(self, n_todo: int) -> str:
+        """What this run will do, after :meth:`scan`."""
+        counts = self.counts()
+        failed = f"{counts['failed']} failed before (kept; --retry-failed retries them), " if counts["failed"] else ""
+        changed = ""
+        if self.changed:
+            whose = "its" if self.changed == 1 else "their"
+            changed = f" ({self.changed} of them because {whose} input changed since the last run)"
+        return (
+            f"{counts['total']} studies: {self.skipped} already done, {failed}"
+            f"{n_todo} to run with the {self.engine} engine{changed}"
+        )
 
     def counts(self) -> dict[str, int]:
         values = list(self.status.values())
@@ -215,7 +272,7 @@ class BatchJob:
         per_min, eta = self.rate()
         finished = counts["done"] + counts["failed"]
         took = (outcome.get("timings_s") or {}).get("total")
-        what = "done" if status == "done" else f"FAILED: {fields.get('error', '')}"
+        what = "done" if status == "done" else f"FAILED: {printable(fields.get('error', ''))}"
         rate = "?" if per_min is None else f"{per_min:.1f}"
         self.log(
             f"[{finished:>{len(str(counts['total']))}}/{counts['total']}] {study_id} {what}"
@@ -251,7 +308,7 @@ def run_batch(
     if engine not in ENGINES:
         raise MedvitInputError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
     studies = read_manifest(manifest)
-    out = check_out_dir(out_dir)
+    out = check_out_dir(out_dir, [s.study_id for s in studies])
     if engine == "ray":
         from .ray_engine import import_ray
 
@@ -261,28 +318,25 @@ def run_batch(
         settings.model_path, device=settings.device if engine == "local" else "cpu", config=settings.model_config
     )
     spec = output_spec(model, settings)
-    with job_lock(out):
-        job = BatchJob(out, studies, spec, settings, str(manifest), engine, log)
-        todo = job.scan(retry_failed)
-        counts = job.counts()
-        left_failed = counts["failed"]
-        log(
-            f"{counts['total']} studies: {job.skipped} already done, "
-            + (f"{left_failed} failed before (kept; --retry-failed retries them), " if left_failed else "")
-            + f"{len(todo)} to run with the {engine} engine"
-        )
-        job.write_files("running", force=True)
-        state = "interrupted"
-        job.started = time.perf_counter()  # the rate counts this run's work, engine start-up included
-        try:
-            ray_options = {"address": ray_address, "workers": workers, "gpus_per_worker": gpus_per_worker}
-            _run_engine(engine, model, settings, out, todo, job, ray_options, log)
-            state = "finished"
-        finally:
-            job.write_files(state, force=True)
-        audit = None
-        if audit_enabled and job.counts()["pending"] == 0:
-            audit = audit_whole_set(out, studies, job, model, settings, log)
+    ray_options = {"address": ray_address, "workers": workers, "gpus_per_worker": gpus_per_worker}
+    job = BatchJob(out, studies, spec, settings, str(manifest), engine, log)
+    audit = None
+    try:
+        with job_lock(out):
+            todo = job.scan(retry_failed)
+            log(job.plan_line(len(todo)))
+            job.write_files("running", force=True)
+            state = "interrupted"
+            job.started = time.perf_counter()  # the rate counts this run's work, engine start-up included
+            try:
+                _run_engine(engine, model, settings, out, todo, job, ray_options, log)
+                state = "finished"
+            finally:
+                job.write_files(state, force=True)
+            if audit_enabled and job.counts()["pending"] == 0:
+                audit = audit_whole_set(out, studies, job, model, settings, log)
+    except OSError as exc:  # the job's own files (records, tables, audit) could not be written
+        raise OutputError(f"cannot write the batch output in --out {printable(out)}: {os_error_message(exc)}") from exc
     return _summary(job, studies, out, audit)
 
 
@@ -318,6 +372,7 @@ def _summary(job, studies, out: Path, audit) -> BatchSummary:
         results_csv=out / RESULTS_NAME,
         audit=audit,
         failures=failures,
+        changed=job.changed,
     )
 
 
@@ -340,7 +395,7 @@ def audit_whole_set(
     from ..report.evaluation import write_audit as write_audit_files
     from ..workflows.audit import audit as run_audit
 
-    audit_dir = out / "audit"
+    audit_dir = out / AUDIT_NAME
     stamp = hashlib.sha256(
         json.dumps(
             [
@@ -354,7 +409,7 @@ def audit_whole_set(
     if previous and previous.get("stamp") == stamp and (audit_dir / "audit.html").is_file():
         log(f"audit: unchanged since the last run ({audit_dir / 'audit.html'})")
         return audit_dir / "audit.html"
-    audit_dir.mkdir(parents=True, exist_ok=True)
+    real_folder(audit_dir)
     (audit_dir / DONE_NAME).unlink(missing_ok=True)
     manifest = audit_dir / "studies.csv"
     buffer = io.StringIO()
@@ -371,10 +426,10 @@ def audit_whole_set(
             methods=list(settings.methods),
             batch_size=settings.batch_size,
             progress=False,
-            on_failure=lambda name, message: log(f"audit: {name} failed: {message}"),
+            on_failure=lambda name, message: log(f"audit: {printable(name)} failed: {printable(message)}"),
         )
     except MedvitInputError as exc:
-        log(f"audit skipped: {exc}")
+        log(f"audit skipped: {printable(exc)}")
         return None
     written = write_audit_files(result, audit_dir)
     write_json_atomic(audit_dir / DONE_NAME, {"stamp": stamp, "studies": len(labelled), "finished_at": now_iso()})

@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import MedvitInputError
 from ..vocabulary import DEFAULT_MAP_DTYPE
 from ..workflows.studies import Study
-from .records import clear_study_dir, list_outputs, now_iso
+from .records import clear_study_dir, input_identity, list_outputs, now_iso
 
 SUMMARY_KEYS = (
     "mode",
@@ -97,6 +97,7 @@ class LoadedStudy:
     study: Study
     volume: Any = None
     roi_mask: Any = None
+    input: dict[str, Any] | None = None  # the input's identity when it was read (see records.input_identity)
     load_s: float = 0.0
     error: str | None = None
     trace: str | None = None
@@ -130,6 +131,8 @@ class StudyRunner:
         t0 = time.perf_counter()
         loaded = LoadedStudy(study)
         try:
+            # taken before reading: a change while the study runs leaves a stale identity, so it is redone
+            loaded.input = input_identity(study.path, study.nodule_mask if self.settings.roi_from_mask else None)
             loaded.volume = load_volume(study.path, allow_modality=self.settings.allow_modality)
             if self.settings.roi_from_mask:
                 if not study.nodule_mask:
@@ -150,7 +153,13 @@ class StudyRunner:
         study_dir = self.out_dir / study.study_id
         t0 = time.perf_counter()
         timings = {"load": round(loaded.load_s, 4)}
-        base = {"study_id": study.study_id, "path": study.path, "worker": self.worker, "timings_s": timings}
+        base = {
+            "study_id": study.study_id,
+            "path": study.path,
+            "input": loaded.input,
+            "worker": self.worker,
+            "timings_s": timings,
+        }
         if loaded.error is not None:
             timings["total"] = timings["load"]
             return {
@@ -187,8 +196,8 @@ class StudyRunner:
             trace = traceback.format_exc()
             timings["total"] = round(loaded.load_s + time.perf_counter() - t0, 4)
             try:
-                clear_study_dir(study_dir)
-            except OSError:
+                clear_study_dir(study_dir)  # no partial output stays at a final path
+            except (OSError, MedvitInputError):
                 pass  # the failure record written next says what happened; leftovers carry no record
             return {**base, "status": "failed", "error": error_line(exc), "traceback": trace, "finished_at": now_iso()}
         summary = result.predictions.summary()

@@ -62,9 +62,11 @@ def batch(
     """Explain every study of MANIFEST into --out; re-run the same command to resume.
 
     MANIFEST is a CSV with the columns study_id,path (optional nodule_mask, labels, malignancy), or a
-    folder whose NIfTI/NRRD/MHA files and DICOM series folders become studies. A study is skipped when
-    its completion record says it is done; a failed study is recorded and the others go on (exit code 1
-    if any study failed; --retry-failed runs them again).
+    folder whose NIfTI/NRRD/MHA files and DICOM series folders become studies. A study_id names the
+    study's folder in --out: 1 to 128 letters, digits, '.', '_' or '-', not starting with '.', and not
+    results.csv, batch.json or audit. A study is skipped when its completion record says it is done from
+    the same input (path, size, modification time); a failed study is recorded and the others go on
+    (exit code 1 if any study failed; --retry-failed runs them again, a changed input too).
 
     \b
     Example:
@@ -105,12 +107,16 @@ def batch(
 
 
 def _echo_summary(summary) -> None:
+    from ..errors import printable
+
     rate = "" if summary.studies_per_min is None else f" at {summary.studies_per_min:.1f} studies/min"
+    redone = f", {summary.changed} of them because their input changed" if summary.changed else ""
     click.echo(
         f"{summary.done}/{summary.total} studies done, {summary.failed} failed "
-        f"({summary.ran} processed in {summary.elapsed_s:.1f} s{rate}); results: {summary.results_csv}"
+        f"({summary.ran} processed{redone} in {summary.elapsed_s:.1f} s{rate}); "
+        f"results: {printable(summary.results_csv)}"
     )
     for study_id, error in summary.failures:
-        click.echo(f"failed: {study_id}: {error}")
+        click.echo(f"failed: {printable(study_id)}: {printable(error)}")
     if summary.audit is not None:
-        click.echo(f"audit: {summary.audit}")
+        click.echo(f"audit: {printable(summary.audit)}")

@@ -332,6 +332,7 @@ def render_report(result, *, top: int = 3, overlay: bool = True, task_spec=None,
             ("spacing (mm)", " × ".join(f"{float(s):.4g}" for s in result.volume.spacing)),
             ("sha256", meta.get("sha256", "n/a")),
             *([("series UID", meta["series_uid"])] if meta.get("series_uid") else []),
+            *([("resampled", meta["resampled"])] if meta.get("resampled") else []),
         ]
     )
     run_card = _kv(

@@ -8,13 +8,14 @@ The older training layout is read the same way: a column ``image`` instead of ``
 ``study_id`` optional (the image's file name then).
 
 ``read_manifest`` (batch) takes any study with an image, a folder is scanned for NIfTI files and DICOM
-series, and study ids must be unique (they name output folders). ``find_studies`` (train, evaluate,
+series, and study ids must be unique, case aside (they name output folders). ``find_studies`` (train, evaluate,
 audit) needs a ``nodule_mask`` and ``labels`` in every row, and a folder is a folder of phantoms as
 ``make-phantom`` writes them (``<name>.nii.gz``, ``<name>_nodules.nii.gz``, ``<name>.json``); there the
 labels JSON is read when the study is loaded, so a broken one is that study's error.
 
-Everything is checked before anything is written: a missing column, a missing file, an empty or
-duplicate ``study_id`` or an unreadable label raises :class:`MedvitInputError` with one line.
+Everything is checked before anything is written: a missing column, a missing file, a study_id that is
+not a safe folder name (see :func:`check_study_id`), a duplicate ``study_id`` or an unreadable label raises
+:class:`MedvitInputError` with one line naming the row.
 """
 
 from __future__ import annotations
@@ -23,22 +24,26 @@ import csv
 import json
 import os
 import re
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import MedvitInputError
+from ..errors import MedvitInputError, printable
 from ..vocabulary import VOLUME_SUFFIXES
 
-__all__ = ["Study", "find_phantoms", "find_studies", "malignancy_from_labels", "read_manifest"]
+__all__ = ["Study", "check_study_id", "find_phantoms", "find_studies", "malignancy_from_labels", "read_manifest"]
 
 REQUIRED_COLUMNS = ("study_id", "path")
 OPTIONAL_COLUMNS = ("nodule_mask", "labels", "malignancy")
 LEGACY_IMAGE_COLUMN = "image"  # the older training manifests' name for ``path``
 LABELLED_COLUMNS = ("nodule_mask", "labels")  # what train / evaluate / audit need in every row
 MASK_SUFFIXES = ("_nodules", "_lungs")  # phantom masks next to a CT are not studies
-RESERVED_IDS = ("audit",)  # DIR/audit/ holds the whole-set audit report
-_STUDY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+# a study_id names a folder and prefixes its files: ``<id>_<method>_<target>_pm.dcm`` must fit the 255 bytes
+# of a file name with the longest method name (23) and a long target name, so ids stop at 128 characters
+MAX_ID_LENGTH = 128
+_STUDY_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_ID_LENGTH - 1}}}")
+ID_RULE = f"1 to {MAX_ID_LENGTH} letters, digits, '.', '_' or '-', not starting with '.'"
 
 
 @dataclass(frozen=True)
@@ -59,25 +64,57 @@ class Study:
         return asdict(self)
 
 
-def read_manifest(source: str | os.PathLike) -> list[Study]:
-    """The studies of a manifest CSV or of a folder (see the module docstring); raises MedvitInputError."""
+def read_manifest(source: str | os.PathLike, reserved: Collection[str] = ()) -> list[Study]:
+    """The studies of a manifest CSV or of a folder (see the module docstring); raises MedvitInputError.
+
+    ``reserved``: names a study_id may not take, whatever their case (a batch job's own files at the top
+    of its output folder, see :data:`medvit_explain.batch.records.JOB_FILES`)."""
     source = Path(source)
     if not source.exists():
-        raise MedvitInputError(f"manifest not found: {source} (expected a CSV with study_id,path or a folder)")
-    studies = _scan_folder(source) if source.is_dir() else _read_csv(source)
+        raise MedvitInputError(
+            f"manifest not found: {printable(source)} (expected a CSV with study_id,path or a folder)"
+        )
+    studies = _scan_folder(source, reserved) if source.is_dir() else _read_csv(source, reserved=reserved)
     if not studies:
-        raise MedvitInputError(f"manifest {source} lists no study")
-    seen: set[str] = set()
+        raise MedvitInputError(f"manifest {printable(source)} lists no study")
+    seen: dict[str, str] = {}
     for study in studies:
-        if study.study_id.lower() in RESERVED_IDS:
-            raise MedvitInputError(
-                f"manifest {source}: study_id {study.study_id!r} is reserved (the folder of the "
-                "audit report); rename that study"
-            )
-        if study.study_id in seen:
-            raise MedvitInputError(f"manifest {source}: duplicate study_id {study.study_id!r}")
-        seen.add(study.study_id)
+        # case-insensitive: on macOS and Windows file systems "A" and "a" would share one output folder
+        key = study.study_id.lower()
+        if key in seen:
+            same = "" if seen[key] == study.study_id else f" (as {seen[key]!r}; ids may not differ only in case)"
+            raise MedvitInputError(f"manifest {printable(source)}: duplicate study_id {study.study_id!r}{same}")
+        seen[key] = study.study_id
     return studies
+
+
+def check_study_id(study_id: str, where: str, reserved: Collection[str] = ()) -> str:
+    """``study_id`` if it is a safe output folder name, else MedvitInputError naming ``where`` and the id.
+
+    Allowed: 1 to ``MAX_ID_LENGTH`` ASCII letters, digits, ``.``, ``_`` and ``-``, not starting with ``.``
+    (so no empty id, no ``.``/``..``, no hidden name, no ``/``, ``\\``, NUL or control character), and
+    none of ``reserved`` in any case."""
+    shown = printable(repr(study_id if len(study_id) <= 60 else study_id[:60] + "..."))
+    if not study_id:
+        problem = "is empty"
+    elif len(study_id) > MAX_ID_LENGTH:
+        problem = f"is too long ({len(study_id)} characters)"
+    elif study_id in (".", ".."):
+        problem = "is not a folder name"
+    elif study_id.startswith("."):
+        problem = "starts with '.' (a hidden name)"
+    elif any(c in study_id for c in "/\\"):
+        problem = "contains a path separator"
+    elif any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in study_id):
+        problem = "contains control characters"
+    elif not _STUDY_ID.fullmatch(study_id):
+        problem = "contains characters other than letters, digits, '.', '_' and '-'"
+    elif study_id.lower() in {name.lower() for name in reserved}:
+        problem = "is the name of one of the batch job's own files"
+    else:
+        return study_id
+    others = f", and none of {', '.join(reserved)}" if reserved else ""
+    raise MedvitInputError(f"{where}: study_id {shown} {problem}; expected {ID_RULE}{others}")
 
 
 def find_studies(data: str | os.PathLike) -> list[Study]:
@@ -137,15 +174,15 @@ def _check_columns(path: Path, columns: list[str], labelled: bool) -> str:
     return LEGACY_IMAGE_COLUMN if legacy else "path"
 
 
-def _read_csv(path: Path, labelled: bool = False) -> list[Study]:
+def _read_csv(path: Path, labelled: bool = False, reserved: Collection[str] = ()) -> list[Study]:
     columns, rows = _read_rows(path)
     image_column = _check_columns(path, columns, labelled)
     base = path.parent
     studies = []
     for line, row in enumerate(rows, start=2):
-        where = f"manifest {path} line {line}"
+        where = f"manifest {printable(path)} line {line}"
+        study_id = check_study_id(_row_id(row, image_column), where, reserved)
         image = _existing(base, row.get(image_column, ""), where, image_column, required=True)
-        study_id = _row_id(row, image_column, where)
         mask = _existing(base, row.get("nodule_mask", ""), where, "nodule_mask", required=labelled)
         labels = _existing(base, row.get("labels", ""), where, "labels", required=labelled)
         malignancy = _malignancy_value(row.get("malignancy", ""), where)
@@ -155,17 +192,13 @@ def _read_csv(path: Path, labelled: bool = False) -> list[Study]:
     return studies
 
 
-def _row_id(row: dict[str, str], image_column: str, where: str) -> str:
-    """The row's ``study_id``; in the older layout without one, the image's file name."""
+def _row_id(row: dict[str, str], image_column: str) -> str:
+    """The row's ``study_id`` (checked by the caller); in the older layout without one, the image's file
+    name made safe."""
     study_id = row.get("study_id", "")
     if not study_id and image_column == LEGACY_IMAGE_COLUMN:
         name = Path(row[image_column]).name
-        return name if _STUDY_ID.match(name) else _safe_id(name)
-    if not _STUDY_ID.match(study_id):
-        raise MedvitInputError(
-            f"{where}: expected a study_id of letters, digits, '.', '_' or '-' "
-            f"(not starting with '.'), got {study_id!r}"
-        )
+        return name if _STUDY_ID.fullmatch(name) else _safe_id(name)
     return study_id
 
 
@@ -177,7 +210,7 @@ def _existing(base: Path, value: str, where: str, column: str, required: bool = 
     p = Path(value).expanduser()
     p = p if p.is_absolute() else base / p
     if not p.exists():
-        raise MedvitInputError(f"{where}: {column} not found: {p}")
+        raise MedvitInputError(f"{where}: {column} not found: {printable(p)}")
     return str(p.resolve())
 
 
@@ -202,8 +235,8 @@ def malignancy_from_labels(labels: str | os.PathLike, where: str = "") -> int:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         prefix = f"{where}: " if where else ""
         raise MedvitInputError(
-            f"{prefix}cannot read labels {labels} (expected JSON with nodules[].malignancy): "
-            f"{type(exc).__name__}: {exc}"
+            f"{prefix}cannot read labels {printable(labels)} (expected JSON with nodules[].malignancy): "
+            f"{type(exc).__name__}: {printable(exc)}"
         ) from None
 
 
@@ -224,8 +257,10 @@ def _holds_dicom(folder: Path) -> bool:
 
 
 def _safe_id(text: str) -> str:
+    """``text`` as a study_id: other characters than letters, digits, '.', '_', '-' become '_', no leading
+    '.', cut to ``MAX_ID_LENGTH`` (two names that become one id are then refused as duplicates)."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-") or "study"
-    return cleaned[:200]
+    return cleaned[:MAX_ID_LENGTH]
 
 
 def _walk_images(root: Path) -> list[tuple[str, str, Path]]:
@@ -248,12 +283,13 @@ def _walk_images(root: Path) -> list[tuple[str, str, Path]]:
     return found
 
 
-def _scan_folder(root: Path) -> list[Study]:
+def _scan_folder(root: Path, reserved: Collection[str] = ()) -> list[Study]:
     """Each image file (not a ``*_nodules``/``*_lungs`` mask) and each folder holding DICOM files is a study.
 
     The labels ``<name>.json`` and mask ``<name>_nodules.nii.gz`` beside an image (or beside a series
     folder ``<name>_dicom/``) are picked up. Study ids are the names; names that repeat in different
-    sub-folders get their relative path (``a_b_name``) instead."""
+    sub-folders get their relative path (``a_b_name``) instead; both made safe by :func:`_safe_id`, and an
+    id that is one of ``reserved`` is refused, naming the file to rename."""
     found = _walk_images(root)
     counts: dict[str, int] = {}
     for name, _, _ in found:
@@ -261,6 +297,7 @@ def _scan_folder(root: Path) -> list[Study]:
     studies = []
     for name, rel_id, path in found:
         study_id = _safe_id(name if counts[name] == 1 else rel_id)
+        check_study_id(study_id, f"folder {printable(root)}: {printable(path.relative_to(root))} (rename it)", reserved)
         base = name[: -len("_dicom")] if path.is_dir() and name.endswith("_dicom") else name
         labels = path.parent / f"{base}.json"
         mask = path.parent / f"{base}_nodules.nii.gz"
@@ -270,5 +307,7 @@ def _scan_folder(root: Path) -> list[Study]:
             Study(study_id, str(path.resolve()), str(mask.resolve()) if mask.is_file() else None, labels_s, malignancy)
         )
     if not studies:
-        raise MedvitInputError(f"no study in folder {root}: expected NIfTI/NRRD/MHA files or DICOM series folders")
+        raise MedvitInputError(
+            f"no study in folder {printable(root)}: expected NIfTI/NRRD/MHA files or DICOM series folders"
+        )
     return studies

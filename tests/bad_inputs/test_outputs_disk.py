@@ -175,3 +175,27 @@ def test_roi_centre_outside_the_volume(tmp_path, ct):
         out = tmp_path / f"out-{command}"
         args = [command, ct, "--roi-centers", centres, "--out", out / "p.csv" if command == "predict" else out]
         assert_refused(run_cli(args + (EXPLAIN if command == "explain" else [])), match="outside the CT", absent=(out,))
+
+
+def test_dicom_output_of_a_tilted_series_is_refused_before_writing(tmp_path):
+    """A gantry-tilted series is resampled on reading (said in a warning and in summary.json); ``--dicom``
+    then cannot reference the source images and is refused up front, before any NIfTI map or table is
+    written (was: the Parametric Map writer failed after the overlays and predictions.csv were written)."""
+    import json
+
+    from .images import tilted_series
+
+    tilted_series(tmp_path / "tilt")
+    out = tmp_path / "out"
+    line = assert_refused(
+        run_cli(["explain", tmp_path / "tilt", "--out", out, "--dicom", *EXPLAIN]),
+        match="--dicom cannot reference the source images: the series was resampled",
+        absent=(out,),
+        warnings_allowed=1,
+    )
+    assert "gantry tilt" in line
+    outcome = run_cli(["explain", tmp_path / "tilt", "--out", out, *EXPLAIN])
+    assert_clean(outcome, warnings_allowed=1)
+    assert "gantry tilt 15.0° corrected" in outcome.warnings[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["input"]["resampled"].startswith("gantry tilt 15.0° corrected")
