@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from ..vocabulary import IMAGE_SUFFIXES
 from ..volume import Volume
 
 
@@ -23,7 +24,7 @@ def usual_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
-_KNOWN_SUFFIXES = (".nii.gz", ".nrrd", ".nii", ".mha", ".csv", ".json", ".html", ".dcm", ".png")
+_KNOWN_SUFFIXES = (*IMAGE_SUFFIXES, ".csv", ".json", ".html", ".png")
 _TEMP_NAME_BYTES = 160  # the part of a final name kept in its temporary name (file names stop at 255 bytes)
 
 

@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from medvit_explain.errors import MedvitWarning, UnreadableImageError
-from medvit_explain.io import find_dicom_series, load_volume, reader
+from medvit_explain.io import dicom_folder, find_dicom_series, load_volume
 from medvit_explain.io.quiet import native_stderr
 from medvit_explain.volume import Volume
 
@@ -133,7 +133,7 @@ def test_series_in_sub_folders_and_split_over_two(tmp_path):
 
 def test_search_stops_after_its_limit(tmp_path, monkeypatch):
     dicom_series(tmp_path / "s")
-    monkeypatch.setattr(reader, "DICOM_SEARCH_LIMIT", 3)
+    monkeypatch.setattr(dicom_folder, "DICOM_SEARCH_LIMIT", 3)
     assert_refused(run_cli(["inspect", tmp_path / "s"]), match=r"more than 3 files.*pass the folder of one series")
 
 
