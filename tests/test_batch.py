@@ -23,6 +23,7 @@ from medvit_explain.errors import MedvitInputError
 from medvit_explain.io import load_volume
 from medvit_explain.phantom import make_phantoms
 
+from .bad_inputs.batch import batch_options
 from .models import tiny_checkpoint
 
 if "batch" not in cli.commands:  # until cli.py registers it
@@ -42,19 +43,7 @@ def data(tmp_path_factory):
 
 
 def options(data, *extra, audit=False):
-    return [
-        "--model",
-        str(data["ckpt"]),
-        "--method",
-        "cdam",
-        "--target",
-        "malignancy",
-        "--device",
-        "cpu",
-        "--no-report",
-        *([] if audit else ["--no-audit"]),
-        *extra,
-    ]
+    return batch_options(data["ckpt"], *extra, audit=audit)
 
 
 def write_manifest(path: Path, rows: list[dict], columns=("study_id", "path", "labels", "nodule_mask")) -> Path:

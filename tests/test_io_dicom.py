@@ -97,24 +97,6 @@ def test_non_ct_refused_unless_allowed(tmp_path):
     assert result.exit_code == 0 and '"modality": "MR"' in result.output
 
 
-def test_rgb_dicom_refused(tmp_path):
-    write_ct_series(ct(shape=(6, 6, 3)), tmp_path / "rgb")
-
-    def to_rgb(ds, _):
-        grey = ds.pixel_array.astype(np.uint8)
-        ds.PhotometricInterpretation = "RGB"
-        ds.SamplesPerPixel = 3
-        ds.PlanarConfiguration = 0
-        ds.BitsAllocated = ds.BitsStored = 8
-        ds.HighBit = 7
-        ds.PixelRepresentation = 0
-        ds.PixelData = np.stack([grey] * 3, axis=-1).tobytes()
-
-    _rewrite(tmp_path / "rgb", to_rgb)
-    with pytest.raises(UnsupportedImageError, match="colour"):
-        load_volume(tmp_path / "rgb")
-
-
 def test_missing_slice_refused(tmp_path):
     files = write_ct_series(ct(shape=(6, 6, 8)), tmp_path / "gap")
     files[4].unlink()

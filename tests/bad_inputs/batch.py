@@ -29,8 +29,8 @@ BAD_IDS = {
 }
 
 
-def batch_options(checkpoint: Path, *extra: str) -> list[str]:
-    """The fastest batch run: one method, one target, CPU, no report, no audit."""
+def batch_options(checkpoint: Path, *extra: str, audit: bool = False) -> list[str]:
+    """The fastest batch run: one method, one target, CPU, no report, no audit (unless ``audit``)."""
     return [
         "--model",
         str(checkpoint),
@@ -41,7 +41,7 @@ def batch_options(checkpoint: Path, *extra: str) -> list[str]:
         "--device",
         "cpu",
         "--no-report",
-        "--no-audit",
+        *([] if audit else ["--no-audit"]),
         *extra,
     ]
 
