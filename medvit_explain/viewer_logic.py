@@ -53,6 +53,7 @@ from .vocabulary import (
     DEVICE_CHOICES,
     EXPECTED_DEVICES,
     IMAGE_SUFFIXES,
+    LABEL_MAP_SUFFIXES,
     MAP_DTYPES,
     PRIMARY_COLUMN,
     is_device,
@@ -98,7 +99,7 @@ __all__ = [
 DEFAULT_OPACITY = 0.7
 DEFAULT_PERCENTILE = 99.0  # of the non-zero |value|s: the display window of a map
 DEFAULT_TRANSPARENT_FRACTION = 0.1  # |value| below this fraction of the window is not drawn
-_MASK_SUFFIXES = ("_nodules.nii.gz", "_lungs.nii.gz", "_mask.nii.gz", "_seg.nii.gz")
+_MASK_SUFFIXES = tuple(f"{suffix}.nii.gz" for suffix in LABEL_MAP_SUFFIXES)
 _INT_COLUMNS = frozenset({"slice", "source_index", "roi"})
 
 

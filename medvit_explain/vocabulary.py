@@ -4,6 +4,9 @@ viewers import them without torch or numpy, and so agree).
 * devices: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (:func:`is_device`);
 * image suffixes: files read as volumes (``VOLUME_SUFFIXES``) and the suffixes stripped to make an
   output stem (``IMAGE_SUFFIXES``, also ``.dcm``);
+* label maps beside a CT: the phantoms' ``<name>_nodules`` / ``_lungs`` / ``_features`` stems
+  (``PHANTOM_MASK_SUFFIXES``: never a study or a CT), any label-map stem (``LABEL_MAP_SUFFIXES``) and
+  the words that name a label map (``LABEL_NAME_WORDS``);
 * the primary target (malignancy, else the first binary target) and its probability column;
 * target resolution: names, indices, ``"all"`` or comma lists → output indices (:func:`resolve_targets`);
 * how overlays are stored (``MAP_DTYPES``) and how results become JSON (:func:`jsonable`, :func:`to_json`).
@@ -35,6 +38,19 @@ def is_device(text: str) -> bool:
 # -- files ------------------------------------------------------------------------------------------
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_SUFFIXES = (*VOLUME_SUFFIXES, ".dcm")
+NODULES_SUFFIX, LUNGS_SUFFIX, FEATURES_SUFFIX = "_nodules", "_lungs", "_features"  # make-phantom's label maps
+PHANTOM_MASK_SUFFIXES = (NODULES_SUFFIX, LUNGS_SUFFIX, FEATURES_SUFFIX)  # stems of label maps, not studies
+LABEL_MAP_SUFFIXES = (*PHANTOM_MASK_SUFFIXES, "_mask", "_seg")  # a file stem ending so is no CT to show
+LABEL_NAME_WORDS = (  # a stem ending in "_<word>" (or "-", ".") names a label map in the viewers
+    *(suffix[1:] for suffix in PHANTOM_MASK_SUFFIXES),
+    "mask",
+    "masks",
+    "seg",
+    "segmentation",
+    "label",
+    "labels",
+    "labelmap",
+)
 MAP_DTYPES = ("int16", "float32")
 DEFAULT_MAP_DTYPE = "int16"
 

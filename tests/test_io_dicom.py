@@ -139,7 +139,7 @@ def test_make_phantom_cli_is_deterministic(tmp_path):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 0, result.output
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(names) == 8
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(names) == 10
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 

@@ -49,10 +49,12 @@ def test_same_seed_identical_files_other_seed_differs(tmp_path):
         [
             "phantom_000.json",
             "phantom_000.nii.gz",
+            "phantom_000_features.nii.gz",
             "phantom_000_lungs.nii.gz",
             "phantom_000_nodules.nii.gz",
             "phantom_001.json",
             "phantom_001.nii.gz",
+            "phantom_001_features.nii.gz",
             "phantom_001_lungs.nii.gz",
             "phantom_001_nodules.nii.gz",
         ]
@@ -229,17 +231,18 @@ def test_write_nifti_and_dicom_geometry(tmp_path):
         4, size=(96, 80, 20), spacing=(3.5, 4.0, 5.0), n_nodules=2, direction=direction, origin=(10.0, -20.0, 30.0)
     )
     paths = write_phantom(ph, tmp_path, "obl", format="dicom")
-    assert set(paths) == {"ct", "nodule_mask", "lung_mask", "json", "dicom"}
+    assert set(paths) == {"ct", "nodule_mask", "lung_mask", "features", "json", "dicom"}
     img, arr = _read(paths["ct"])
     assert img.GetPixelID() == sitk.sitkInt16
     np.testing.assert_allclose(img.GetOrigin(), (10.0, -20.0, 30.0), atol=1e-5)
     np.testing.assert_allclose(img.GetSpacing(), (3.5, 4.0, 5.0), atol=1e-5)
     np.testing.assert_allclose(np.reshape(img.GetDirection(), (3, 3)), direction, atol=1e-6)
     np.testing.assert_array_equal(arr, ph.ct.array)
-    for key, vol in (("nodule_mask", ph.nodule_mask), ("lung_mask", ph.lung_mask)):
+    for key, vol in (("nodule_mask", ph.nodule_mask), ("lung_mask", ph.lung_mask), ("features", ph.features)):
         m_img, m_arr = _read(paths[key])
         np.testing.assert_array_equal(m_arr, vol.array)
         np.testing.assert_allclose(m_img.GetOrigin(), img.GetOrigin())
+        np.testing.assert_allclose(m_img.GetDirection(), img.GetDirection(), atol=1e-12)
     meta = json.loads(paths["json"].read_text())
     assert meta["nodules"] == ph.nodules and meta["seed"] == 4
     assert meta["size"] == [96, 80, 20] and meta["spacing"] == [3.5, 4.0, 5.0]

@@ -128,6 +128,14 @@ def evaluate(
         click.echo(written["metrics"].read_text())
         return
     m = result.metrics
+    if m.get("mode") == "roi":
+        click.echo(
+            f"{m['n_nodules']} nodules ({m['n_views']} views, {m['n_studies']} studies); model malignancy AUC "
+            f"{_num(m['model'].get('malignancy_auc'))} per nodule; target-specific localization:"
+        )
+        click.echo(format_table(m))
+        click.echo(f"wrote {written['metrics']} and {written['report']}")
+        return
     click.echo(
         f"{m['n_slices']} nodule slices ({m['n_nodules']} nodules, {m['n_studies']} studies); model "
         f"malignancy AUC {_num(m['model'].get('malignancy_auc'))} on {m['n_model_slices']} slices"

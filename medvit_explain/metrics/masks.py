@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..transforms import SliceInputs, reoriented_view
+from ..transforms import RoiInputs, SliceInputs, _view_plane, reoriented_view
 
-__all__ = ["body_mask", "slice_masks"]
+__all__ = ["body_mask", "roi_masks", "slice_masks"]
 
 
 def slice_masks(mask: np.ndarray, inputs: SliceInputs, slices: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -38,6 +38,38 @@ def slice_masks(mask: np.ndarray, inputs: SliceInputs, slices: Sequence[int] | n
         return block if len(idx) else np.zeros((0, *inputs.image_size), mask.dtype)
     resized = F.interpolate(
         torch.from_numpy(block.astype(np.float32))[:, None], size=inputs.image_size, mode="nearest-exact"
+    )[:, 0]
+    return resized.numpy().astype(mask.dtype)
+
+
+def roi_masks(mask: np.ndarray, inputs: RoiInputs, items: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """A source-grid label map ``[X, Y, Z]`` → its ROI views at model resolution ``[B, H, W]`` (same dtype).
+
+    The same cube samples and planes as :meth:`RoiInputs.images` (item ``r * V + v`` is view ``v`` of ROI
+    ``r``), sampled nearest-neighbour (labels are not averaged) with 0 outside the volume, then resized to
+    the model's image size with pixel centres (``nearest-exact``): mask pixel (r, c) is the label of the
+    source voxel nearest to where model pixel (r, c) was drawn from.
+    """
+    from scipy.ndimage import map_coordinates
+
+    mask = np.asarray(mask)
+    if mask.shape != tuple(inputs.volume.shape):
+        raise ValueError(f"expected a mask of shape {tuple(inputs.volume.shape)}, got {mask.shape}")
+    items = np.arange(inputs.n_inputs) if items is None else np.asarray(items, dtype=np.int64)
+    cubes: dict[int, np.ndarray] = {}
+    planes = []
+    for item in items:
+        r, v = divmod(int(item), len(inputs.views))
+        if r not in cubes:
+            cubes[r] = map_coordinates(mask, inputs._cube_coords(r), order=0, mode="constant", cval=0)
+        planes.append(np.ascontiguousarray(_view_plane(cubes[r], inputs.views[v])))
+    if not planes:
+        return np.zeros((0, *inputs.image_size), mask.dtype)
+    block = np.stack(planes)
+    if block.shape[1:] == tuple(inputs.image_size):
+        return block.astype(mask.dtype)
+    resized = F.interpolate(
+        torch.from_numpy(block.astype(np.float32))[:, None], size=tuple(inputs.image_size), mode="nearest-exact"
     )[:, 0]
     return resized.numpy().astype(mask.dtype)
 

@@ -16,7 +16,7 @@ that holds wins, and the reason is kept in the layer's ``metadata["medvit"]["rea
 2. **labels** (a ``labels`` layer), when every voxel is a whole number ≥ 0 and
    a. the name's stem ends with a label word (``_lungs``, ``_nodules``, ``_mask``, ``_seg``,
       ``_labels``, … see ``LABEL_NAME_WORDS``; ``-`` or ``.`` before it also count): our phantoms
-      write ``<name>_lungs.nii.gz`` and ``<name>_nodules.nii.gz``; or
+      write ``<name>_lungs.nii.gz``, ``<name>_nodules.nii.gz`` and ``<name>_features.nii.gz``; or
    b. the NIfTI intent is ``NIFTI_INTENT_LABEL``; or
    c. the file stores integers (its header's pixel type, not the values: a float CT may hold whole
       HU) and holds at most ``MAX_LABELS`` distinct values. A CT has negative HU (air is −1000) or,
@@ -43,10 +43,9 @@ import numpy as np
 
 from ..outputs.layout import parse_overlay_name, volume_stem
 from ..registry import NAME_PATTERN  # the registry module is light; reading the registry imports torch
-from ..vocabulary import IMAGE_SUFFIXES, VOLUME_SUFFIXES
+from ..vocabulary import IMAGE_SUFFIXES, LABEL_NAME_WORDS, VOLUME_SUFFIXES
 
 _DICOM_PROBE = 8  # files looked at when deciding whether a folder holds DICOM
-LABEL_NAME_WORDS = ("lungs", "nodules", "mask", "masks", "seg", "segmentation", "label", "labels", "labelmap")
 _LABEL_NAME = re.compile(r"[_.-](" + "|".join(LABEL_NAME_WORDS) + r")$", re.IGNORECASE)
 MAX_LABELS = 256  # distinct values (background included) a file of integers may hold to be read as labels
 NIFTI_INTENT_LABEL = 1002

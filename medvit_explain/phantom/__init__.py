@@ -2,8 +2,10 @@
 
 Deterministic for a seed: the same arguments give the same phantom and byte-identical files.
 
-* :mod:`.anatomy`: the voxel grid in LPS mm, body, lungs, heart, spine, ribs, vessels, CT noise.
-* :mod:`.nodules`: nodule attributes (LIDC-IDRI biomarkers), the malignancy rule, shapes, drawing, placing.
+* :mod:`.anatomy`: the voxel grid in LPS mm, body, lungs, airways, fissures, heart, spine, ribs, vessels,
+  CT noise.
+* :mod:`.nodules`: nodule attributes (LIDC-IDRI biomarkers), the malignancy rule, shapes, drawing, placing,
+  feature labels (``FEATURE_LABELS``).
 * :mod:`.generate`: ``generate_phantom`` and the ``Phantom`` it returns.
 * :mod:`.labels`: per-slice labels (``slice_labels``), the labels JSON, reading nodule masks.
 * :mod:`.writers`: writing phantoms as NIfTI / DICOM (``write_phantom``), sets of them (``make_phantoms``).
@@ -12,7 +14,14 @@ Deterministic for a seed: the same arguments give the same phantom and byte-iden
 from .anatomy import AIR, BLOOD, BONE_CORTEX, BONE_MARROW, CARTILAGE, FAT, LUNG, MUSCLE, SOFT
 from .generate import DEFAULT_SIZE, DEFAULT_SPACING, GENERATOR_VERSION, Phantom, generate_phantom
 from .labels import slice_labels
-from .nodules import BIOMARKER_KEYS, MALIGNANCY_THRESHOLD, NODULE_KEYS, malignancy_rule, malignancy_score
+from .nodules import (
+    BIOMARKER_KEYS,
+    FEATURE_LABELS,
+    MALIGNANCY_THRESHOLD,
+    NODULE_KEYS,
+    malignancy_rule,
+    malignancy_score,
+)
 from .nodules import _sample_attributes as _sample_attributes  # used by the tests
 from .writers import make_phantom_groups, make_phantoms, phantom_seed, write_phantom
 
@@ -26,6 +35,7 @@ __all__ = [
     "DEFAULT_SIZE",
     "DEFAULT_SPACING",
     "FAT",
+    "FEATURE_LABELS",
     "GENERATOR_VERSION",
     "LUNG",
     "MALIGNANCY_THRESHOLD",

@@ -2,9 +2,18 @@
 
 A phantom is a chest-like CT in HU on an exact grid (any spacing, direction and origin) with:
 air outside the body (-1000), a body outline that changes slowly along z, subcutaneous fat, chest-wall
-muscle, two lungs (about -850, denser posteriorly) with branching vessels, a heart, a descending aorta,
-mediastinal fat, a trachea, vertebrae (cortical shell, discs, posterior arch), ribs with costal
-cartilage, a sternum, CT-like noise, and 0-3 nodules fully inside the lungs (see :mod:`.nodules`).
+muscle, two lungs (about -850, denser posteriorly), a heart, a descending aorta, mediastinal fat, the
+airways (trachea, main and lobar bronchi: air in a soft-tissue wall, outside the lung mask), vertebrae
+(cortical shell, discs, posterior arch), ribs with costal cartilage, a sternum, CT-like noise, and 0-3
+nodules fully inside the lungs (see :mod:`.nodules`). Inside the lungs:
+
+* fissures: thin (about 2 mm), slightly denser curved sheets, an oblique one in each lung and a
+  horizontal one in the right lung, in front of the oblique one;
+* vessels: branching trees from each hilum and, running cranio-caudally through each lung, 7-10 long
+  vessels 3-8 mm across, so every axial slice shows round bright vessel sections of nodule size that
+  are not nodules (a model has to look at a nodule's features, not at "a bright dot");
+* partial volume: the hard-edged anatomy is blurred by about half a millimetre; vessels, fissures,
+  nodules and spicules are drawn with soft (sub-voxel) edges.
 
 Anatomy is laid out in **physical LPS millimetres** around the centre of the field of view (x to the
 patient's left, y posterior, z superior), so an oblique or flipped grid shows the same patient, as a
@@ -21,6 +30,7 @@ from scipy import ndimage
 
 AIR, LUNG, FAT, SOFT, MUSCLE, BLOOD = -1000.0, -850.0, -95.0, 40.0, 55.0, 42.0
 BONE_CORTEX, BONE_MARROW, CARTILAGE = 700.0, 230.0, 130.0
+_FISSURE_HU, _FISSURE_MM = -600.0, 1.1  # peak density and half thickness of a fissure
 
 
 # --------------------------------------------------------------------------- geometry helpers
@@ -155,10 +165,17 @@ def _anatomy(grid: _Grid, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
     vert_r = 19.0 * s * u(0.9, 1.1)
     lungs, lung_params = _lung_masks(grid, u, t, g, heart_pad, spine_c, vert_r)
     _mediastinum(hu, grid, u, t, heart)
+    carina_z = u(0.1, 0.45) * t.hz
+    hilum_z = min(float(zc_l) + u(-10, 10), carina_z - 15.0)  # the main bronchi descend to the hila
+    hila = [np.array([cx - np.sign(cx) * 0.55 * lx, float(yc) + cy + 5 * s, hilum_z]) for cx, cy, lx, _ in lung_params]
+    wall, lumen, carina = _airways(grid, u, t, hila, carina_z)
+    lungs = grid.full(lungs) & ~wall
 
     # lungs: parenchyma denser posteriorly (gravity); vessels and nodules come later
     lung_hu = (LUNG - 10.0 + 55.0 * np.clip((y - yc) / np.float32(B0), -1.0, 1.0)).astype(np.float32)
     hu = np.where(lungs, lung_hu, hu)
+    hu[wall] = SOFT
+    hu[lumen] = AIR
     _spine(hu, grid, u, t, spine_c, vert_r)
     _ribs(hu, grid, u, t)
 
@@ -168,9 +185,11 @@ def _anatomy(grid: _Grid, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
         "B0": B0,
         "yc": float(yc),
         "lungs": lung_params,
-        "hilum_z": float(zc_l) + u(-10, 10),
+        "lung_z": (float(zc_l), float(lz)),
+        "hila": hila,
+        "carina": carina,
     }
-    return hu, grid.full(lungs).copy(), info
+    return hu, lungs, info
 
 
 def _body_wall(grid: _Grid, u: _Uniform, s: float) -> tuple[np.ndarray, _Torso]:
@@ -244,8 +263,8 @@ def _lung_masks(grid: _Grid, u: _Uniform, t: _Torso, g, heart_pad, spine_c, vert
 
 
 def _mediastinum(hu: np.ndarray, grid: _Grid, u: _Uniform, t: _Torso, heart: np.ndarray) -> None:
-    """Draw mediastinal fat, the heart, the aorta and the trachea into ``hu``."""
-    x, y, z = grid.x, grid.y, grid.z
+    """Draw mediastinal fat, the heart and the aorta into ``hu``."""
+    x, y = grid.x, grid.y
     s, A0, B0, yc, inner = t.s, t.A0, t.B0, t.yc, t.inner
     # mediastinal fat, heart, aorta
     med_fat = inner & (np.abs(x) < np.float32(0.28 * A0)) & (y - yc < np.float32(0.5 * B0))
@@ -255,13 +274,34 @@ def _mediastinum(hu: np.ndarray, grid: _Grid, u: _Uniform, t: _Torso, heart: np.
     ao_r = 12.0 * s * u(0.85, 1.15)
     aorta = (x - np.float32(ao_c[0])) ** 2 + (y - yc - np.float32(ao_c[1])) ** 2 <= ao_r**2
     hu[grid.full(aorta)] = BLOOD
-    # trachea above a carina level, a soft-tissue wall around air
-    carina = np.float32(u(0.1, 0.45) * t.hz)
-    tr_c = (u(-3, 3) * s, -0.02 * B0)
-    tr_d2 = (x - np.float32(tr_c[0])) ** 2 + (y - yc - np.float32(tr_c[1])) ** 2
-    above = z > carina
-    hu[grid.full(above & (tr_d2 <= (11.0 * s) ** 2))] = SOFT
-    hu[grid.full(above & (tr_d2 <= (9.0 * s) ** 2))] = AIR
+
+
+def _airways(
+    grid: _Grid, u: _Uniform, t: _Torso, hila: list[np.ndarray], carina_z: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Masks ``(wall, lumen)`` (bool ``[X, Y, Z]``, the wall mask holds the lumen) of the airways, and the
+    carina (mm, relative to the FOV centre): the trachea above the carina, a main bronchus from the
+    carina to each hilum and two lobar bronchi from each hilum into the lung."""
+    s = t.s
+    carina = np.array([u(-3, 3) * s, float(t.yc) - 0.02 * t.B0, carina_z])
+    top = carina + np.array([0.0, 0.0, 2.0 * t.hz + 60.0])
+    tubes = [(carina, top, 11.0 * s, 9.0 * s)]  # (start, end, outer radius, lumen radius)
+    for hilum in hila:
+        side = float(np.sign(hilum[0] - carina[0]))
+        tubes.append((carina, hilum, 8.0 * s, 6.0 * s))
+        for dz in (1.0, -1.0):
+            d = np.array([side * 0.8, u(-0.3, 0.3), dz * u(0.6, 1.0)])
+            tubes.append((hilum, hilum + d / np.linalg.norm(d) * 22.0 * s, 4.5 * s, 3.0 * s))
+    wall = np.zeros(grid.shape, dtype=bool)
+    lumen = np.zeros(grid.shape, dtype=bool)
+    for p0, p1, r_out, r_in in tubes:
+        box = grid.box_clipped(np.minimum(p0, p1) - r_out - 1.0, np.maximum(p0, p1) + r_out + 1.0)
+        if box is None:
+            continue
+        dist = _segment_distance(*grid.sub(box), p0, p1)[0]
+        wall[box] |= dist <= np.float32(r_out)
+        lumen[box] |= dist <= np.float32(r_in)
+    return wall, lumen, carina
 
 
 def _spine(hu: np.ndarray, grid: _Grid, u: _Uniform, t: _Torso, spine_c, vert_r) -> None:
@@ -306,26 +346,33 @@ def _ribs(hu: np.ndarray, grid: _Grid, u: _Uniform, t: _Torso) -> None:
     hu[grid.full(sternum)] = BONE_MARROW + 150.0
 
 
-def _segment_occupancy(px, py, pz, p0, p1, r0, r1, soft):
-    """Soft occupancy of a tapered tube from p0 (radius r0) to p1 (radius r1) at points (px,py,pz)."""
+def _segment_distance(px, py, pz, p0, p1) -> tuple[np.ndarray, np.ndarray]:
+    """Distance (mm) of the points (px, py, pz) to the segment p0-p1, and the position ``t`` in [0, 1]
+    of the closest point on it."""
     d = np.asarray(p1, dtype=np.float32) - np.asarray(p0, dtype=np.float32)
     L2 = float(d @ d) + 1e-9
     qx, qy, qz = px - np.float32(p0[0]), py - np.float32(p0[1]), pz - np.float32(p0[2])
     t = np.clip((qx * d[0] + qy * d[1] + qz * d[2]) / np.float32(L2), 0.0, 1.0)
     dist = np.sqrt((qx - t * d[0]) ** 2 + (qy - t * d[1]) ** 2 + (qz - t * d[2]) ** 2)
+    return dist, t
+
+
+def _segment_occupancy(px, py, pz, p0, p1, r0, r1, soft):
+    """Soft occupancy of a tapered tube from p0 (radius r0) to p1 (radius r1) at points (px,py,pz)."""
+    dist, t = _segment_distance(px, py, pz, p0, p1)
     r = np.float32(r0) + (np.float32(r1) - np.float32(r0)) * t
     return np.clip(0.5 + (r - dist) / np.float32(soft), 0.0, 1.0)
 
 
 def _vessels(grid: _Grid, lungs: np.ndarray, info: dict, rng: np.random.Generator) -> np.ndarray:
-    """Soft occupancy [X,Y,Z] of branching pulmonary vessel trees (one per lung), masked to the lungs."""
+    """Soft occupancy [X,Y,Z] of the pulmonary vessels, masked to the lungs: a branching tree from each
+    hilum and long vessels running cranio-caudally through each lung (:func:`_axial_vessels`)."""
     occ = np.zeros(grid.shape, dtype=np.float32)
     s = info["scale"]
     soft = float(min(grid.spacing[:2].min(), 1.2))
     segments = []
-    for cx, cy, lx, _ly in info["lungs"]:
+    for hilum, (cx, _cy, _lx, _ly) in zip(info["hila"], info["lungs"], strict=True):
         side = np.sign(cx)
-        hilum = np.array([cx - side * 0.55 * lx, info["yc"] + cy + 5 * s, info["hilum_z"]])
         roots = [
             np.array([side * 0.7, 0.0, 0.7]),
             np.array([side * 1.0, -0.3, 0.0]),
@@ -345,6 +392,7 @@ def _vessels(grid: _Grid, lungs: np.ndarray, info: dict, rng: np.random.Generato
                 for _ in range(2):
                     w = v + 0.7 * _random_unit(rng, 1)[0]
                     stack.append((p1, w / np.linalg.norm(w), length * 0.72, max(r1 * 0.85, 0.5), gen + 1))
+    segments += _axial_vessels(grid, info, rng)
     for p0, p1, r0, r1 in segments:
         pad = max(r0, r1) + 2 * soft
         box = grid.box_clipped(np.minimum(p0, p1) - pad, np.maximum(p0, p1) + pad)
@@ -355,6 +403,62 @@ def _vessels(grid: _Grid, lungs: np.ndarray, info: dict, rng: np.random.Generato
         np.maximum(occ[box], o, out=occ[box])
     occ *= lungs
     return occ
+
+
+def _axial_vessels(grid: _Grid, info: dict, rng: np.random.Generator) -> list[tuple]:
+    """Segments ``(p0, p1, r0, r1)`` of 7-10 vessels per lung running cranio-caudally through the FOV.
+
+    Each follows a slow random walk in the lung's normalised cross-section (so it stays inside the lung
+    as the lung narrows towards the apex and the base), 3-8 mm across (thinner where the lung narrows):
+    in an axial slice, round bright sections of nodule size."""
+    s = info["scale"]
+    zc, lz = info["lung_z"]
+    half = 0.5 * float(grid.extent[2]) + 10.0
+    z_lo, z_hi = max(zc - 0.97 * lz, -half), min(zc + 0.97 * lz, half)
+    if z_hi <= z_lo:
+        return []
+    knots = np.linspace(z_lo, z_hi, max(2, int(np.ceil((z_hi - z_lo) / 18.0)) + 1))
+    g = np.sqrt(np.clip(1.0 - ((knots - zc) / lz) ** 2, 0.0, 1.0))
+    segments = []
+    for cx, cy, lx, ly in info["lungs"]:
+        for _ in range(int(rng.integers(7, 11))):
+            r = float(rng.uniform(1.5, 4.0)) * s
+            rad, ang = 0.8 * np.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
+            ab = np.array([rad * np.cos(ang), rad * np.sin(ang)])
+            pts = []
+            for gk, zk in zip(g, knots, strict=True):
+                pts.append((cx + ab[0] * lx * gk, info["yc"] + cy + ab[1] * ly * gk, zk, r * (0.5 + 0.5 * gk)))
+                ab = ab + rng.normal(0.0, 0.05, 2)
+                ab *= min(1.0, 0.85 / max(float(np.hypot(*ab)), 1e-9))
+            for a, b in zip(pts[:-1], pts[1:], strict=True):
+                segments.append((np.array(a[:3]), np.array(b[:3]), a[3], b[3]))
+    return segments
+
+
+def _fissures(hu: np.ndarray, grid: _Grid, lungs: np.ndarray, info: dict, rng: np.random.Generator) -> None:
+    """Draw the fissures into ``hu`` (in the lungs): thin, slightly denser sheets (peak about -600 HU,
+    about 2 mm thick), an oblique fissure in each lung (from posterior-superior to anterior-inferior,
+    slightly bowed) and a horizontal one in the right lung, in front of the oblique one."""
+    s = info["scale"]
+    zc, _lz = info["lung_z"]
+    for cx, cy, lx, ly in info["lungs"]:
+        yc = info["yc"] + cy
+        box = grid.box_clipped(np.array([cx - lx, yc - ly, -1e4]), np.array([cx + lx, yc + ly, 1e4]))
+        if box is None:
+            continue
+        px, py, pz = grid.sub(box)
+        y0, z0 = yc + rng.uniform(-0.1, 0.15) * ly, zc + rng.uniform(-10, 10)
+        k, bow = rng.uniform(0.9, 1.4), rng.uniform(-20, 20) * s
+        oblique = (pz - np.float32(z0)) - np.float32(k) * (py - np.float32(y0))
+        oblique -= np.float32(bow) * ((px - np.float32(cx)) / np.float32(lx)) ** 2
+        sd = np.abs(oblique) / np.float32(np.hypot(1.0, k))
+        if cx < 0:  # patient right: the horizontal fissure, anterior to the oblique one
+            zh, tilt = z0 + rng.uniform(10, 30) * s, rng.uniform(-0.15, 0.15)
+            horiz = np.abs(pz - np.float32(zh) - np.float32(tilt) * (py - np.float32(yc)))
+            sd = np.minimum(sd, np.where(oblique > 0, horiz, np.float32(np.inf)))
+        occ = np.clip(1.0 - sd / np.float32(_FISSURE_MM), 0.0, 1.0) * lungs[box]
+        sub = hu[box]
+        sub += occ * (np.float32(_FISSURE_HU) - sub)
 
 
 # --------------------------------------------------------------------------- noise

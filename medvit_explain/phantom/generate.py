@@ -1,4 +1,4 @@
-"""``generate_phantom``: one synthetic chest CT with its nodule and lung masks (the ``Phantom``).
+"""``generate_phantom``: one synthetic chest CT with its nodule, feature and lung masks (the ``Phantom``).
 
 The anatomy comes from :mod:`.anatomy`, the nodules from :mod:`.nodules`; each uses its own random
 stream spawned from the seed, so the same arguments give the same phantom, bit for bit.
@@ -6,7 +6,7 @@ stream spawned from the seed, so the same arguments give the same phantom, bit f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,10 +14,10 @@ import numpy as np
 from scipy import ndimage
 
 from ..volume import Volume
-from .anatomy import BLOOD, _anatomy, _ct_noise, _Grid, _vessels
-from .nodules import _place_nodules
+from .anatomy import BLOOD, _anatomy, _ct_noise, _fissures, _Grid, _vessels
+from .nodules import BIOMARKER_KEYS, _place_nodules
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "2.0"
 DEFAULT_SIZE = (256, 256, 64)
 DEFAULT_SPACING = (1.4, 1.4, 2.5)
 
@@ -32,15 +32,23 @@ class Phantom:
     Attributes:
         ct: float32 ``[X, Y, Z]`` HU (integer values, so int16 / DICOM storage is exact).
         nodule_mask: int16 instance ids (0 background, ``1 … n`` = ``nodules[i]["id"]``).
-        lung_mask: uint8 1 inside the lungs (vessels and nodules included).
+        lung_mask: uint8 1 inside the lungs (vessels, fissures and nodules included, airways not).
+        features: uint8 feature labels of the nodules' voxels, nonzero exactly on ``nodule_mask > 0``:
+            1 solid core, 2 spicules, 3 lobulation, 4 calcification, 5 ground glass (``FEATURE_LABELS``;
+            see :mod:`.nodules` for how each is drawn and the precedence where they overlap). No vessel
+            is drawn on a labelled voxel.
         nodules: one dict per nodule with exactly the keys ``NODULE_KEYS``; ``center_mm`` is the LPS
-            centroid of the nodule's mask, ``diameter_mm`` the volume-equivalent sphere diameter of it.
+            centroid of the nodule's mask, ``diameter_mm`` the volume-equivalent sphere diameter of it,
+            ``feature_voxels`` its voxel count per feature label (``{"core": n, "spicules": n, …}``).
         seed, label_noise: the generator's arguments.
+        info: ``size``, ``spacing`` and ``carina_mm`` (LPS position of the carina; the trachea runs
+            cranially from it, parallel to z).
     """
 
     ct: Volume
     nodule_mask: Volume
     lung_mask: Volume
+    features: Volume
     nodules: list[dict[str, Any]]
     seed: int = 0
     label_noise: float = 0.0
@@ -61,6 +69,7 @@ def generate_phantom(
     direction: np.ndarray | Sequence[float] | None = None,
     origin: Sequence[float] | None = None,
     noise_hu: float = 18.0,
+    nodule_attributes: Sequence[Mapping[str, Any]] | None = None,
 ) -> Phantom:
     """A synthetic chest CT with 0-3 lung nodules, deterministic for ``seed``.
 
@@ -75,11 +84,18 @@ def generate_phantom(
         direction: ``(3, 3)`` orthonormal axis directions as columns (LPS); default identity.
         origin: LPS position of voxel ``(0, 0, 0)``; default centres the field of view on ``(0, 0, 0)``.
         noise_hu: standard deviation of the image noise (HU).
+        nodule_attributes: per nodule, attributes that replace the sampled ones (any of
+            ``BIOMARKER_KEYS``; ``diameter_mm`` is the target size, the drawn size is measured); with
+            ``n_nodules=None`` there are ``len(nodule_attributes)`` nodules. The malignancy label still
+            follows ``malignancy_rule``.
 
     Returns:
-        A ``Phantom`` (CT, nodule instance mask, lung mask, nodule attribute dicts).
+        A ``Phantom`` (CT, nodule instance mask, lung mask, feature labels, nodule attribute dicts).
     """
     size, spacing_arr, d, o = _grid_arguments(size, spacing, label_noise, direction, origin)
+    overrides = _attribute_overrides(nodule_attributes)
+    if n_nodules is None and overrides:
+        n_nodules = len(overrides)
 
     ss = np.random.SeedSequence(int(seed))
     rng_anat, rng_nod, rng_noise, rng_label = (np.random.default_rng(c) for c in ss.spawn(4))
@@ -88,12 +104,16 @@ def generate_phantom(
     # partial volume: blur the hard-edged anatomy in plane (and a little along z)
     sig = np.clip(0.5 / spacing_arr * spacing_arr.min(), 0.25, 0.6)
     hu = ndimage.gaussian_filter(hu, sigma=sig, mode="nearest", truncate=3.0)
+    _fissures(hu, grid, lungs, info, rng_anat)
     vessels = _vessels(grid, lungs, info, rng_anat)
-    hu += vessels * (np.float32(BLOOD) - hu)
 
     if n_nodules is None:
         n_nodules = int(rng_nod.integers(0, 4))
-    mask, nodules = _place_nodules(grid, hu, lungs, int(n_nodules), rng_nod, info)
+    mask, features, nodule_occ, nodules = _place_nodules(grid, hu, lungs, int(n_nodules), rng_nod, overrides)
+    # vessels pass beside nodules, never through them: the feature labels stay the nodules' ground truth
+    vessels *= 1.0 - nodule_occ
+    vessels[mask > 0] = 0.0
+    hu += vessels * (np.float32(BLOOD) - hu)
     if label_noise > 0:
         for nod in nodules:
             if rng_label.random() < label_noise:
@@ -110,11 +130,40 @@ def generate_phantom(
         ct=ct,
         nodule_mask=ct.with_array(mask, kind="nodule_mask"),
         lung_mask=ct.with_array(lungs.astype(np.uint8), kind="lung_mask"),
+        features=ct.with_array(features, kind="nodule_features"),
         nodules=nodules,
         seed=int(seed),
         label_noise=float(label_noise),
-        info={"size": list(size), "spacing": spacing_arr.tolist()},
+        info={
+            "size": list(size),
+            "spacing": spacing_arr.tolist(),
+            "carina_mm": [round(float(v), 3) for v in info["carina"] + grid.center],
+        },
     )
+
+
+def _attribute_overrides(nodule_attributes: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+    """Checked per-nodule attribute overrides of ``generate_phantom`` (ints, ``diameter_mm`` a float)."""
+    if nodule_attributes is None:
+        return []
+    out = []
+    for attrs in nodule_attributes:
+        unknown = sorted(set(attrs) - set(BIOMARKER_KEYS))
+        if unknown:
+            raise ValueError(f"expected nodule attributes from {', '.join(BIOMARKER_KEYS)}, got {unknown}")
+        clean: dict[str, Any] = {}
+        for key, value in attrs.items():
+            if key == "diameter_mm":
+                if not 1.0 <= float(value) <= 60.0:
+                    raise ValueError(f"expected diameter_mm in [1, 60], got {value}")
+                clean[key] = float(value)
+                continue
+            hi = 6 if key == "calcification" else 5
+            if int(value) != value or not 1 <= int(value) <= hi:
+                raise ValueError(f"expected {key} an integer in 1..{hi}, got {value!r}")
+            clean[key] = int(value)
+        out.append(clean)
+    return out
 
 
 def _grid_arguments(

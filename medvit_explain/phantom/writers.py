@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..vocabulary import FEATURES_SUFFIX, LUNGS_SUFFIX, NODULES_SUFFIX
 from .generate import DEFAULT_SIZE, DEFAULT_SPACING, Phantom, generate_phantom
 from .labels import _labels_json
 
@@ -24,10 +25,12 @@ def _atomic_json(obj: Any, path: Path) -> None:
 
 
 def write_phantom(phantom: Phantom, out_dir: str | os.PathLike, name: str, format: str = "nifti") -> dict[str, Path]:
-    """Write a phantom as files; returns ``{"ct", "nodule_mask", "lung_mask", "json"[, "dicom"]}`` paths.
+    """Write a phantom as files; returns ``{"ct", "nodule_mask", "lung_mask", "features", "json"[, "dicom"]}``
+    paths.
 
     ``<name>.nii.gz`` (CT, int16 HU), ``<name>_nodules.nii.gz`` (int16 ids), ``<name>_lungs.nii.gz``
-    (uint8), ``<name>.json`` (labels and generator arguments) and, for ``format="dicom"``, the CT as a
+    (uint8), ``<name>_features.nii.gz`` (uint8 feature labels 0-5, see ``Phantom.features``),
+    ``<name>.json`` (labels and generator arguments) and, for ``format="dicom"``, the CT as a
     series in ``<name>_dicom/`` (deterministic UIDs from the seed and name). Every file is written to a
     temporary name and renamed, so no partial file sits at a final path; the same phantom written twice
     gives byte-identical files.
@@ -41,8 +44,9 @@ def write_phantom(phantom: Phantom, out_dir: str | os.PathLike, name: str, forma
     out.mkdir(parents=True, exist_ok=True)
     paths = {
         "ct": write_volume(phantom.ct, out / f"{name}.nii.gz", dtype=np.int16),
-        "nodule_mask": write_volume(phantom.nodule_mask, out / f"{name}_nodules.nii.gz", dtype=np.int16),
-        "lung_mask": write_volume(phantom.lung_mask, out / f"{name}_lungs.nii.gz", dtype=np.uint8),
+        "nodule_mask": write_volume(phantom.nodule_mask, out / f"{name}{NODULES_SUFFIX}.nii.gz", dtype=np.int16),
+        "lung_mask": write_volume(phantom.lung_mask, out / f"{name}{LUNGS_SUFFIX}.nii.gz", dtype=np.uint8),
+        "features": write_volume(phantom.features, out / f"{name}{FEATURES_SUFFIX}.nii.gz", dtype=np.uint8),
     }
     if format == "dicom":
         final = out / f"{name}_dicom"

@@ -250,14 +250,11 @@ def _cell(v) -> str:
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    """A plain-text method × metric table (what the CLI prints and the README shows)."""
-    rows = table_rows(metrics)
-    header = list(rows[0])
-    widths = [max(len(str(h)), *(len(_cell(r[h])) for r in rows)) for h in header]
-    lines = ["  ".join(str(h).ljust(wd) for h, wd in zip(header, widths, strict=True))]
-    for r in rows:
-        lines.append("  ".join(_cell(r[h]).ljust(wd) for h, wd in zip(header, widths, strict=True)))
-    return "\n".join(lines)
+    """A plain-text method × metric table (what the CLI prints and the README shows); for an ROI model the
+    target-specific localization table."""
+    if metrics.get("mode") == "roi":
+        return format_rows(target_localization_rows(metrics))
+    return format_rows(table_rows(metrics))
 
 
 def markdown_table(metrics: dict[str, Any]) -> str:
@@ -364,10 +361,87 @@ def _evaluation_details(m: dict[str, Any]) -> list[str]:
     ]
 
 
+def target_localization_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per method × target with a feature of its own: the share of the target's positive evidence
+    on that feature (``own``), the malignancy map's share on it (``malignancy``), the feature's share of the
+    nodule's area (chance) and the number of views measured."""
+    reference = metrics["settings"].get("reference_target", "malignancy")
+    rows = []
+    for method, per_target in metrics.get("target_localization", {}).items():
+        for target, v in per_target.items():
+            rows.append(
+                {
+                    "method": method,
+                    "target": target,
+                    "feature": v["feature"],
+                    "own": v["own"] if v["own"] is not None else float("nan"),
+                    reference: v[reference] if v[reference] is not None else float("nan"),
+                    "area": v["area"] if v["area"] is not None else float("nan"),
+                    "n": v["n"],
+                }
+            )
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """Rows of dicts as a plain-text table."""
+    if not rows:
+        return "(nothing measured)"
+    header = list(rows[0])
+    widths = [max(len(str(h)), *(len(_cell(r[h])) for r in rows)) for h in header]
+    lines = ["  ".join(str(h).ljust(wd) for h, wd in zip(header, widths, strict=True))]
+    lines += ["  ".join(_cell(r[h]).ljust(wd) for h, wd in zip(header, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def render_roi_evaluation(result) -> str:
+    """``evaluation.html`` for an ROI model's :class:`~medvit_explain.workflows.roi_evaluation.RoiEvaluationResult`."""
+    m = result.metrics
+    model = m["model"]
+    data = [
+        ("data", m["settings"]["data"]),
+        ("studies", m["n_studies"]),
+        ("nodules", m["n_nodules"]),
+        ("views", m["n_views"]),
+        ("views with feature labels", m["n_views_with_features"]),
+    ]
+    scores = [
+        ("malignancy ROC AUC (per nodule)", _fmt(model.get("malignancy_auc"), 3)),
+        ("accuracy at 0.5", _fmt(model.get("malignancy_accuracy"), 3)),
+        *[(f"MAE {k}", _fmt(v, 3)) for k, v in (model.get("biomarker_mae") or {}).items()],
+    ]
+    rows = target_localization_rows(m)
+    reference = m["settings"].get("reference_target", "malignancy")
+    body = [
+        '<div class="cards">',
+        '<div class="card"><h4>Data</h4>' + _kv(data) + "</div>",
+        '<div class="card"><h4>Model (views averaged per nodule)</h4>' + _kv(scores) + "</div>",
+        "</div>",
+        "<h2>Target-specific localization</h2>",
+        '<p class="note">For each biomarker with a ground-truth part of its own (spiculation → spicules, '
+        "lobulation → lobulation bumps, calcification → calcification, texture → ground glass): the share of "
+        "the map's positive evidence on the nodule that lies on that part (own), the same share for the "
+        f"{_e(reference)} map on the same views, and the part's share of the nodule's area (what a map uniform "
+        "over the nodule would get). A class-discriminative map has own &gt; "
+        f"{_e(reference)}; n = views where the part is present and both maps have positive evidence on the "
+        "nodule.</p>",
+    ]
+    if rows:
+        header = list(rows[0])
+        body.append(_table(header, [[r[h] for h in header] for r in rows], left=3))
+    else:
+        body.append('<p class="hot">No feature labels (&lt;name&gt;_features.nii.gz) were found beside the data.</p>')
+    body += ["<h2>Timings (s)</h2>", _table(["method", "seconds"], list(m["timings_s"].items()), left=1)]
+    return _page("medvit-explain — explanation evaluation (nodule ROIs)", body)
+
+
 def render_evaluation(result) -> str:
     """``evaluation.html`` for an ``EvaluationResult`` (:mod:`medvit_explain.workflows.evaluate`): its
-    ``metrics`` dict and its ``examples`` (images, nodule masks, maps per method)."""
+    ``metrics`` dict and its ``examples`` (images, nodule masks, maps per method); an ROI model's result
+    has its own page (:func:`render_roi_evaluation`)."""
     m = result.metrics
+    if m.get("mode") == "roi":
+        return render_roi_evaluation(result)
     body = _evaluation_cards(m) + _evaluation_summary(m, table_rows(m))
     if result.examples.maps:
         body += [

@@ -506,12 +506,22 @@ def evaluate_explanations(
             input space (unless ``fill`` is given).
 
     Returns:
-        an :class:`EvaluationResult` whose ``metrics`` is what ``metrics.json`` holds.
+        an :class:`EvaluationResult` whose ``metrics`` is what ``metrics.json`` holds; for an ROI-mode
+        model a :class:`~medvit_explain.workflows.roi_evaluation.RoiEvaluationResult` (nodule-level scores
+        and target-specific localization; the slice measures above need whole slices).
     Raises:
         ``InputNotFoundError`` / ``MedvitInputError`` (data), ``MethodError``, ``TargetError``.
     """
-    from ..transforms import channel_fill
+    from ..transforms import Preprocessing, channel_fill
 
+    if Preprocessing.from_config(model.preprocessing).mode == "roi":
+        from ..registry import method_names
+        from .roi_evaluation import evaluate_roi_explanations
+
+        if not Path(data).exists():
+            raise InputNotFoundError(f"evaluation data not found: {data}")
+        methods = list(methods) if methods else method_names()
+        return evaluate_roi_explanations(model, data, methods, targets, batch_size=batch_size, progress=progress)
     if protocol not in PROTOCOLS:
         raise MedvitInputError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
     if fill is None and protocol == "agcam":

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["model_outputs", "roc_auc", "slice_metrics"]
+__all__ = ["model_outputs", "output_metrics", "roc_auc", "slice_metrics"]
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -40,11 +40,21 @@ def slice_metrics(
 
     ``targets`` [N, K] normalised (NaN = unlabelled); keys ``<target>_auc``, ``<target>_accuracy``,
     ``<target>_auc_nodule_slices``, ``mae`` {target: value}, ``n_slices``, ``n_nodule_slices``."""
-    spec = model.task_spec
-    values = np.asarray(spec.to_values(model_outputs(model, images, batch_size).numpy()))
-    truth = np.asarray(spec.denormalize(targets.numpy()))
-    has_nodule = np.asarray(has_nodule, dtype=bool)
-    out: dict[str, Any] = {"n_slices": len(images), "n_nodule_slices": int(np.sum(has_nodule)), "mae": {}}
+    outputs = model_outputs(model, images, batch_size).numpy()
+    truth = np.asarray(model.task_spec.denormalize(targets.numpy()))
+    return output_metrics(model.task_spec, outputs, truth, has_nodule)
+
+
+def output_metrics(
+    spec, outputs: np.ndarray, truth: np.ndarray, has_nodule: np.ndarray | None = None
+) -> dict[str, Any]:
+    """The metrics of :func:`slice_metrics` from raw model outputs [N, K] and the truth [N, K] on each
+    target's scale (NaN = unlabelled), for any unit of scoring (slices, or nodules with their views'
+    outputs averaged). ``has_nodule`` [N] (default: all) gives the ``_auc_nodule_slices`` subset."""
+    values = np.asarray(spec.to_values(np.asarray(outputs)))
+    truth = np.asarray(truth, dtype=np.float64)
+    has_nodule = np.ones(len(truth), bool) if has_nodule is None else np.asarray(has_nodule, dtype=bool)
+    out: dict[str, Any] = {"n_slices": len(truth), "n_nodule_slices": int(np.sum(has_nodule)), "mae": {}}
     for k, target in enumerate(spec):
         valid = ~np.isnan(truth[:, k])
         if target.probability:

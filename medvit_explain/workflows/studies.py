@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MedvitInputError, printable
-from ..vocabulary import VOLUME_SUFFIXES
+from ..vocabulary import PHANTOM_MASK_SUFFIXES, VOLUME_SUFFIXES
 
 __all__ = ["Study", "check_study_id", "find_phantoms", "find_studies", "malignancy_from_labels", "read_manifest"]
 
@@ -38,7 +38,7 @@ REQUIRED_COLUMNS = ("study_id", "path")
 OPTIONAL_COLUMNS = ("nodule_mask", "labels", "malignancy")
 LEGACY_IMAGE_COLUMN = "image"  # the older training manifests' name for ``path``
 LABELLED_COLUMNS = ("nodule_mask", "labels")  # what train / evaluate / audit need in every row
-MASK_SUFFIXES = ("_nodules", "_lungs")  # phantom masks next to a CT are not studies
+MASK_SUFFIXES = PHANTOM_MASK_SUFFIXES  # phantom masks next to a CT are not studies
 # a study_id names a folder and prefixes its files: ``<id>_<method>_<target>_pm.dcm`` must fit the 255 bytes
 # of a file name with the longest method name (23) and a long target name, so ids stop at 128 characters
 MAX_ID_LENGTH = 128
@@ -284,7 +284,8 @@ def _walk_images(root: Path) -> list[tuple[str, str, Path]]:
 
 
 def _scan_folder(root: Path, reserved: Collection[str] = ()) -> list[Study]:
-    """Each image file (not a ``*_nodules``/``*_lungs`` mask) and each folder holding DICOM files is a study.
+    """Each image file (not a ``*_nodules``/``*_lungs``/``*_features`` mask) and each folder holding DICOM files
+    is a study.
 
     The labels ``<name>.json`` and mask ``<name>_nodules.nii.gz`` beside an image (or beside a series
     folder ``<name>_dicom/``) are picked up. Study ids are the names; names that repeat in different
