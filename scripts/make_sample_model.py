@@ -1,9 +1,13 @@
-"""Re-create the shipped sample model: phantoms → train → held-out evaluation → model card.
+"""Re-create a shipped sample model: phantoms → train → held-out evaluation → model card.
 
     .venv/bin/python scripts/make_sample_model.py [--work runs/sample_model] [--out medvit_explain/assets/sample_model]
+    .venv/bin/python scripts/make_sample_model.py --config configs/sample_roi_model.yaml \
+        --out medvit_explain/assets/sample_roi
 
-Everything (grids, seeds, epochs) comes from configs/sample_model.yaml. The held-out phantoms use a
-different seed and are never seen in training or model selection.
+Everything (grids, seeds, epochs) comes from the config: configs/sample_model.yaml (sample-slice, the
+default) or configs/sample_roi_model.yaml (sample-roi; --work defaults to runs/<config name>). The held-out
+phantoms use a different seed and are never seen in training or model selection. A slice model is scored
+per slice, an ROI model per nodule (the ROI views around each labelled nodule, their outputs averaged).
 """
 
 from __future__ import annotations
@@ -18,22 +22,28 @@ import yaml
 from medvit_explain.model import load_model
 from medvit_explain.phantom import make_phantom_groups
 from medvit_explain.workflows.studies import find_studies
-from medvit_explain.workflows.train import evaluate, load_slices, train
+from medvit_explain.workflows.train import evaluate, load_rois, load_slices, train
 
 ROOT = Path(__file__).resolve().parents[1]
+# where each shipped recipe's model goes (--out default); other configs need --out
+SHIPPED = {"sample_model": "sample_model", "sample_roi_model": "sample_roi"}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "sample_model.yaml"))
-    parser.add_argument("--work", default=str(ROOT / "runs" / "sample_model"))
-    parser.add_argument("--out", default=str(ROOT / "medvit_explain" / "assets" / "sample_model"))
+    parser.add_argument("--work", default=None, help="phantoms and scratch [default: runs/<config name>]")
+    parser.add_argument("--out", default=None, help="checkpoint folder [default: the shipped model's for its config]")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted training run")
     args = parser.parse_args()
+    stem = Path(args.config).name.split(".")[0]
+    if args.out is None and stem not in SHIPPED:
+        parser.error(f"--out is required for {args.config} (defaults exist for {', '.join(SHIPPED)})")
+    args.out = args.out or str(ROOT / "medvit_explain" / "assets" / SHIPPED[stem])
     config = yaml.safe_load(Path(args.config).read_text())
     recipe = config["training"]
-    work = Path(args.work)
+    work = Path(args.work or ROOT / "runs" / stem)
     t0 = time.perf_counter()
     if not (work / "train").exists():
         make_phantom_groups(work / "train", recipe["phantoms"]["groups"], recipe["phantoms"]["train_seed"])
@@ -42,9 +52,11 @@ def main() -> None:
     t_data = time.perf_counter() - t0
     result = train(config, work / "train", args.out, epochs=args.epochs, device="cpu", resume=args.resume)
     model = load_model(args.out, device="cpu")
-    test = load_slices(
-        find_studies(work / "test"), model, all_slices=True, min_area_mm2=float(recipe.get("min_area_mm2", 10.0))
-    )
+    if model.preprocessing["mode"] == "roi":  # every labelled nodule's views, un-jittered
+        test = load_rois(find_studies(work / "test"), model)
+    else:
+        min_area = float(recipe.get("min_area_mm2", 10.0))
+        test = load_slices(find_studies(work / "test"), model, all_slices=True, min_area_mm2=min_area)
     metrics = evaluate(model, test)
     total = time.perf_counter() - t0
     card = {
@@ -55,43 +67,71 @@ def main() -> None:
             **metrics,
         },
         "validation": result.validation,
-        "timings_s": {"phantoms": round(t_data, 1), "training": round(result.seconds, 1), "total": round(total, 1)},
+        "selected_epoch": json.loads((Path(args.out) / "config.json").read_text())["provenance"]["epoch"],
+        "timings_s": {
+            "phantoms": round(t_data, 1),
+            "training": round(result.seconds, 1),
+            "per_epoch": round(result.seconds / max(1, len(result.history)), 1),
+            "total": round(total, 1),
+        },
     }
     out = Path(args.out)
     (out / "model_card.json").write_text(json.dumps(card, indent=2))
-    (out / "MODEL_CARD.md").write_text(model_card_markdown(config, card))
+    recipe_path = Path(args.config).resolve()
+    shown = recipe_path.relative_to(ROOT) if recipe_path.is_relative_to(ROOT) else recipe_path
+    (out / "MODEL_CARD.md").write_text(model_card_markdown(config, card, str(shown)))
     print(json.dumps(card, indent=2))
     import shutil
 
     shutil.rmtree(out.parent / f".{out.name}.train_state", ignore_errors=True)  # resume state, not shipped
 
 
-def model_card_markdown(config: dict, card: dict) -> str:
+def model_card_markdown(config: dict, card: dict, recipe_path: str = "configs/sample_model.yaml") -> str:
     held, arch = card["held_out"], config["architecture"]["kwargs"]
     t = card["timings_s"]
+    roi = config["preprocessing"].get("mode") == "roi"
+    if roi:
+        box = config["preprocessing"]["roi"]
+        what = (
+            f"{box['size_mm']} mm nodule ROIs sampled every {box['spacing_mm']} mm, cut in "
+            f"{len(box['views'])} views ({', '.join(box['views'])}) of {arch['img_size'][0]} px"
+        )
+        scores = [
+            f"- nodules: {held['n_nodules']} ({held['n_views']} views)",
+            f"- **nodule-level malignancy ROC AUC: {held['malignancy_auc']:.3f}** (each nodule's views' logits "
+            f"averaged, as the predictions table's `mean` row; accuracy at 0.5: {held['malignancy_accuracy']:.3f})",
+            f"- malignancy ROC AUC over single views: {held['malignancy_auc_views']:.3f}",
+            "",
+            "| biomarker (LIDC scale; diameter in mm) | MAE per nodule (views averaged) |",
+        ]
+    else:
+        what = f"{arch['img_size'][0]} px whole slices"
+        scores = [
+            f"- slices: {held['n_slices']} ({held['n_nodule_slices']} through a nodule)",
+            f"- **slice-level malignancy ROC AUC: {held['malignancy_auc']:.3f}** "
+            f"(accuracy at 0.5: {held['malignancy_accuracy']:.3f})",
+            f"- malignancy ROC AUC on nodule slices only (malignant vs benign nodule): "
+            f"{held['malignancy_auc_nodule_slices']:.3f}",
+            "",
+            "| biomarker (LIDC scale) | MAE on nodule slices |",
+        ]
     lines = [
         f"# {config['name']}",
         "",
-        f"A small timm ViT ({arch['img_size'][0]} px input, patch {arch['patch_size']}, {arch['depth']} blocks, "
+        f"A small timm ViT ({what}; patch {arch['patch_size']}, {arch['depth']} blocks, "
         f"{arch['embed_dim']} dims, {arch['num_heads']} heads) with one linear head for malignancy (binary logit) "
         "and the eight LIDC biomarkers (normalised regression), trained from scratch on synthetic chest-CT "
         "phantoms (`medvit_explain.phantom`). **It has never seen a real CT: it is a demo and test model, not a "
-        "clinical one.** Recipe and seeds: `configs/sample_model.yaml`.",
+        f"clinical one.** Recipe and seeds: `{recipe_path}`; kept epoch {card['selected_epoch']}.",
         "",
         f"## Held-out phantoms (seed {held['seed']}, {held['phantoms']} phantoms, never used in training or selection)",
         "",
-        f"- slices: {held['n_slices']} ({held['n_nodule_slices']} through a nodule)",
-        f"- **slice-level malignancy ROC AUC: {held['malignancy_auc']:.3f}** "
-        f"(accuracy at 0.5: {held['malignancy_accuracy']:.3f})",
-        f"- malignancy ROC AUC on nodule slices only (malignant vs benign nodule): "
-        f"{held['malignancy_auc_nodule_slices']:.3f}",
-        "",
-        "| biomarker (LIDC scale) | MAE on nodule slices |",
+        *scores,
         "|---|---|",
         *[f"| {k} | {v:.2f} |" for k, v in held["mae"].items()],
         "",
         f"Re-created in {t['total'] / 60:.1f} min on this machine (phantoms {t['phantoms']:.0f} s, "
-        f"training {t['training']:.0f} s).",
+        f"training {t['training']:.0f} s, {t['per_epoch']:.0f} s an epoch).",
         "",
     ]
     return "\n".join(lines)

@@ -6,7 +6,7 @@ import dataclasses
 
 import click
 
-from .options import explain_options, out_dir_option
+from .options import default_model, explain_options, out_dir_option
 
 
 @click.command()
@@ -87,7 +87,8 @@ def batch(
         )
     given = dataclasses.asdict(options)
     paths, configs = given.pop("model_paths"), given.pop("model_configs")
-    given["model_path"], given["model_config"] = (paths or (None,))[0], (configs or (None,))[0]
+    given["model_path"] = paths[0] if paths else default_model(roi_from_mask)
+    given["model_config"] = (configs or (None,))[0]
     settings = BatchSettings(**given, roi_from_mask=roi_from_mask)
     summary = run_batch(
         manifest,

@@ -30,13 +30,13 @@ device_option = click.option(
     show_default=True,
     help=f"{EXPECTED_DEVICES} (auto: a GPU if there is one).",
 )
-model_option = click.option(
-    "--model",
-    "model_path",
-    default=None,
-    metavar="CKPT",
-    help="Checkpoint folder or weights file (default: the shipped sample model).",
+# the shipped models' names and the default choice, said once for every --model
+MODEL_HELP = (
+    "Checkpoint folder or weights file, or a shipped model: sample-slice (whole slices) or sample-roi "
+    "(nodule ROIs). Default: sample-roi when ROIs are given, else sample-slice. A name wins over a folder "
+    "of that name here; write ./sample-roi for the folder."
 )
+model_option = click.option("--model", "model_path", default=None, metavar="CKPT", help=MODEL_HELP)
 model_config_option = click.option(
     "--model-config",
     default=None,
@@ -48,8 +48,8 @@ models_option = click.option(
     "model_paths",
     multiple=True,
     metavar="CKPT",
-    help="Checkpoint folder or weights file (default: the shipped sample model); repeat to run several "
-    "models (e.g. a malignancy and a biomarker model) into one table and report.",
+    help=MODEL_HELP + " Repeat to run several models (e.g. a malignancy and a biomarker model) into one "
+    "table and report.",
 )
 model_configs_option = click.option(
     "--model-config",
@@ -136,11 +136,25 @@ def parse_targets(targets) -> list[str] | None:
     return [int(t) if t.isdigit() else t for t in items]
 
 
-def load_model_cli(model_path, device, model_config=None):
-    """Load the model for a command (the sample model when ``model_path`` is None); a config that leaves
-    preprocessing settings to the defaults gets a one-line warning on stderr naming them."""
-    from ..model import load_model
+def default_model(roi: bool) -> str:
+    """The shipped model a command uses without ``--model``: ``sample-roi`` when it is given nodule ROIs
+    (``--roi-centers`` / ``--roi-mask`` / ``--roi-from-mask``), else ``sample-slice``."""
+    return "sample-roi" if roi else "sample-slice"
 
+
+def load_model_cli(model_path, device, model_config=None):
+    """Load the model for a command (``sample-slice`` when ``model_path`` is None; a shipped model's name
+    wins over a same-named path, with a one-line warning when such a path exists here); a config that
+    leaves preprocessing settings to the defaults gets a one-line warning on stderr naming them."""
+    from pathlib import Path
+
+    from ..model import load_model
+    from ..model.checkpoint import is_shipped_name
+
+    if is_shipped_name(model_path) and Path(model_path).exists():
+        click.echo(
+            f"warning: --model {model_path} is the shipped model; write ./{model_path} for the one here", err=True
+        )
     model = load_model(model_path, device=device, config=model_config)
     defaults = list(getattr(model, "preprocessing_defaults", []) or [])
     if defaults:
@@ -154,7 +168,7 @@ def load_model_cli(model_path, device, model_config=None):
 
 
 def load_models_cli(model_paths, device, model_configs=()):
-    """The models of ``--model`` (repeatable; none: the sample model), each with the ``--model-config`` at
+    """The models of ``--model`` (repeatable; none: ``sample-slice``), each with the ``--model-config`` at
     the same position (give none, or one per ``--model``)."""
     paths, configs = list(model_paths or [None]), list(model_configs or [])
     if configs and len(configs) != len(paths):

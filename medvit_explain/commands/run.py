@@ -11,6 +11,7 @@ import click
 
 from .options import (
     batch_size_option,
+    default_model,
     device_option,
     explain_options,
     load_model_cli,
@@ -85,6 +86,7 @@ def predict(
     from ..pipeline import input_count
     from ..prediction import predict as run_predict
 
+    model_path = model_path or default_model(bool(roi_centers or roi_mask))
     model = load_model_cli(model_path, device, model_config)
     volume = load_volume(input_path, series_uid=series_uid, allow_modality=allow_modality)
     centres, mask = resolve_roi(roi_centers, roi_mask)
@@ -189,7 +191,8 @@ def explain(input_path, out_dir, series_uid, roi_centers, roi_mask, options):
     from ..pipeline import check_targets, explain_volume, input_count
 
     # everything that can fail on bad input is checked before the output folder is touched
-    models = load_models_cli(options.model_paths, options.device, options.model_configs)
+    paths = options.model_paths or (default_model(bool(roi_centers or roi_mask)),)
+    models = load_models_cli(paths, options.device, options.model_configs)
     model = models[0] if len(models) == 1 else models
     volume = load_volume(input_path, series_uid=series_uid, allow_modality=options.allow_modality)
     check_targets(model, options.targets)

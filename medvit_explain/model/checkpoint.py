@@ -48,7 +48,14 @@ from medvit_explain.vocabulary import jsonable
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-SAMPLE_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "sample_model"
+SAMPLE_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "sample_model"  # sample-slice
+SAMPLE_ROI_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "sample_roi"  # sample-roi
+# the shipped models by name: (what it is, the recipe that makes it, the folder it is made into)
+SHIPPED_MODELS = {
+    "sample-slice": ("whole axial slices", "configs/sample_model.yaml", "medvit_explain/assets/sample_model"),
+    "sample-roi": ("nodule ROIs", "configs/sample_roi_model.yaml", "medvit_explain/assets/sample_roi"),
+}
+DEFAULT_MODEL = "sample-slice"  # what load_model(None) loads
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
@@ -340,6 +347,41 @@ def _shape_hint(state: Mapping[str, torch.Tensor], model: MedViT) -> str:
     return ""
 
 
+def is_shipped_name(path: str | Path | None) -> bool:
+    """Whether ``path`` is the name of a shipped model (a ``str`` among :data:`SHIPPED_MODELS`; a ``Path``
+    is always a path)."""
+    return isinstance(path, str) and path in SHIPPED_MODELS
+
+
+def shipped_model_dir(name: str) -> Path:
+    """The folder of the shipped model ``name`` (read at call time, so a test can point it elsewhere);
+    CheckpointError, in one line naming the script that makes it, when its weights are not there."""
+    folder = {"sample-slice": SAMPLE_MODEL_DIR, "sample-roi": SAMPLE_ROI_MODEL_DIR}[name]
+    if (folder / WEIGHTS_NAME).is_file():
+        return folder
+    _, recipe, default_out = SHIPPED_MODELS[name]
+    make = f".venv/bin/python scripts/make_sample_model.py --config {recipe} --out {default_out}"
+    if name == "sample-slice":  # shipped with the package: missing means a broken install
+        raise CheckpointError(
+            f"the shipped sample model is missing ({str(folder)!r}); pass a checkpoint path or make it: {make}"
+        )
+    raise CheckpointError(
+        f"the {name} model is not built yet ({str(folder)!r} has no {WEIGHTS_NAME}); make it with {make}, "
+        "or pass --model sample-slice or a checkpoint"
+    )
+
+
+def resolve_model_path(path: str | Path | None) -> Path:
+    """The checkpoint path for ``path``: a shipped model's folder for its name (``sample-slice``,
+    ``sample-roi``; None = :data:`DEFAULT_MODEL`), else ``path`` itself. A name wins over a file or
+    folder of that name in the working directory: write ``./sample-roi`` to mean the folder."""
+    if path is None:
+        path = DEFAULT_MODEL
+    if is_shipped_name(path):
+        return shipped_model_dir(str(path))
+    return Path(path).expanduser()
+
+
 def load_model(
     path: str | Path | None = None,
     device: str | torch.device = "auto",
@@ -347,19 +389,16 @@ def load_model(
 ) -> MedViT:
     """Load a :class:`MedViT` in eval mode on ``device`` (``auto|cpu|cuda|cuda:N``).
 
-    ``path`` is a checkpoint directory, a weights file (``.safetensors``/``.pth``/``.pt``) or None for
-    the shipped sample model. ``config`` (a path or a dict) overrides the config found beside the
-    weights and is required for a bare timm state dict. Raises :class:`CheckpointError` (missing,
-    unreadable, unsafe or mismatched) or :class:`DeviceError`, each with one line.
+    ``path`` is a checkpoint directory, a weights file (``.safetensors``/``.pth``/``.pt``), the name of a
+    shipped model (``"sample-slice"``: whole slices, ``"sample-roi"``: nodule ROIs; a name wins over a
+    same-named folder, see :func:`resolve_model_path`) or None for ``sample-slice``. ``config`` (a path or
+    a dict) overrides the config found beside the weights and is required for a bare timm state dict.
+    Raises :class:`CheckpointError` (missing, unreadable, unsafe or mismatched) or :class:`DeviceError`,
+    each with one line.
     """
     target = resolve_device(device)
-    if path is None:
-        if not (SAMPLE_MODEL_DIR / WEIGHTS_NAME).is_file():
-            raise CheckpointError(
-                f"the shipped sample model is missing ({str(SAMPLE_MODEL_DIR)!r}); "
-                "pass a checkpoint path (the sample model is trained from configs/sample_model.yaml)"
-            )
-        path = SAMPLE_MODEL_DIR
+    if path is None or is_shipped_name(path):
+        path = resolve_model_path(path)
     check_not_remote(str(path), "--model", "there: pass a local checkpoint folder or weights file (see convert)")
     path = Path(path).expanduser()
     weights, cfg, base_dir = _locate(path, config)

@@ -1,8 +1,11 @@
-"""Slice labels of a labelled study (shared by ``train``, ``evaluate`` and ``audit``).
+"""Slice and nodule labels of a labelled study (shared by ``train``, ``evaluate`` and ``audit``).
 
 A slice is labelled from the nodules whose cross-section in it is at least ``min_area_mm2``
 (malignancy = max over them; biomarkers of the largest); slices that only graze a nodule (smaller
 cross-sections) are ambiguous and left out; the other slices are negatives with no biomarker labels.
+A nodule ROI (ROI mode) is labelled with its own nodule's targets (:func:`nodule_targets`), centred on
+its ``center_mm`` or, where the labels do not give one, on the centroid of its label in the mask
+(:func:`nodule_centres`, the centre ``--roi-mask`` takes at inference).
 """
 
 from __future__ import annotations
@@ -15,7 +18,15 @@ import numpy as np
 from ..errors import MedvitInputError
 from .studies import Study
 
-__all__ = ["BIOMARKER_KEYS", "load_labelled_study", "lung_mask_path", "read_nodules", "slice_targets"]
+__all__ = [
+    "BIOMARKER_KEYS",
+    "load_labelled_study",
+    "lung_mask_path",
+    "nodule_centres",
+    "nodule_targets",
+    "read_nodules",
+    "slice_targets",
+]
 
 BIOMARKER_KEYS = {"diameter": "diameter_mm"}  # target name -> label key where they differ
 
@@ -111,3 +122,32 @@ def load_labelled_study(study: Study, model, min_area_mm2: float):
         min_area_mm2,
     )
     return inputs, mask, nodules, targets, labelled, has_nodule
+
+
+def nodule_targets(task_spec, nodules: list[dict]) -> np.ndarray:
+    """[M, K] normalised targets of each nodule (its malignancy and biomarkers; NaN where a label is
+    missing): what an ROI centred on it is trained to predict."""
+    raw = np.full((len(nodules), len(task_spec)), np.nan, np.float64)
+    for m, nodule in enumerate(nodules):
+        _label_slice(raw[m], task_spec, {int(nodule["id"]): nodule}, [(int(nodule["id"]), 1.0)])
+    return np.asarray(task_spec.normalize(raw), dtype=np.float32).reshape(len(nodules), len(task_spec))
+
+
+def nodule_centres(nodules: list[dict], mask) -> np.ndarray:
+    """[M, 3] LPS mm centre of each nodule: its ``center_mm``, else the centroid of its label in ``mask``
+    (a :class:`~medvit_explain.volume.Volume`); MedvitInputError for a nodule with neither."""
+    from ..transforms import centers_from_mask
+
+    centroids: dict[int, np.ndarray] | None = None
+    out = np.zeros((len(nodules), 3))
+    for m, nodule in enumerate(nodules):
+        if nodule.get("center_mm") is not None:
+            out[m] = np.asarray(nodule["center_mm"], dtype=np.float64).reshape(3)
+            continue
+        if centroids is None:
+            centres, labels = centers_from_mask(mask)
+            centroids = dict(zip(labels, centres, strict=True))
+        if int(nodule["id"]) not in centroids:
+            raise MedvitInputError(f"nodule {nodule['id']} has no center_mm and no voxel in the nodule mask")
+        out[m] = centroids[int(nodule["id"])]
+    return out

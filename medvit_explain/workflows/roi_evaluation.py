@@ -21,18 +21,18 @@ import torch
 from ..errors import MedvitInputError
 from ..metrics.masks import roi_masks
 from ..vocabulary import primary_target
-from .labels import BIOMARKER_KEYS, read_nodules
-from .scores import model_outputs, output_metrics
+from .labels import load_study_volumes, nodule_centres, nodule_targets, read_nodules
+from .scores import model_outputs, nodule_scores
 from .studies import find_studies
 from .target_localization import TARGET_FEATURE, features_path, item_shares, summarise_shares
 
-__all__ = ["RoiEvaluationResult", "RoiViews", "evaluate_roi_explanations", "load_roi_views", "nodule_values"]
+__all__ = ["RoiEvaluationResult", "RoiViews", "evaluate_roi_explanations", "load_roi_views"]
 
 
 @dataclass
 class RoiViews:
     """The views of every labelled nodule: ``images`` [N, C, H, W] (nodule-major, ``n_views`` per nodule),
-    ``truth`` [R, K] each nodule's targets on their scales (NaN = unlabelled), ``features`` [N, H, W] the
+    ``truth`` [R, K] each nodule's targets, normalised (NaN = unlabelled), ``features`` [N, H, W] the
     feature labels of each view (None where a study has no features map: all zero), ``has_features`` [N]."""
 
     images: torch.Tensor
@@ -41,16 +41,6 @@ class RoiViews:
     has_features: np.ndarray
     n_views: int
     n_studies: int
-
-
-def nodule_values(spec, nodule: dict) -> np.ndarray:
-    """One nodule's targets [K] on their scales from its labels (binary targets 0/1; NaN where missing)."""
-    out = np.full(len(spec), np.nan)
-    for k, target in enumerate(spec):
-        key = BIOMARKER_KEYS.get(target.name, target.name)
-        if key in nodule and nodule[key] is not None:
-            out[k] = float(nodule[key])
-    return out
 
 
 def load_roi_views(studies, model, progress: bool = True) -> RoiViews:
@@ -66,12 +56,11 @@ def load_roi_views(studies, model, progress: bool = True) -> RoiViews:
         nodules = read_nodules(study)
         if not nodules:
             continue
-        volume = load_volume(study.path)
-        centres = np.array([n["center_mm"] for n in nodules], dtype=np.float64)
-        inputs = model_inputs(model, volume, roi_centers=centres)
+        volume, mask = load_study_volumes(study)
+        inputs = model_inputs(model, volume, roi_centers=nodule_centres(nodules, mask))
         n_views = len(inputs.views)
         images.append(inputs.images())
-        truth += [nodule_values(model.task_spec, n) for n in nodules]
+        truth.append(nodule_targets(model.task_spec, nodules))
         path = features_path(study.path)
         if path is None:
             features.append(np.zeros((inputs.n_inputs, *inputs.image_size), np.uint8))
@@ -86,7 +75,7 @@ def load_roi_views(studies, model, progress: bool = True) -> RoiViews:
         raise MedvitInputError("no labelled nodule found in the evaluation data (expected nodules[].center_mm)")
     return RoiViews(
         torch.cat(images),
-        np.stack(truth),
+        np.concatenate(truth),
         np.concatenate(features),
         np.concatenate(has_features),
         n_views,
@@ -149,9 +138,7 @@ def evaluate_roi_explanations(
     model.eval()
     t0 = time.perf_counter()
     views = load_roi_views(find_studies(data), model, progress)
-    outputs = model_outputs(model, views.images).numpy()
-    per_nodule = outputs.reshape(len(views.truth), views.n_views, -1).mean(axis=1)  # the ``mean`` row
-    scores = output_metrics(spec, per_nodule, views.truth)
+    scores = nodule_scores(spec, model_outputs(model, views.images).numpy(), views.truth, views.n_views)
     measured = np.flatnonzero(views.has_features)
     localization, timings = {}, {}
     bar = tqdm(total=len(methods), desc="evaluate", unit="method", disable=not progress, leave=False)
@@ -172,6 +159,7 @@ def evaluate_roi_explanations(
     model_block = {
         "malignancy_auc": scores.get(f"{primary}_auc"),
         "malignancy_accuracy": scores.get(f"{primary}_accuracy"),
+        "malignancy_auc_views": scores.get(f"{primary}_auc_views"),
         "biomarker_mae": scores.get("mae", {}),
         "unit": "nodule (outputs of its views averaged)",
     }

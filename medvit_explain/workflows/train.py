@@ -10,6 +10,16 @@ Slice labels (:mod:`.labels`): a slice is labelled from the nodules whose cross-
 least ``min_area_mm2`` (malignancy = max over them; biomarkers of the largest); slices that only graze a
 nodule (smaller cross-sections) are ambiguous and left out of training and evaluation; the other
 slices are negatives with no biomarker labels (masked out of the regression loss).
+
+ROI mode (``preprocessing.mode: roi``): the items are the views (axial, coronal, sagittal …) of the ROI
+around each labelled nodule (centre: ``nodules[].center_mm``, else its label's centroid in the mask), each
+with its nodule's targets (:class:`RoiSet`). Each ROI's cube is sampled once by the inference
+preprocessing (``RoiInputs``), with ``ceil(roi_jitter_mm / spacing_mm)`` extra samples on every side: an
+un-jittered item is bit for bit what ``RoiInputs`` gives at inference, and a jittered one is the sub-cube
+shifted by whole samples, i.e. the crop ``RoiInputs`` samples around the shifted centre (same trilinear
+samples, up to float rounding), without keeping the CT in memory. Views are then rotated by multiples of
+90° and mirrored at random. Validation and selection are per nodule: its raw outputs averaged over its
+views, as the predictions table's ``mean`` row (:func:`nodule_scores`).
 """
 
 from __future__ import annotations
@@ -29,12 +39,21 @@ import torch.nn.functional as F
 
 from ..errors import MedvitInputError
 from ..metrics.masks import slice_masks
-from .labels import BIOMARKER_KEYS, load_labelled_study, slice_targets
-from .scores import roc_auc, slice_metrics
+from .labels import (
+    BIOMARKER_KEYS,
+    load_labelled_study,
+    load_study_volumes,
+    nodule_centres,
+    nodule_targets,
+    read_nodules,
+    slice_targets,
+)
+from .scores import model_outputs, nodule_scores, roc_auc, slice_metrics
 from .studies import Study, find_studies
 
 __all__ = [
     "BIOMARKER_KEYS",
+    "RoiSet",
     "SliceSet",
     "Study",
     "TokenLabelHead",
@@ -42,8 +61,11 @@ __all__ = [
     "find_studies",
     "forward_with_tokens",
     "load_labelled_study",
+    "load_rois",
     "load_slices",
+    "nodule_scores",
     "roc_auc",
+    "roi_metrics",
     "slice_targets",
     "split_studies",
     "task_loss",
@@ -65,6 +87,20 @@ class SliceSet:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def counts(self, split: str) -> dict[str, int]:
+        """What a checkpoint's provenance records of this set (``split``: train / val)."""
+        return {f"n_{split}_slices": len(self)}
+
+    def training_batch(self, idx: torch.Tensor, recipe: dict, dev: torch.device):
+        """Slices ``idx`` as (images, targets, token targets) on ``dev``, left-right mirrored at random
+        (``augment_flip``: lungs are near-symmetric and labels do not change)."""
+        x, y, tok = self.images[idx].to(dev), self.targets[idx].to(dev), self.token_targets[idx].to(dev)
+        if bool(recipe.get("augment_flip", True)):
+            mirror = (torch.rand(len(x), device=dev) < 0.5)[:, None, None, None]
+            x = torch.where(mirror, x.flip(-1), x)
+            tok = torch.where(mirror, tok.flip(-1), tok)
+        return x, y, tok
 
 
 def _choose_slices(
@@ -125,6 +161,201 @@ def load_slices(
     )
 
 
+def roi_view_images(config, views: Sequence[str], cubes: Sequence[np.ndarray], view_of: Sequence[int]) -> torch.Tensor:
+    """Model inputs [B, C, H, W] from HU cubes [n, n, n] on canonical axes, item b = view ``views[view_of[b]]``
+    of ``cubes[b]``: what :meth:`RoiInputs.images <medvit_explain.transforms.RoiInputs.images>` does after
+    sampling its cube (the view plane(s) by the channel recipe, window, resize, normalisation)."""
+    from ..transforms import _view_plane, channel_images
+
+    recipe = config.channels
+    offsets = recipe.offsets if recipe.recipe == "adjacent_slices" else (0,)  # cube planes per input
+    planes = [np.ascontiguousarray(_view_plane(c, views[v], o)) for c, v in zip(cubes, view_of) for o in offsets]
+    hu = torch.from_numpy(np.stack(planes))
+    index = torch.arange(len(hu)).reshape(len(cubes), -1) if recipe.recipe == "adjacent_slices" else None
+    return channel_images(config, hu, index)
+
+
+@dataclass
+class RoiSet:
+    """Nodule ROIs for ROI-mode training and scoring. Items are ROI-major like ``RoiInputs``: item
+    ``i`` is view ``views[i % V]`` of nodule ``i // V``.
+
+    ``cubes`` [M, N, N, N] float32: each nodule's HU cube as ``RoiInputs`` samples it, ``margin`` samples
+    larger on every side (N = n + 2·margin) so that crops around a shifted centre can be cut from it;
+    ``token_cubes`` [M, 2, N, N, N] uint8 (or None): the share (×255) of each cube sample inside a nodule /
+    a malignant nodule (the token labels); ``nodule_targets`` [M, K] (normalised, NaN = no label);
+    ``study`` [M] study index; ``grid`` the model's token grid."""
+
+    config: Any  # transforms.Preprocessing
+    views: tuple[str, ...]
+    n: int
+    margin: int
+    cubes: np.ndarray
+    nodule_targets: torch.Tensor
+    study: np.ndarray
+    grid: tuple[int, int]
+    token_cubes: np.ndarray | None = None
+    _images: torch.Tensor | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.cubes) * len(self.views)
+
+    @property
+    def n_nodules(self) -> int:
+        return len(self.cubes)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """[M·V, K]: each view carries its nodule's targets."""
+        return self.nodule_targets.repeat_interleave(len(self.views), 0)
+
+    @property
+    def has_nodule(self) -> np.ndarray:
+        return np.ones(len(self), bool)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """[M·V, C, H, W]: every view un-jittered (= ``RoiInputs.images()`` at the nodule centres); made once."""
+        if self._images is None:
+            self._images = self.item_images(np.arange(len(self)))
+        return self._images
+
+    def counts(self, split: str) -> dict[str, int]:
+        """What a checkpoint's provenance records of this set (``split``: train / val)."""
+        return {f"n_{split}_nodules": self.n_nodules, f"n_{split}_views": len(self)}
+
+    def _crops(self, cubes: np.ndarray, items: np.ndarray, shifts: np.ndarray | None) -> list[np.ndarray]:
+        """The [..., n, n, n] crop of each item's cube, moved by ``shifts`` [B, 3] samples (canonical axes)."""
+        m, n = self.margin, self.n
+        shifts = np.zeros((len(items), 3), np.int64) if shifts is None else np.asarray(shifts, np.int64)
+        if np.any(np.abs(shifts) > m):
+            raise ValueError(f"expected shifts within ±{m} samples (the cubes' margin), got {np.abs(shifts).max()}")
+        lo = m + shifts
+        return [
+            cubes[i // len(self.views), ..., a : a + n, b : b + n, c : c + n]
+            for i, (a, b, c) in zip(np.asarray(items, np.int64).tolist(), lo.tolist())
+        ]
+
+    def item_images(self, items: Sequence[int] | np.ndarray, shifts: np.ndarray | None = None) -> torch.Tensor:
+        """Model inputs [B, C, H, W] of ``items``, each ROI centre moved by ``shifts`` [B, 3] cube samples."""
+        items = np.asarray(items, np.int64)
+        crops = self._crops(self.cubes, items, shifts)
+        return roi_view_images(self.config, self.views, crops, items % len(self.views))
+
+    def item_token_targets(self, items: Sequence[int] | np.ndarray, shifts: np.ndarray | None = None):
+        """[B, 2, gh, gw] share of each patch inside a nodule / a malignant nodule (None without token cubes)."""
+        if self.token_cubes is None:
+            return None
+        from ..transforms import _view_plane
+
+        items = np.asarray(items, np.int64)
+        crops = self._crops(self.token_cubes, items, shifts)
+        views = [self.views[v] for v in (items % len(self.views)).tolist()]
+        planes = np.stack([np.stack([_view_plane(c, view) for c in crop]) for crop, view in zip(crops, views)])
+        return F.adaptive_avg_pool2d(torch.from_numpy(planes.astype(np.float32) / 255.0), self.grid)
+
+    def training_batch(self, idx: torch.Tensor, recipe: dict, dev: torch.device):
+        """Items ``idx`` as (images, targets, token targets or None) on ``dev``: each ROI centre moved by a
+        random whole number of samples within the margin (``roi_jitter_mm``), each view rotated by a random
+        multiple of 90° (``augment_rot90``, square inputs) and mirrored at random (``augment_flip``)."""
+        items = idx.numpy()
+        shifts = torch.randint(-self.margin, self.margin + 1, (len(items), 3)).numpy() if self.margin else None
+        x, tok = self.item_images(items, shifts), self.item_token_targets(items, shifts)
+        pairs = [x] if tok is None else [x, tok]
+        if bool(recipe.get("augment_rot90", True)) and x.shape[-1] == x.shape[-2] and self.grid[0] == self.grid[1]:
+            turns = torch.randint(0, 4, (len(x),))
+            pairs = [_rotate(t, turns) for t in pairs]
+        if bool(recipe.get("augment_flip", True)):
+            mirror = (torch.rand(len(x)) < 0.5)[:, None, None, None]
+            pairs = [torch.where(mirror, t.flip(-1), t) for t in pairs]
+        x, tok = pairs[0], (pairs[1] if tok is not None else None)
+        y = self.nodule_targets[torch.as_tensor(items // len(self.views))]
+        return x.to(dev), y.to(dev), (tok.to(dev) if tok is not None else None)
+
+
+def _rotate(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] with image b rotated by ``turns[b]`` quarter turns (H = W)."""
+    out = images.clone()
+    for k in (1, 2, 3):
+        chosen = turns == k
+        if chosen.any():
+            out[chosen] = torch.rot90(images[chosen], k, (-2, -1))
+    return out
+
+
+def _binary_volume(mask, keep: np.ndarray):
+    """The mask as a float32 volume on its grid: 1 where its label is in ``keep``, else 0."""
+    return mask.with_array(np.isin(mask.array, keep).astype(np.float32))
+
+
+def load_rois(
+    studies: Sequence[Study],
+    model,
+    *,
+    margin: int = 0,
+    token_targets: bool = False,
+    progress: bool = True,
+    what: str = "the data",
+) -> RoiSet:
+    """The ROI views of every labelled nodule of ``studies`` for ``model`` (its ROI preprocessing),
+    cubes sampled ``margin`` samples larger on every side (the room for centre jitter); with
+    ``token_targets`` also the nodule / malignant-nodule share of each sample (the token labels).
+    MedvitInputError naming ``what`` when no study has a nodule."""
+    import dataclasses
+
+    from tqdm.auto import tqdm
+
+    from ..prediction import check_centres_inside
+    from ..transforms import Preprocessing, RoiInputs
+
+    config = Preprocessing.from_config(model.preprocessing)
+    n = 0
+    cubes, tokens, targets, study_idx = [], [], [], []
+    for s, study in enumerate(tqdm(studies, desc="loading ROIs", unit="study", disable=not progress)):
+        nodules = read_nodules(study)
+        if not nodules:
+            continue
+        volume, mask = load_study_volumes(study)
+        centres = nodule_centres(nodules, mask)
+        check_centres_inside(centres, volume)
+        n = RoiInputs(volume, config, centres).n  # the inference cube's samples per side
+        # the same sample positions and 2·margin more: t = arange(N) - (N - 1) / 2 holds arange(n) - (n - 1) / 2
+        size_mm = (n + 2 * margin) * config.roi.spacing_mm
+        big = dataclasses.replace(config, roi=dataclasses.replace(config.roi, size_mm=size_mm))
+        inputs = RoiInputs(volume, big, centres)
+        assert inputs.n == n + 2 * margin, (inputs.n, n, margin)
+        cubes += [inputs.cube(r) for r in range(len(centres))]
+        if token_targets:
+            ids = np.array([int(x["id"]) for x in nodules])
+            malignant = np.array([int(x["id"]) for x in nodules if int(x.get("malignancy", 0)) == 1] + [-1])
+            shares = [RoiInputs(_binary_volume(mask, keep), big, centres) for keep in (ids, malignant)]
+            tokens += [np.stack([np.rint(255 * sh.cube(r)).astype(np.uint8) for sh in shares]) for r in range(len(ids))]
+        targets.append(nodule_targets(model.task_spec, nodules))
+        study_idx.append(np.full(len(nodules), s))
+    if not cubes:
+        raise MedvitInputError(
+            f"no labelled nodule in {what} ({len(studies)} studies): ROI mode needs the labels' nodules"
+        )
+    return RoiSet(
+        config=config,
+        views=tuple(config.roi.views),
+        n=n,
+        margin=margin,
+        cubes=np.stack(cubes),
+        nodule_targets=torch.from_numpy(np.concatenate(targets)),
+        study=np.concatenate(study_idx),
+        grid=tuple(model.backbone.patch_embed.grid_size),
+        token_cubes=np.stack(tokens) if token_targets else None,
+    )
+
+
+def roi_metrics(model, data: RoiSet, batch_size: int = 128) -> dict[str, Any]:
+    """:func:`nodule_scores` of ``model`` on the un-jittered views of ``data`` (the model is put in eval mode)."""
+    model.eval()
+    raw = model_outputs(model, data.images, batch_size).numpy()
+    return nodule_scores(model.task_spec, raw, data.nodule_targets.numpy(), len(data.views))
+
+
 class TokenLabelHead(torch.nn.Module):
     """Training-only auxiliary head: each patch token predicts whether its patch lies in a nodule and
     in a malignant nodule (token labelling, Jiang et al., "All Tokens Matter", NeurIPS 2021). It teaches
@@ -165,9 +396,12 @@ def task_loss(
     return loss
 
 
-def evaluate(model, data: SliceSet, batch_size: int = 128) -> dict[str, Any]:
+def evaluate(model, data: SliceSet | RoiSet, batch_size: int = 128) -> dict[str, Any]:
     """Slice-level malignancy ROC AUC and accuracy at 0.5, and biomarker MAE (LIDC scale) per target
-    (:func:`.scores.slice_metrics`; the model is put in eval mode)."""
+    (:func:`.scores.slice_metrics`; the model is put in eval mode); for a :class:`RoiSet` the same per
+    nodule (:func:`roi_metrics`)."""
+    if isinstance(data, RoiSet):
+        return roi_metrics(model, data, batch_size)
     model.eval()
     out = slice_metrics(model, data.images, data.targets, data.has_nodule, batch_size)
     mae = out.pop("mae")
@@ -210,8 +444,8 @@ class _Run:
     dev: torch.device
     model: Any
     token_head: TokenLabelHead
-    train_set: SliceSet
-    val_set: SliceSet
+    train_set: SliceSet | RoiSet
+    val_set: SliceSet | RoiSet
     n_val_studies: int
     optimizer: Any = None
     scheduler: Any = None
@@ -242,6 +476,16 @@ def _prepare(config: dict, data, val_data, seed: int, epochs: int, device: str, 
         train_studies, val_studies = split_studies(studies, float(recipe.get("val_fraction", 0.2)), seed)
     model = build_model(config).to(dev)
     token_head = TokenLabelHead(model).to(dev)
+    if model.preprocessing.get("mode") == "roi":
+        # room for the centre jitter: whole cube samples on every side
+        spacing = float(model.preprocessing["roi"]["spacing_mm"])
+        margin = int(math.ceil(float(recipe.get("roi_jitter_mm", 3.0)) / spacing - 1e-9))
+        tokens = bool(float(recipe.get("token_label_weight", 0.0)))
+        train_set = load_rois(
+            train_studies, model, margin=margin, token_targets=tokens, progress=progress, what="the training data"
+        )
+        val_set = load_rois(val_studies, model, progress=progress, what="the validation studies")
+        return _Run(recipe, seed, epochs, dev, model, token_head, train_set, val_set, len(val_studies))
     min_area = float(recipe.get("min_area_mm2", 10.0))
     train_set = load_slices(
         train_studies,
@@ -296,13 +540,12 @@ def _resume(run: _Run, state_dir: Path, out: Path) -> None:
 
 
 def _train_epoch(run: _Run, epoch: int, progress: bool) -> float:
-    """One epoch over the shuffled training slices; returns the mean training loss."""
+    """One epoch over the shuffled training items (slices or ROI views); returns the mean training loss."""
     from tqdm.auto import tqdm
 
     recipe, dev, model = run.recipe, run.dev, run.model
     kinds = list(model.task_spec.score_kinds)
     weights = recipe.get("loss_weights")
-    flip = bool(recipe.get("augment_flip", True))
     token_weight = float(recipe.get("token_label_weight", 0.0))
     token_pos_weight = torch.tensor(float(recipe.get("token_label_pos_weight", 1.0)), device=dev)
     model.train()
@@ -311,16 +554,10 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> float:
     bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}/{run.epochs}", unit="batch", disable=not progress)
     for step in bar:
         idx = order[step * run.batch_size : (step + 1) * run.batch_size]
-        x = run.train_set.images[idx].to(dev)
-        y = run.train_set.targets[idx].to(dev)
-        tok = run.train_set.token_targets[idx].to(dev)
-        if flip:  # left-right mirror: lungs are near-symmetric and labels do not change
-            mirror = (torch.rand(len(x), device=dev) < 0.5)[:, None, None, None]
-            x = torch.where(mirror, x.flip(-1), x)
-            tok = torch.where(mirror, tok.flip(-1), tok)
+        x, y, tok = run.train_set.training_batch(idx, recipe, dev)  # augmented as the set's mode needs
         outputs, tokens = forward_with_tokens(model, x)
         loss = task_loss(outputs, y, kinds, weights)
-        if token_weight:
+        if token_weight and tok is not None:
             loss = loss + token_weight * F.binary_cross_entropy_with_logits(
                 run.token_head(tokens), tok, pos_weight=token_pos_weight
             )
@@ -363,8 +600,8 @@ def _keep_if_best(run: _Run, epoch: int, val_loss: float, metrics: dict, config:
         "epoch": epoch + 1,
         "train_data": str(data),
         "val_data": str(val_data or f"{run.n_val_studies} held-out studies of {data}"),
-        "n_train_slices": len(run.train_set),
-        "n_val_slices": len(run.val_set),
+        **run.train_set.counts("train"),
+        **run.val_set.counts("val"),
         "validation": metrics,
     }
     save_checkpoint(run.model, out, provenance=provenance)

@@ -1,0 +1,267 @@
+"""ROI-mode training (items = the inference ROI views of each labelled nodule, nodule-level scores) and the
+shipped models' names (``sample-slice`` / ``sample-roi``) with the default choice of explain / predict / batch."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+import medvit_explain.model.checkpoint as checkpoint
+from medvit_explain.cli import cli
+from medvit_explain.errors import CheckpointError
+from medvit_explain.io import load_volume
+from medvit_explain.model import TaskSpec, build_model, load_model, save_checkpoint
+from medvit_explain.phantom import make_phantoms
+from medvit_explain.prediction import model_inputs, predict
+from medvit_explain.workflows.studies import find_studies
+from medvit_explain.workflows.train import load_rois, nodule_scores
+
+from .models import tiny_config
+
+
+def roi_config(image=24, patch=6, size_mm=24.0, **preprocessing):
+    """A tiny ROI-mode ViT: a ``size_mm`` cube at 1 mm, views of ``image`` px (resized when they differ)."""
+    config = tiny_config(image_size=(image, image), patch=patch, mode="roi")
+    config["name"] = "tiny-roi"
+    config["preprocessing"]["roi"]["size_mm"] = size_mm
+    config["preprocessing"].update(preprocessing)
+    if "in_chans" in preprocessing:
+        config["architecture"]["kwargs"]["in_chans"] = preprocessing["in_chans"]
+    return config
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    out = tmp_path_factory.mktemp("roi_phantoms")
+    make_phantoms(out, seed=11, count=3, size=(96, 96, 32), spacing=(3.0, 3.0, 4.0), n_nodules=2)
+    return out
+
+
+def _nodules(study) -> list[dict]:
+    return json.loads(open(study.labels).read())["nodules"]
+
+
+def test_roi_training_one_epoch_gives_a_checkpoint_that_predicts_rois(tmp_path, phantoms):
+    config = roi_config()
+    config["training"] = {"seed": 1, "epochs": 1, "batch_size": 8, "val_fraction": 0.34, "token_label_weight": 1.0}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(config))
+    out = tmp_path / "ckpt"
+    args = ["train", "--config", recipe, "--data", phantoms, "--out", out, "--device", "cpu"]
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    provenance = json.loads((out / "config.json").read_text())["provenance"]
+    n_nodules = sum(len(_nodules(s)) for s in find_studies(phantoms))
+    assert provenance["n_train_nodules"] + provenance["n_val_nodules"] == n_nodules
+    assert provenance["n_train_views"] == 3 * provenance["n_train_nodules"]
+    assert {"malignancy_auc", "malignancy_auc_views", "n_nodules"} <= set(provenance["validation"])
+    assert set(provenance["validation"]["mae"]) == set(TaskSpec.default().names[1:])
+
+    model = load_model(out, device="cpu")
+    study = find_studies(phantoms)[0]
+    centres = np.array([n["center_mm"] for n in _nodules(study)])
+    table = predict(model, load_volume(study.path), roi_centers=centres)
+    assert [r["view"] for r in table.rows] == ["axial", "coronal", "sagittal", "mean"] * len(centres)
+    logits = table.column("malignancy_logit").reshape(len(centres), 4)
+    np.testing.assert_allclose(logits[:, 3], logits[:, :3].mean(1), rtol=1e-6)
+
+
+def test_roi_training_resumes_exactly(tmp_path, phantoms):
+    """Two epochs in one go equal one epoch and a resumed one: the jitter, turns and flips come from the
+    saved torch RNG."""
+    from medvit_explain.workflows.train import train
+
+    config = roi_config()
+    config["training"] = {"seed": 3, "batch_size": 4, "val_fraction": 0.34, "token_label_weight": 1.0}
+    config["training"]["select_by"] = "val_loss"
+    train(config, phantoms, tmp_path / "a", epochs=2, device="cpu", progress=False)
+    train(config, phantoms, tmp_path / "b", epochs=1, device="cpu", progress=False)
+    train(config, phantoms, tmp_path / "b", epochs=2, device="cpu", progress=False, resume=True)
+    a = load_model(tmp_path / ".a.train_state" / "model", device="cpu").state_dict()
+    b = load_model(tmp_path / ".b.train_state" / "model", device="cpu").state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "preprocessing",
+    [
+        {},  # 24 mm at 1 mm = 24 px: no resize
+        {"image_size": [32, 32]},  # resized 24 → 32 px
+        {"in_chans": 3, "channels": {"recipe": "adjacent_slices", "offsets": [-1, 0, 1]}},
+    ],
+    ids=["copies", "resized", "adjacent_slices"],
+)
+def test_training_items_are_the_inference_inputs(phantoms, preprocessing):
+    """Un-jittered items equal ``RoiInputs`` at the nodule centres bit for bit; an item shifted by whole
+    samples is the ``RoiInputs`` crop around the shifted centre (same trilinear samples). Compared one
+    study at a time: the bilinear resize (``resized``) rounds by batch size (1 ulp), at inference too."""
+    config = roi_config(**preprocessing)
+    if "image_size" in preprocessing:
+        config["architecture"]["kwargs"]["img_size"] = preprocessing["image_size"]
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    studies = find_studies(phantoms)
+    rois = load_rois(studies, model, margin=2, token_targets=True, progress=False)
+    shift = np.array([2, -1, 1])  # canonical (L, P, S) samples of 1 mm; the phantoms' axes are L, P, S
+    done = 0
+    for s, study in enumerate(studies):
+        volume, centres = load_volume(study.path), np.array([n["center_mm"] for n in _nodules(study)])
+        items = np.flatnonzero(np.repeat(rois.study == s, 3))
+        assert len(items) == 3 * len(centres)
+        if not len(centres):
+            continue
+        expected = model_inputs(model, volume, roi_centers=centres).images()
+        assert torch.equal(rois.item_images(items), expected)
+        shifted = model_inputs(model, volume, roi_centers=centres + shift * 1.0).images()
+        moved = rois.item_images(items, np.tile(shift, (len(items), 1)))
+        torch.testing.assert_close(moved, shifted, rtol=0, atol=1e-5)
+        assert not torch.equal(moved, expected)
+        done += len(items)
+    assert done == len(rois) > 0
+    torch.testing.assert_close(rois.images, rois.item_images(np.arange(len(rois))), rtol=0, atol=0)
+    tokens = rois.item_token_targets(np.arange(len(rois)))
+    assert tokens.shape == (len(rois), 2, *model.backbone.patch_embed.grid_size)
+    assert bool((tokens[:, 0].amax((-2, -1)) > 0).all())  # every view's centre lies in its nodule
+    assert bool((tokens[:, 1] <= tokens[:, 0] + 1e-6).all())  # malignant ⊂ nodule
+
+
+def test_nodule_scores_average_the_views_logits():
+    """Four nodules × three views, by hand. Per nodule, the mean logit (the ``mean`` row) ranks both
+    malignant nodules above both benign ones: AUC 1. The max over views (0.75), the mean of the views'
+    probabilities (0.75) and single views (25/36) would each give another number."""
+    spec = TaskSpec.default()
+    mal, spic, diam = spec.index("malignancy"), spec.index("spiculation"), spec.index("diameter")
+    logits = [[4, -1, -1], [0.6, 0.6, 0.6], [1, 1, 1], [2, -3, -3]]  # A mal, B benign, C mal, D benign
+    raw = np.zeros((12, len(spec)))
+    raw[:, mal] = np.ravel(logits)
+    raw[0:3, diam] = [0.0, 0.0, 3.0]  # nodule A: mean 1 → 40 mm; the others 0 → 20 mm
+    targets = np.full((4, len(spec)), np.nan, np.float32)
+    targets[:, mal] = [1, 0, 1, 0]
+    targets[:, diam] = 0.0  # 20 mm
+    targets[:, spic] = 1.0  # 5 (outputs 0 → 3: off by 2)
+    scores = nodule_scores(spec, raw, targets, n_views=3)
+    assert scores["n_nodules"] == 4 and scores["n_views"] == 12
+    assert scores["malignancy_auc"] == pytest.approx(1.0)
+    assert scores["malignancy_auc_views"] == pytest.approx(25 / 36)
+    assert scores["malignancy_accuracy"] == pytest.approx(0.75)  # B: mean logit 0.6 → p 0.65, benign
+    assert scores["mae"]["diameter"] == pytest.approx(20.0 / 4)  # mm
+    assert scores["mae"]["spiculation"] == pytest.approx(2.0)
+    assert set(scores["mae"]) == {"diameter", "spiculation"}  # unlabelled targets are not scored
+
+
+# --------------------------------------------------------------------- shipped model names and defaults
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch):
+    """Tiny stand-ins for the shipped models: ``sample-slice`` (slice mode) and ``sample-roi`` (ROI mode)."""
+    torch.manual_seed(0)
+    slice_config = tiny_config()
+    slice_config["name"] = "tiny-slice"
+    slice_dir = save_checkpoint(build_model(slice_config), tmp_path / "shipped" / "sample_model")
+    roi_dir = save_checkpoint(build_model(roi_config()), tmp_path / "shipped" / "sample_roi")
+    monkeypatch.setattr(checkpoint, "SAMPLE_MODEL_DIR", slice_dir)
+    monkeypatch.setattr(checkpoint, "SAMPLE_ROI_MODEL_DIR", roi_dir)
+    return {"sample-slice": slice_dir, "sample-roi": roi_dir}
+
+
+@pytest.fixture(scope="module")
+def study(phantoms):
+    """(CT path, centres CSV, nodule mask path) of the first phantom."""
+    first = find_studies(phantoms)[0]
+    centres = phantoms / "centres.csv"
+    rows = ["x_mm,y_mm,z_mm"] + [",".join(map(str, n["center_mm"])) for n in _nodules(first)]
+    centres.write_text("\n".join(rows) + "\n")
+    return first.path, str(centres), first.nodule_mask
+
+
+def _predict_json(args) -> dict:
+    result = CliRunner().invoke(cli, ["predict", *map(str, args), "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def _logits(model_path, ct, centres=None) -> np.ndarray:
+    roi = None if centres is None else np.loadtxt(centres, delimiter=",", skiprows=1, ndmin=2)
+    return predict(load_model(model_path, device="cpu"), load_volume(ct), roi_centers=roi).column("malignancy_logit")
+
+
+def test_names_resolve_to_the_shipped_models(shipped, study):
+    ct, centres, _ = study
+    assert load_model("sample-roi", device="cpu").config["name"] == "tiny-roi"
+    assert load_model("sample-slice", device="cpu").config["name"] == "tiny-slice"
+    assert load_model(device="cpu").config["name"] == "tiny-slice"  # None: sample-slice
+    with_roi = _predict_json([ct, "--roi-centers", centres])  # ROIs and no --model: sample-roi
+    np.testing.assert_allclose(
+        [r["malignancy_logit"] for r in with_roi["rows"]], _logits(shipped["sample-roi"], ct, centres), rtol=1e-5
+    )
+    plain = _predict_json([ct])  # no ROIs: sample-slice, every slice
+    assert plain["summary"]["mode"] == "slice"
+    np.testing.assert_allclose(
+        [r["malignancy_logit"] for r in plain["rows"]], _logits(shipped["sample-slice"], ct), rtol=1e-5
+    )
+    chosen = _predict_json([ct, "--roi-centers", centres, "--model", "sample-slice"])  # a name given wins
+    np.testing.assert_allclose(
+        [r["malignancy_logit"] for r in chosen["rows"]], _logits(shipped["sample-slice"], ct, centres), rtol=1e-5
+    )
+
+
+def test_explain_and_batch_default_to_sample_roi_with_rois(shipped, study, phantoms, tmp_path):
+    ct, _, mask = study
+    out = tmp_path / "explained"
+    args = ["explain", ct, "--roi-mask", mask, "--method", "cdam", "--target", "malignancy", "--no-report"]
+    result = CliRunner().invoke(cli, [str(a) for a in [*args, "--out", out, "--device", "cpu"]])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["model"]["name"] == "tiny-roi"
+    manifest = tmp_path / "one.csv"
+    manifest.write_text(f"study_id,path,nodule_mask\ns1,{ct},{mask}\n")
+    runs = {"roi": ["--roi-from-mask"], "slice": []}
+    for name, extra in runs.items():
+        args = ["batch", manifest, "--out", tmp_path / f"batch_{name}", "--method", "cdam", "--target", "malignancy"]
+        result = CliRunner().invoke(
+            cli, [str(a) for a in [*args, *extra, "--no-report", "--no-audit", "--device", "cpu"]]
+        )
+        assert result.exit_code == 0, result.output
+        summary = json.loads((tmp_path / f"batch_{name}" / "s1" / "summary.json").read_text())
+        assert summary["model"]["name"] == f"tiny-{name}"
+
+
+def test_missing_roi_model_is_one_line_naming_the_script(shipped, study, tmp_path, monkeypatch):
+    ct, centres, _ = study
+    monkeypatch.setattr(checkpoint, "SAMPLE_ROI_MODEL_DIR", tmp_path / "not_built")
+    with pytest.raises(CheckpointError, match="make_sample_model.py --config configs/sample_roi_model.yaml"):
+        load_model("sample-roi", device="cpu")
+    for args in ([ct, "--roi-centers", centres], [ct, "--roi-centers", centres, "--model", "sample-roi"]):
+        result = CliRunner().invoke(cli, ["predict", *map(str, args), "--device", "cpu"])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1, result.output
+        assert (
+            lines[0].startswith("error: the sample-roi model is not built yet") and "make_sample_model.py" in lines[0]
+        )
+    assert _predict_json([ct])["summary"]["mode"] == "slice"  # sample-slice is unaffected
+
+
+def test_a_name_wins_over_a_local_folder_of_that_name(shipped, study, tmp_path, monkeypatch):
+    """``--model sample-roi`` is the shipped model even beside a folder ``sample-roi`` (with a warning);
+    ``./sample-roi`` and a ``Path`` mean the folder."""
+    ct, centres, _ = study
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(5)
+    save_checkpoint(build_model({**roi_config(), "name": "local-roi"}), tmp_path / "sample-roi")
+    result = CliRunner().invoke(
+        cli, ["predict", ct, "--roi-centers", centres, "--model", "sample-roi", "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "warning: --model sample-roi is the shipped model; write ./sample-roi" in result.stderr
+    local = _predict_json([ct, "--roi-centers", centres, "--model", "./sample-roi"])
+    np.testing.assert_allclose(
+        [r["malignancy_logit"] for r in local["rows"]], _logits(tmp_path / "sample-roi", ct, centres), rtol=1e-5
+    )
+    assert load_model("sample-roi", device="cpu").config["name"] == "tiny-roi"
+    from pathlib import Path
+
+    assert load_model(Path("sample-roi"), device="cpu").config["name"] == "local-roi"
