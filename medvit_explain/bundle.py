@@ -601,7 +601,7 @@ def export_bundle(
     from .io.checksum import file_sha256
     from .io.writer import replace_folder, usual_mode
     from .model import load_model, save_checkpoint
-    from .model.checkpoint import CARD_NAMES, SAMPLE_MODEL_DIR  # CARD_NAMES: beside a checkpoint, copied to docs/
+    from .model.checkpoint import CARD_NAMES, resolve_model_path  # CARD_NAMES: beside a checkpoint, copied to docs/
     from .registry import explainer_class
     from .transforms import Preprocessing
 
@@ -618,7 +618,7 @@ def export_bundle(
             f"expected a slice-mode model for a MONAI bundle (the MONAI chain is slice mode), got "
             f"{model.preprocessing.get('mode')!r}; explain an ROI model with medvit-explain explain --roi-centers"
         )
-    source_dir = Path(model_path).expanduser() if model_path is not None else SAMPLE_MODEL_DIR
+    source_dir = resolve_model_path(model_path)
     source = "the shipped sample model" if model_path is None else str(model_path)
     cards = [source_dir / n for n in CARD_NAMES if source_dir.is_dir() and (source_dir / n).is_file()]
     card = None

@@ -49,13 +49,16 @@ from .outputs.layout import (
     volume_stem,
 )
 from .vocabulary import (
+    ASSETS_DIR,
     DEFAULT_MAP_DTYPE,
+    DEFAULT_MODEL,
     DEVICE_CHOICES,
     EXPECTED_DEVICES,
     IMAGE_SUFFIXES,
     LABEL_MAP_SUFFIXES,
     MAP_DTYPES,
     PRIMARY_COLUMN,
+    SHIPPED_MODELS,
     is_device,
 )
 
@@ -292,7 +295,9 @@ def model_targets(model: str | os.PathLike | None = None) -> list[dict[str, Any]
         ValueError: a config that is not valid JSON or whose targets have no names.
     """
     if model is None or not str(model).strip():
-        path = Path(__file__).resolve().parent / "assets" / "sample_model"
+        path = ASSETS_DIR / SHIPPED_MODELS[DEFAULT_MODEL][2]
+    elif str(model).strip() in SHIPPED_MODELS:  # a shipped model's name (as the CLI reads --model)
+        path = ASSETS_DIR / SHIPPED_MODELS[str(model).strip()][2]
     else:
         path = Path(os.path.expanduser(str(model).strip()))
     if path.is_dir():

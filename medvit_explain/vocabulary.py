@@ -51,6 +51,14 @@ LABEL_NAME_WORDS = (  # a stem ending in "_<word>" (or "-", ".") names a label m
     "labels",
     "labelmap",
 )
+# the shipped models by name: (what it is, the recipe that makes it, its folder under medvit_explain/assets)
+SHIPPED_MODELS = {
+    "sample-slice": ("whole axial slices", "configs/sample_model.yaml", "sample_model"),
+    "sample-roi": ("nodule ROIs", "configs/sample_roi_model.yaml", "sample_roi"),
+}
+DEFAULT_MODEL = "sample-slice"  # what --model means when it is not given (and no ROI option is)
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
 MAP_DTYPES = ("int16", "float32")
 DEFAULT_MAP_DTYPE = "int16"
 

@@ -44,18 +44,12 @@ from medvit_explain.errors import CheckpointError
 from medvit_explain.model.device import resolve_device
 from medvit_explain.model.keymaps import monai_key_name, monai_vit_keys, torchvision_vit_keys
 from medvit_explain.model.network import FORMAT, MedViT, build_model, check_not_remote
-from medvit_explain.vocabulary import jsonable
+from medvit_explain.vocabulary import ASSETS_DIR, DEFAULT_MODEL, SHIPPED_MODELS, jsonable
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-SAMPLE_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "sample_model"  # sample-slice
-SAMPLE_ROI_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "sample_roi"  # sample-roi
-# the shipped models by name: (what it is, the recipe that makes it, the folder it is made into)
-SHIPPED_MODELS = {
-    "sample-slice": ("whole axial slices", "configs/sample_model.yaml", "medvit_explain/assets/sample_model"),
-    "sample-roi": ("nodule ROIs", "configs/sample_roi_model.yaml", "medvit_explain/assets/sample_roi"),
-}
-DEFAULT_MODEL = "sample-slice"  # what load_model(None) loads
+SAMPLE_MODEL_DIR = ASSETS_DIR / SHIPPED_MODELS["sample-slice"][2]
+SAMPLE_ROI_MODEL_DIR = ASSETS_DIR / SHIPPED_MODELS["sample-roi"][2]
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
@@ -360,7 +354,7 @@ def shipped_model_dir(name: str) -> Path:
     if (folder / WEIGHTS_NAME).is_file():
         return folder
     _, recipe, default_out = SHIPPED_MODELS[name]
-    make = f".venv/bin/python scripts/make_sample_model.py --config {recipe} --out {default_out}"
+    make = f".venv/bin/python scripts/make_sample_model.py --config {recipe} --out medvit_explain/assets/{default_out}"
     if name == "sample-slice":  # shipped with the package: missing means a broken install
         raise CheckpointError(
             f"the shipped sample model is missing ({str(folder)!r}); pass a checkpoint path or make it: {make}"
