@@ -18,6 +18,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/medvit-explain explain sample_data/phantom_001.nii.gz --out demo_output
+	$(BIN)/medvit-explain explain sample_data/phantom_001.nii.gz --roi-centers sample_data/phantom_001.json --out demo_output_roi
 
 lint: $(STAMP)
 	$(BIN)/ruff check medvit_explain tests plugins scripts
@@ -27,4 +28,4 @@ bench: $(STAMP)
 	$(BIN)/medvit-explain bench
 
 clean:
-	rm -rf demo_output build *.egg-info
+	rm -rf demo_output demo_output_roi build *.egg-info
