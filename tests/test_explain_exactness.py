@@ -147,7 +147,8 @@ def cdam_averaged(model, images, targets, scales, noise_level, seed):
     return out
 
 
-def agcam(model, images, targets):
+def agcam_layers(model, images, targets):
+    """Each block's AG-CAM term, [B, T, K, gh, gw]."""
     bb = model.backbone
 
     def one(x, c):
@@ -158,12 +159,15 @@ def agcam(model, images, targets):
             scores.append(s)
             mats.append(a)
         grads = torch.autograd.grad(model.head(pooled(bb, h))[0, c], mats)
-        total = 0
-        for s, g in zip(scores, grads, strict=True):
-            total = total + (g[0, :, 0].clamp_min(0) * s[0, :, 0].sigmoid()).sum(0)
-        return grid(model, total)
+        return torch.stack(
+            [grid(model, (g[0, :, 0].clamp_min(0) * s[0, :, 0].sigmoid()).sum(0)) for s, g in zip(scores, grads)]
+        )
 
     return per_image_target(one, images, targets)
+
+
+def agcam(model, images, targets):
+    return agcam_layers(model, images, targets).sum(2)
 
 
 def attention_rows(model, x):
@@ -246,6 +250,7 @@ ref = SimpleNamespace(
     **{
         name: globals()[name]
         for name in (
+            "agcam_layers",
             "norm",
             "layer_scale",
             "stem",
@@ -322,6 +327,19 @@ def test_agcam_matches_reference(model, batch, targets):
     x = _batch(model, batch)
     t = TARGET_SETS[targets]
     assert_maps_close(explain(model, x, "agcam", targets=t), ref.agcam(model, x, idx(t)))
+
+
+def test_agcam_layer_terms_match_reference(model):
+    """``AGCAM.layers``: each block's term equals the reference's, and their sum is the AG-CAM map."""
+    from medvit_explain.explainers.agcam import agcam_layers
+
+    if model.backbone.global_pool == "avg":
+        pytest.skip("average pooling: AG-CAM is 0")
+    x = _batch(model, 2)
+    layers = agcam_layers(model, x, [2, 0])
+    assert layers.shape[2] == len(model.backbone.blocks)
+    assert_maps_close(layers.flatten(1, 2), ref.agcam_layers(model, x, [2, 0]).flatten(1, 2))
+    assert_maps_close(layers.sum(2), explain(model, x, "agcam", targets=[2, 0]))
 
 
 def test_agcam_is_zero_when_pooling_ignores_class_token():

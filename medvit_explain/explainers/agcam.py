@@ -27,13 +27,15 @@ from medvit_explain.explainers.base import (
     HookSet,
     attention_gate,
     attention_output,
+    check_images,
+    inspect_model,
     run_prefix_chain,
     target_grads,
     tokens_to_grid,
 )
 from medvit_explain.registry import register
 
-__all__ = ["AGCAM", "agcam_with_cdam", "forward_with_taps"]
+__all__ = ["AGCAM", "agcam_layers", "agcam_with_cdam", "forward_with_taps"]
 
 
 @register
@@ -80,18 +82,41 @@ class AGCAM(Explainer):
 
     def from_records(self, recs: list[dict[str, Tensor]], final_tokens: Tensor, target_idx: list[int]) -> Tensor:
         """AG-CAM [B, T, gh, gw] from every block's reduced record and the last block's output."""
+        return self.layer_terms(recs, final_tokens, target_idx).sum(2)
+
+    def layer_terms(self, recs: list[dict[str, Tensor]], final_tokens: Tensor, target_idx: list[int]) -> Tensor:
+        """Each block's term of AG-CAM, [B, T, K, gh, gw] (K blocks; their sum over K is the map):
+        Σ_h ReLU(α^k) ⊙ sigmoid(S^k) of block k alone."""
         blocks = self.backbone.blocks
         leaves = [r["heads"].requires_grad_(True) for r in recs]
         outs = [attention_output(blocks[i].attn, leaves[i], recs[i]["gate"]) for i in range(len(blocks))]
         pooled = run_prefix_chain(self.backbone, 0, recs[0]["x0"], outs, final_tokens, (0,), self.spec.read_rows)
         grads = target_grads(self.scorer(pooled), leaves, target_idx)  # each [T, B, H, 1, dh]
-
-        total = None
+        terms = []
         for rec, g in zip(recs, grads, strict=True):
             alpha = torch.einsum("tbhd,bhnd->tbhn", g[:, :, :, 0], rec["v"])
-            term = (alpha.clamp_min(0) * rec["s"].sigmoid().unsqueeze(0)).sum(2)  # [T, B, N]
-            total = term if total is None else total + term
-        return tokens_to_grid(total.transpose(0, 1), self.spec)
+            terms.append((alpha.clamp_min(0) * rec["s"].sigmoid().unsqueeze(0)).sum(2))  # [T, B, N]
+        return tokens_to_grid(torch.stack(terms, 2), self.spec).transpose(0, 1)  # [T, B, K, ...] → [B, T, K, ...]
+
+    def layers(self, images: Tensor, targets: Any) -> Tensor:
+        """Per-block AG-CAM terms [B, T, K, gh, gw] for ``images`` (what :meth:`explain` sums over K)."""
+        with self.session(images, targets) as (x, target_idx):
+            blocks = self.backbone.blocks
+            recs: list[dict[str, Tensor]] = [{} for _ in blocks]
+
+            def reduce(i: int, rec: dict[str, Tensor]) -> None:
+                recs[i] = self.reduce_block(i, rec)
+
+            final = forward_with_taps(self.backbone, x, reduce)
+            return self.layer_terms(recs, final, target_idx).detach()
+
+
+def agcam_layers(model, images: Tensor, targets: Any = None) -> Tensor:
+    """Each block's term of AG-CAM, [B, T, K, gh, gw] for ``images`` [B, C, H, W] (K blocks): their sum
+    over K is ``explain(model, images, "agcam", targets)``. Shows which layers a map comes from."""
+    spec = inspect_model(model)
+    check_images(images, spec)
+    return AGCAM(model, spec, AGCAM.check_options({})).layers(images, targets)
 
 
 def forward_with_taps(backbone, images: Tensor, on_block) -> Tensor:

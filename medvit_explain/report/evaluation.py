@@ -229,6 +229,7 @@ def table_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "method": m,
                 "dice": loc.get("dice", float("nan")),
+                "dice_malig": loc.get("dice_malignant", float("nan")),
                 "iou": loc.get("iou", float("nan")),
                 "box_iou": loc.get("box_iou", float("nan")),
                 "pointing": loc.get("pointing_game", float("nan")),
@@ -309,7 +310,8 @@ def _evaluation_summary(m: dict[str, Any], rows: list[dict[str, Any]]) -> list[s
         "<h2>Summary (method × metric)</h2>",
         '<p class="note">Localization: the predicted-class map of '
         f"{_e(primary)} on {which}, bilinear to the input, min–max, binarised at "
-        f"{_e(settings['threshold'])}, against the nodule mask ({boxes}); pointing = map maximum "
+        f"{_e(settings['threshold'])}, against the nodule mask ({boxes}); dice_malig = the Dice on the slices "
+        "through a malignant nodule only; pointing = map maximum "
         "inside the nodule; ev_nodule / ev_lungs = share of the positive map mass inside the nodule / lungs. "
         f"abpc_{_e(primary)} = AUC(LeRF) − AUC(MoRF) on P({_e(primary)}), removed pixels set to "
         f"{_e(settings['fill'])} (higher = more faithful); compact = "
