@@ -229,7 +229,7 @@ def table_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "method": m,
                 "dice": loc.get("dice", float("nan")),
-                "dice_malig": loc.get("dice_malignant", float("nan")),
+                "dice_malig": _or_nan(loc.get("dice_malignant")),
                 "iou": loc.get("iou", float("nan")),
                 "box_iou": loc.get("box_iou", float("nan")),
                 "pointing": loc.get("pointing_game", float("nan")),
@@ -242,6 +242,10 @@ def table_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _or_nan(v) -> float:
+    return float("nan") if v is None else float(v)
 
 
 def _cell(v) -> str:

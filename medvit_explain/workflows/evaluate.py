@@ -422,7 +422,7 @@ def _localization(run: _Run, loc_t: torch.Tensor) -> tuple[dict[str, float], dic
     at_threshold = {k: _mean(scores[k].numpy()) for k in LOCALIZATION_KEYS if k in scores}
     labels = run.sl.targets[run.sl.explained, run.primary].numpy()
     malignant = labels > 0.5  # slices through a malignant nodule (NaN labels compare False)
-    at_threshold["dice_malignant"] = _mean(scores["dice"].numpy()[malignant])
+    at_threshold["dice_malignant"] = _mean(scores["dice"].numpy()[malignant]) if malignant.any() else None
     at_threshold["n_malignant"] = int(malignant.sum())
     sweep = sorted({float(k.split("@")[1]) for k in scores if "@" in k})
     swept = {
