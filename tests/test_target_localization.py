@@ -46,14 +46,16 @@ def test_item_shares_batched_equal_a_loop():
     features[3] = 0  # a view without any part
     batched = summarise_shares([item_shares(maps[i : i + 3], features[i : i + 3], names) for i in range(0, 7, 3)])
     assert set(batched) == {"spiculation", "texture"}  # margin has no part of its own
-    for name, label, t in (("spiculation", 2, 1), ("texture", 5, 2)):
+    # spicules raise the spiculation score; ground glass lowers texture (5 = solid): its evidence is the negative part
+    for name, label, t, sign in (("spiculation", 2, 1, 1.0), ("texture", 5, 2, -1.0)):
         own, ref, area = [], [], []
         for i in range(7):
             pos = np.maximum(maps[i].numpy(), 0)
+            mine = np.maximum(sign * maps[i, t].numpy(), 0)
             nodule, part = features[i] > 0, features[i] == label
-            if not part.any() or pos[t][nodule].sum() == 0 or pos[0][nodule].sum() == 0:
+            if not part.any() or mine[nodule].sum() == 0 or pos[0][nodule].sum() == 0:
                 continue
-            own.append(pos[t][part].sum() / pos[t][nodule].sum())
+            own.append(mine[part].sum() / mine[nodule].sum())
             ref.append(pos[0][part].sum() / pos[0][nodule].sum())
             area.append(part.sum() / nodule.sum())
         assert batched[name]["n"] == len(own)
@@ -149,3 +151,17 @@ def test_evaluate_with_an_roi_model(tmp_path):
     for key in ("own", "malignancy", "area", "n"):
         assert loc["cdam"]["spiculation"][key] == pytest.approx(direct["spiculation"][key], abs=1e-9)
     assert features_path(data / "phantom_000.nii.gz") == data / "phantom_000_features.nii.gz"
+
+
+def test_non_negative_maps_are_taken_as_they_are():
+    """A method whose maps are never negative encodes no direction: the texture map's share on ground glass
+    is its plain share (not the empty negative part), and the result says the maps were unsigned."""
+    rng = np.random.default_rng(1)
+    names = ["malignancy", "texture"]
+    maps = torch.from_numpy(rng.random((5, 2, 4, 4)))
+    features = rng.integers(0, 6, size=(5, 4, 4))
+    summary = summarise_shares([item_shares(maps, features, names)])["texture"]
+    share, _ = evidence_shares(maps[:, 1], features, 5)
+    ref, _ = evidence_shares(maps[:, 0], features, 5)
+    valid = np.isfinite(share) & np.isfinite(ref)
+    assert summary["signed"] is False and summary["own"] == pytest.approx(share[valid].mean())

@@ -5,18 +5,28 @@ The phantoms come with ground truth for the nodules' parts (``<name>_features.ni
 component. Four targets have a part of their own (:data:`TARGET_FEATURE`): spiculation → spicules,
 lobulation → lobulation bumps, calcification → calcification, texture → ground glass.
 
+The evidence *for a part* is the map's evidence in the direction in which that part moves the score
+(:data:`FEATURE_SIGN`): spicules and lobulation raise the spiculation / lobulation scores (1 = none,
+5 = marked), so it is the map's positive part; calcification *lowers* its score (LIDC: 1–5 are calcification
+patterns, 6 = absent) and ground glass lowers texture (1 = ground glass, 5 = solid), so for those two it is
+the map's negative part (the map is negated before the positive part is taken). Without the sign the
+measure would reward a texture map for pointing at the solid core. A method whose maps are never negative
+(AG-CAM, attention, rollout, ...) encodes no direction: its relevance is taken as it is for every target.
+
 For one model input (an ROI view, or a nodule slice) and a map ``m`` (token grid, bilinearly upsampled
 to the input, as every measure here), the **share of positive evidence on label L** is
 
     share_L(m) = Σ_{p : f(p) = L} max(m(p), 0)  /  Σ_{p : f(p) > 0} max(m(p), 0)
 
 the part of the map's positive evidence *on the nodule* that lies on feature ``L`` (the rest lies on the
-nodule's other labels). For each target ``t`` with a feature ``L = L(t)``, over the inputs where ``L`` is
-present and the map has positive evidence on the nodule:
+nodule's other labels). For each target ``t`` with a feature ``L = L(t)`` (its map taken times its
+:data:`FEATURE_SIGN`), over the inputs where ``L`` is present and the map has positive evidence on the
+nodule:
 
 * ``own``: mean share_L(m_t), the target's own map;
-* ``malignancy``: mean share_L(m_malignancy) on the same inputs: the class-discriminative claim is
-  ``own > malignancy`` (a map for spiculation should sit on the spicules more than the malignancy map does);
+* ``malignancy``: mean share_L(m_malignancy) on the same inputs (the malignancy map's evidence *for*
+  malignancy, unsigned): the class-discriminative claim is ``own > malignancy`` (a map for spiculation
+  should sit on the spicules more than the malignancy map does);
 * ``area``: mean fraction of the nodule's pixels that carry ``L`` — the share of a map that is uniform over
   the nodule (chance level);
 * ``n``: the number of inputs measured.
@@ -35,8 +45,17 @@ import torch
 
 FEATURES = {1: "core", 2: "spicules", 3: "lobulation", 4: "calcification", 5: "ground_glass"}
 TARGET_FEATURE = {"spiculation": 2, "lobulation": 3, "calcification": 4, "texture": 5}
+FEATURE_SIGN = {"spiculation": 1.0, "lobulation": 1.0, "calcification": -1.0, "texture": -1.0}
 
-__all__ = ["FEATURES", "TARGET_FEATURE", "evidence_shares", "features_path", "item_shares", "summarise_shares"]
+__all__ = [
+    "FEATURES",
+    "FEATURE_SIGN",
+    "TARGET_FEATURE",
+    "evidence_shares",
+    "features_path",
+    "item_shares",
+    "summarise_shares",
+]
 
 
 def features_path(image: str | Path) -> Path | None:
@@ -90,18 +109,22 @@ def item_shares(
         label = TARGET_FEATURE.get(name)
         if label is None:
             continue
-        own, area = evidence_shares(maps[:, t], features, label)
+        signed, area = evidence_shares(maps[:, t] * FEATURE_SIGN[name], features, label)
+        unsigned, _ = evidence_shares(maps[:, t], features, label)
         against, _ = evidence_shares(maps[:, ref], features, label)
-        out[name] = {"own": own, reference: against, "area": area}
+        out[name] = {"own": signed, "own_unsigned": unsigned, reference: against, "area": area}
+    out["_min"] = {"value": np.asarray([float(maps.min()) if maps.numel() else 0.0])}
     return out
 
 
 def summarise_shares(shares: Sequence[dict[str, dict[str, np.ndarray]]], reference: str = "malignancy") -> dict:
-    """``{target: {feature, own, <reference>, area, n}}``: the means over the inputs where both maps have
-    positive evidence on a nodule that shows the feature, from the per-batch :func:`item_shares`."""
+    """``{target: {feature, own, <reference>, area, n, signed}}``: the means over the inputs where both maps
+    have positive evidence on a nodule that shows the feature, from the per-batch :func:`item_shares`. The
+    maps count as signed (and :data:`FEATURE_SIGN` applies) when any of them has a negative value."""
+    signed = bool(shares) and min(float(batch["_min"]["value"][0]) for batch in shares) < 0
     out: dict[str, dict[str, Any]] = {}
-    for name in shares[0] if shares else ():
-        own = np.concatenate([batch[name]["own"] for batch in shares])
+    for name in [n for n in (shares[0] if shares else ()) if n != "_min"]:
+        own = np.concatenate([batch[name]["own" if signed else "own_unsigned"] for batch in shares])
         against = np.concatenate([batch[name][reference] for batch in shares])
         area = np.concatenate([batch[name]["area"] for batch in shares])
         valid = np.isfinite(own) & np.isfinite(against)
@@ -111,6 +134,7 @@ def summarise_shares(shares: Sequence[dict[str, dict[str, np.ndarray]]], referen
             reference: _mean(against[valid]),
             "area": _mean(area[valid]),
             "n": int(valid.sum()),
+            "signed": signed,
         }
     return out
 
