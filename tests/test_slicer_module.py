@@ -3,7 +3,7 @@
 The real ``plugins/slicer/MedViTExplain/MedViTExplain.py`` is imported with the fakes of
 ``tests/slicer_fakes`` in ``sys.modules``; its widget is driven through its .ui file's widgets and its
 logic runs the real medvit-explain CLI in a subprocess (``.venv/bin/medvit-explain``, else
-``python -m medvit_explain``) on a 12-slice crop of ``sample_data/phantom_000.nii.gz``.
+``python -m medvit_explain``) on a crop of ``sample_data/phantom_000.nii.gz`` around its nodules.
 """
 
 from __future__ import annotations
@@ -36,14 +36,16 @@ POSIX = os.name == "posix"
 # -- fixtures ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_ct(tmp_path_factory):
-    """Slices 6..17 of the sample phantom (both of its nodules), written as NIfTI; and the nodules' centres."""
+    """The slices of the sample phantom from two below its lowest nodule centre to two above its highest
+    (all of its nodules), written as NIfTI; and the nodules' centres."""
     import SimpleITK as sitk
 
     image = sitk.ReadImage(str(SAMPLE))
-    crop = image[:, :, 6:18]
+    nodules = json.loads(SAMPLE.with_suffix("").with_suffix(".json").read_text())["nodules"]
+    ks = [image.TransformPhysicalPointToIndex(n["center_mm"])[2] for n in nodules]
+    crop = image[:, :, max(min(ks) - 2, 0) : min(max(ks) + 3, image.GetSize()[2])]
     path = tmp_path_factory.mktemp("ct") / "small_ct.nii.gz"
     sitk.WriteImage(crop, str(path))
-    nodules = json.loads(SAMPLE.with_suffix("").with_suffix(".json").read_text())["nodules"]
     return SimpleNamespace(path=path, centres_lps=[n["center_mm"] for n in nodules], slices=crop.GetSize()[2])
 
 
