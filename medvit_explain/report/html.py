@@ -105,7 +105,8 @@ def top_entries(result, n: int = 3) -> list[dict[str, Any]]:
     probability, each shown on the axial slice through its centre.
 
     Each entry: ``slice`` (canonical, for :meth:`ExplainResult.display_slice`), ``label`` (text),
-    ``row`` (the predictions row).
+    ``row`` (the predictions row); ROI entries also a ``window`` (rows, cols) of the displayed slice: the
+    ROI's cube and as much again around it, so the nodule's parts are large enough to see.
     """
     table = result.predictions
     key = f"{table.primary}_prob"
@@ -136,17 +137,26 @@ def top_entries(result, n: int = 3) -> list[dict[str, Any]]:
         nodules = sorted(nodules, key=lambda r: -r[key])
     volume = result.volume
     axis_of = np.argsort(result.inputs.ornt[:, 0])
-    n_k = volume.shape[int(axis_of[2])]
+    canon_shape = [volume.shape[int(a)] for a in axis_of]
+    half_mm = float(result.inputs.size_mm)  # the cube's width each side of the centre: twice the ROI in all
+    half = [max(1, int(np.ceil(half_mm / volume.spacing[int(axis_of[a])]))) for a in (0, 1)]
     out = []
     for row in nodules[:n]:
         centre = np.array([row["center_x_mm"], row["center_y_mm"], row["center_z_mm"]])
         canon = source_to_canonical_index(volume.physical_to_index(centre), result.inputs.ornt, volume.shape)
-        k = int(np.clip(np.rint(canon[2]), 0, n_k - 1))
+        k = int(np.clip(np.rint(canon[2]), 0, canon_shape[2] - 1))
+        cx, cy = (int(np.rint(canon[a])) for a in (0, 1))
+        window = (
+            slice(max(cy - half[1], 0), min(cy + half[1] + 1, canon_shape[1])),  # rows: canonical y
+            slice(max(cx - half[0], 0), min(cx + half[0] + 1, canon_shape[0])),  # cols: canonical x
+        )
         out.append(
             {
                 "slice": k,
                 "row": row,
-                "label": f"ROI {row['roi']} (label {row['label']}), axial slice {k} through its centre",
+                "window": window,
+                "label": f"ROI {row['roi']} (label {row['label']}), axial slice {k} through its centre, "
+                f"a {2 * half_mm:g} mm window",
             }
         )
     return out
@@ -206,8 +216,9 @@ def _grid_section(result, top: list[dict[str, Any]], overlay: bool) -> str:
     ]
     for rank, entry in enumerate(top, start=1):
         k = entry["slice"]
-        ct = result.display_slice(k)
-        maps = {m: {t: result.display_slice(k, m, t) for t in result.targets} for m in result.methods}
+        window = entry.get("window", (slice(None), slice(None)))
+        ct = result.display_slice(k)[window]
+        maps = {m: {t: result.display_slice(k, m, t)[window] for t in result.targets} for m in result.methods}
         prob = entry["row"].get(key)
         score = f" &middot; P({_e(result.predictions.primary)}) = {prob:.3f}" if prob is not None else ""
         # the heading says which slice this is; the figure keeps no title of its own
