@@ -426,7 +426,9 @@ def render_roi_evaluation(result) -> str:
         "<h2>Target-specific localization</h2>",
         '<p class="note">For each biomarker with a ground-truth part of its own (spiculation → spicules, '
         "lobulation → lobulation bumps, calcification → calcification, texture → ground glass): the share of "
-        "the map's positive evidence on the nodule that lies on that part (own), the same share for the "
+        "the map's evidence for that part on the nodule that lies on that part (own; evidence for a part is the "
+        "positive part of the map, or for calcification and texture, whose scores fall when the part is present, "
+        "the negative part; a method whose maps are never negative is taken as it is), the same share for the "
         f"{_e(reference)} map on the same views, and the part's share of the nodule's area (what a map uniform "
         "over the nodule would get). A class-discriminative map has own &gt; "
         f"{_e(reference)}; n = views where the part is present and both maps have positive evidence on the "
