@@ -219,3 +219,22 @@ def test_resume_continues_exactly(tmp_path, phantoms):
     b = load_model(tmp_path / ".b.train_state" / "model", device="cpu").state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_init_from_copies_a_checkpoint_and_refuses_another_architecture(tmp_path):
+    """``training.init_from``: the recipe's model starts from the checkpoint's weights (bit for bit); a
+    checkpoint of another architecture is one CheckpointError line."""
+    from medvit_explain.errors import CheckpointError
+    from medvit_explain.workflows.train import _start_from
+
+    from .models import tiny_model
+
+    ckpt = tiny_checkpoint(tmp_path / "start", seed=3)
+    model = build_model(tiny_config())
+    _start_from(model, str(ckpt))
+    start = tiny_model(seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values()))
+    other = build_model(tiny_config(patch=16))
+    with pytest.raises(CheckpointError, match="does not fit the recipe's model") as info:
+        _start_from(other, str(ckpt))
+    assert "\n" not in str(info.value)

@@ -475,6 +475,8 @@ def _prepare(config: dict, data, val_data, seed: int, epochs: int, device: str, 
     else:
         train_studies, val_studies = split_studies(studies, float(recipe.get("val_fraction", 0.2)), seed)
     model = build_model(config).to(dev)
+    if recipe.get("init_from"):
+        _start_from(model, str(recipe["init_from"]))
     token_head = TokenLabelHead(model).to(dev)
     if model.preprocessing.get("mode") == "roi":
         # room for the centre jitter: whole cube samples on every side
@@ -497,6 +499,20 @@ def _prepare(config: dict, data, val_data, seed: int, epochs: int, device: str, 
     )
     val_set = load_slices(val_studies, model, min_area_mm2=min_area, seed=seed + 1, all_slices=True, progress=progress)
     return _Run(recipe, seed, epochs, dev, model, token_head, train_set, val_set, len(val_studies))
+
+
+def _start_from(model, checkpoint: str) -> None:
+    """Copy the weights of ``checkpoint`` (a path or a shipped model's name; the same architecture and
+    outputs) into ``model``: the recipe's ``init_from``, to continue training a model on new data."""
+    from ..errors import CheckpointError
+    from ..model import load_model
+
+    start = load_model(checkpoint, device="cpu")
+    try:
+        model.load_state_dict(start.state_dict(), strict=True)
+    except RuntimeError as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc).strip())
+        raise CheckpointError(f"training.init_from {checkpoint!r} does not fit the recipe's model: {first}") from None
 
 
 def _optimise(run: _Run) -> None:
