@@ -40,3 +40,17 @@ def tiny_model(seed=0, **kwargs):
 
 def tiny_checkpoint(path, seed=0, **kwargs):
     return save_checkpoint(tiny_model(seed, **kwargs), path)
+
+
+def assert_resume_is_exact(config, data, tmp_path) -> None:
+    """Two epochs of ``config`` in one go and one epoch + a resumed one give bit-identical weights."""
+    from medvit_explain.model import load_model
+    from medvit_explain.workflows.train import train
+
+    train(config, data, tmp_path / "a", epochs=2, device="cpu", progress=False)
+    train(config, data, tmp_path / "b", epochs=1, device="cpu", progress=False)
+    train(config, data, tmp_path / "b", epochs=2, device="cpu", progress=False, resume=True)
+    a = load_model(tmp_path / ".a.train_state" / "model", device="cpu").state_dict()
+    b = load_model(tmp_path / ".b.train_state" / "model", device="cpu").state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)

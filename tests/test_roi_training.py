@@ -19,7 +19,7 @@ from medvit_explain.prediction import model_inputs, predict
 from medvit_explain.workflows.studies import find_studies
 from medvit_explain.workflows.train import load_rois, nodule_scores
 
-from .models import tiny_config
+from .models import assert_resume_is_exact, tiny_config
 
 
 def roi_config(image=24, patch=6, size_mm=24.0, **preprocessing):
@@ -72,18 +72,11 @@ def test_roi_training_one_epoch_gives_a_checkpoint_that_predicts_rois(tmp_path, 
 def test_roi_training_resumes_exactly(tmp_path, phantoms):
     """Two epochs in one go equal one epoch and a resumed one: the jitter, turns and flips come from the
     saved torch RNG."""
-    from medvit_explain.workflows.train import train
 
     config = roi_config()
     config["training"] = {"seed": 3, "batch_size": 4, "val_fraction": 0.34, "token_label_weight": 1.0}
     config["training"]["select_by"] = "val_loss"
-    train(config, phantoms, tmp_path / "a", epochs=2, device="cpu", progress=False)
-    train(config, phantoms, tmp_path / "b", epochs=1, device="cpu", progress=False)
-    train(config, phantoms, tmp_path / "b", epochs=2, device="cpu", progress=False, resume=True)
-    a = load_model(tmp_path / ".a.train_state" / "model", device="cpu").state_dict()
-    b = load_model(tmp_path / ".b.train_state" / "model", device="cpu").state_dict()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert_resume_is_exact(config, phantoms, tmp_path)
 
 
 @pytest.mark.parametrize(

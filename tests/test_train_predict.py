@@ -209,16 +209,9 @@ def test_predict_values_match_model(tmp_path):
 
 def test_resume_continues_exactly(tmp_path, phantoms):
     """Two epochs in one go and one epoch + a resumed one give the same weights (token head included)."""
-    from medvit_explain.train import train
+    from .models import assert_resume_is_exact
 
-    config = tiny_recipe(seed=2, select_by="val_loss")
-    train(config, phantoms, tmp_path / "a", epochs=2, device="cpu", progress=False)
-    train(config, phantoms, tmp_path / "b", epochs=1, device="cpu", progress=False)
-    train(config, phantoms, tmp_path / "b", epochs=2, device="cpu", progress=False, resume=True)
-    a = load_model(tmp_path / ".a.train_state" / "model", device="cpu").state_dict()
-    b = load_model(tmp_path / ".b.train_state" / "model", device="cpu").state_dict()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert_resume_is_exact(tiny_recipe(seed=2, select_by="val_loss"), phantoms, tmp_path)
 
 
 def test_init_from_copies_a_checkpoint_and_refuses_another_architecture(tmp_path):
