@@ -194,11 +194,11 @@ def _series_info(uid: str, files: list[str]) -> SeriesInfo:
 def _sorted_by_position(files: list[str]) -> list[str]:
     """Files of one series found in several folders, sorted along the slice normal (else by InstanceNumber)."""
     headers = [_read_dicom_header(Path(f)) for f in files]
-    try:
-        orientation = np.array([float(v) for v in headers[0].ImageOrientationPatient]).reshape(2, 3)
-        normal = np.cross(orientation[0], orientation[1])
-        keys = [float(np.array([float(v) for v in h.ImagePositionPatient]) @ normal) for h in headers]
-    except (AttributeError, TypeError, ValueError):
+    geometry = _slice_geometry(headers)
+    if geometry is not None:
+        row, col, positions = geometry
+        keys = list(positions @ np.cross(row, col))
+    else:
         try:
             keys = [float(h.InstanceNumber) for h in headers]
         except (AttributeError, TypeError, ValueError):
@@ -213,15 +213,13 @@ def _check_slice_spacing(headers, folder: Path) -> None:
     """Refuse a series whose slices are not evenly spaced (missing or duplicated slices)."""
     if len(headers) < 3:
         return
-    try:
-        orientation = np.array([float(v) for v in headers[0].ImageOrientationPatient]).reshape(2, 3)
-        positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
-    except (AttributeError, TypeError, ValueError):
+    geometry = _slice_geometry(headers)
+    if geometry is None:
         raise UnreadableImageError(
             f"malformed DICOM series in {folder}: slices lack ImagePositionPatient/ImageOrientationPatient"
-        ) from None
-    normal = np.cross(orientation[0], orientation[1])
-    steps = np.diff(positions @ normal)
+        )
+    row, col, positions = geometry
+    steps = np.diff(positions @ np.cross(row, col))
     median = float(np.median(steps))
     if abs(median) < SLICE_SPACING_ATOL:
         raise UnsupportedImageError(f"the DICOM series in {folder} has slices at the same position")
@@ -258,7 +256,9 @@ def _correct_gantry_tilt(image: sitk.Image, headers: list, where: Path) -> tuple
 
 
 def _slice_geometry(headers: list) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """``(row, col, positions [n, 3])`` of a series of at least two slices, or ``None`` without geometry."""
+    """``(row, col, positions [n, 3])`` of a series of at least two slices (unit row and column directions
+    from the first slice's ImageOrientationPatient), or ``None`` when it has fewer slices or a slice lacks
+    the attributes (or holds no finite numbers there, or a zero direction)."""
     if len(headers) < 2:
         return None
     try:
@@ -266,7 +266,10 @@ def _slice_geometry(headers: list) -> tuple[np.ndarray, np.ndarray, np.ndarray] 
         positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
     except (AttributeError, TypeError, ValueError):
         return None
-    row, col = (axis / np.linalg.norm(axis) for axis in orientation)
+    norms = np.linalg.norm(orientation, axis=1)
+    if not (np.all(np.isfinite(norms)) and np.all(norms > 0) and np.all(np.isfinite(positions))):
+        return None
+    row, col = orientation / norms[:, None]
     return row, col, positions
 
 

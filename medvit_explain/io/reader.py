@@ -33,6 +33,7 @@ from ..errors import (
 )
 from ..vocabulary import VOLUME_SUFFIXES
 from ..volume import Volume
+from .checksum import GZIP_ERRORS, gzip_content
 from .dicom_folder import SeriesInfo, find_dicom_series, read_dicom_folder
 from .dicom_headers import _check_dicom_headers, _dicom_metadata, _first_line, _read_dicom_header, _reason
 from .quiet import native_stderr
@@ -170,20 +171,12 @@ def _check_gzip(path: Path) -> tuple[int, bytes]:
     """ITK silently zero-fills a truncated gzip stream; read it through once to catch that.
 
     Returns the decompressed size and its first 132 bytes (to look for a DICOM marker)."""
-    import gzip
-    import zlib
-
-    size, head = 0, b""
     try:
-        with gzip.open(path, "rb") as stream:
-            while chunk := stream.read(1 << 24):
-                head += chunk[: max(0, 132 - len(head))]
-                size += len(chunk)
-    except (EOFError, OSError, zlib.error):
+        return gzip_content(path, head=132)
+    except GZIP_ERRORS:
         raise UnreadableImageError(
             f"cannot read {path}: the gzip stream is truncated or corrupt (re-export or re-copy the file)"
         ) from None
-    return size, head
 
 
 def _check_nifti(path: Path, stored_bytes: int) -> None:

@@ -122,15 +122,11 @@ def check_written(path: Path, data_bytes: int, compressed: bool) -> None:
     if not compressed:
         size = path.stat().st_size
     elif path.name.lower().endswith(".gz"):
-        import gzip
-        import zlib
+        from .checksum import GZIP_ERRORS, gzip_content
 
-        size = 0
         try:
-            with gzip.open(path, "rb") as stream:
-                while block := stream.read(1 << 24):
-                    size += len(block)
-        except (EOFError, OSError, zlib.error):
+            size, _ = gzip_content(path)
+        except GZIP_ERRORS:
             size = -1
     else:
         try:
