@@ -57,6 +57,7 @@ SHIPPED_MODELS = {
     "sample-roi": ("nodule ROIs", "configs/sample_roi_model.yaml", "sample_roi"),
 }
 DEFAULT_MODEL = "sample-slice"  # what --model means when it is not given (and no ROI option is)
+DEFAULT_ROI_MODEL = "sample-roi"  # ... and when an ROI option is
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 MAP_DTYPES = ("int16", "float32")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import click
 
-from ..vocabulary import DEFAULT_MAP_DTYPE, EXPECTED_DEVICES, MAP_DTYPES, is_device
+from ..vocabulary import DEFAULT_MAP_DTYPE, DEFAULT_MODEL, DEFAULT_ROI_MODEL, EXPECTED_DEVICES, MAP_DTYPES, is_device
 
 
 class DeviceType(click.ParamType):
@@ -139,7 +139,7 @@ def parse_targets(targets) -> list[str] | None:
 def default_model(roi: bool) -> str:
     """The shipped model a command uses without ``--model``: ``sample-roi`` when it is given nodule ROIs
     (``--roi-centers`` / ``--roi-mask`` / ``--roi-from-mask``), else ``sample-slice``."""
-    return "sample-roi" if roi else "sample-slice"
+    return DEFAULT_ROI_MODEL if roi else DEFAULT_MODEL
 
 
 def load_model_cli(model_path, device, model_config=None):

@@ -355,7 +355,7 @@ def shipped_model_dir(name: str) -> Path:
         return folder
     _, recipe, default_out = SHIPPED_MODELS[name]
     make = f".venv/bin/python scripts/make_sample_model.py --config {recipe} --out medvit_explain/assets/{default_out}"
-    if name == "sample-slice":  # shipped with the package: missing means a broken install
+    if name == DEFAULT_MODEL:  # shipped with the package: missing means a broken install
         raise CheckpointError(
             f"the shipped sample model is missing ({str(folder)!r}); pass a checkpoint path or make it: {make}"
         )
@@ -391,10 +391,9 @@ def load_model(
     each with one line.
     """
     target = resolve_device(device)
-    if path is None or is_shipped_name(path):
-        path = resolve_model_path(path)
-    check_not_remote(str(path), "--model", "there: pass a local checkpoint folder or weights file (see convert)")
-    path = Path(path).expanduser()
+    if path is not None:  # before it becomes a Path, which would fold the "//" of a URL
+        check_not_remote(str(path), "--model", "there: pass a local checkpoint folder or weights file (see convert)")
+    path = resolve_model_path(path)
     weights, cfg, base_dir = _locate(path, config)
     raw = apply_key_rules(read_state_dict(weights), cfg)
     model = build_model(cfg, base_dir=base_dir)
