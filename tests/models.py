@@ -8,7 +8,8 @@ from medvit_explain.model import build_model, save_checkpoint
 
 
 def tiny_config(image_size=(32, 32), patch=8, window=(-1000.0, 400.0), crop_body=False, mode="slice"):
-    return {
+    """A tiny ViT's config; a 3-long ``image_size`` ``[D, H, W]`` gives a volumetric one (mode roi or volume)."""
+    config = {
         "name": "tiny-test-vit",
         "architecture": {
             "timm_name": "vit_tiny_patch16_224",
@@ -31,6 +32,9 @@ def tiny_config(image_size=(32, 32), patch=8, window=(-1000.0, 400.0), crop_body
             "roi": {"size_mm": 16.0, "spacing_mm": 1.0, "views": ["axial", "coronal", "sagittal"]},
         },
     }
+    if len(image_size) == 3:
+        config["architecture"]["patch_embed"] = "conv3d"
+    return config
 
 
 def tiny_model(seed=0, **kwargs):

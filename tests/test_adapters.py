@@ -329,21 +329,15 @@ REFUSALS = {
     "resnet": (
         lambda: torchvision.models.resnet18(num_classes=K),
         r"expected a timm VisionTransformer, a torchvision VisionTransformer or MONAI's ViT "
-        r"\(2D, classification=True\); got ResNet",
+        r"\(2D or 3D, classification=True\); got ResNet",
     ),
     "monai-no-classification": (
         lambda: ViT(1, 32, 8, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2, spatial_dims=2),
         r"MONAI ViT with classification=False has no head: pass classification=True",
     ),
-    "monai-3d": (
-        lambda: ViT(1, 16, 8, hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2, classification=True),
-        r"spatial_dims=3 is not supported \(slices are 2D\)",
-    ),
-    "monai-3d-perceptron": (
-        lambda: ViT(
-            1, 16, 8, hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2, classification=True, proj_type="perceptron"
-        ),
-        r"spatial_dims=3 is not supported \(slices are 2D\)",
+    "monai-3d-noncubic-without-size": (
+        lambda: ViT(1, (16, 32, 16), 8, hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2, classification=True),
+        r"its 16 patches are not a cubic grid: pass preprocessing=\{'image_size': \[D, H, W\]\}",
     ),
     "monai-causal": (lambda: _causal(monai_vit()), r"blocks\[0\]\.attn: causal=True"),
     "monai-dim-head": (

@@ -9,6 +9,7 @@ Tolerance: max |got − ref| ≤ 1e-5 · max |ref| in float32.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -234,15 +235,15 @@ def gradcam(model, images, targets):
 
 
 def pool_pixels(model, attr, how="sum"):
-    """[C, H, W] → [gh, gw]: channel mean, then patch sum / mean (explicit loops)."""
+    """[C, H, W] → [gh, gw] (or [C, D, H, W] → [gd, gh, gw]): channel mean, then patch sum / mean
+    (explicit loops over the grid cells)."""
     a = attr.mean(0)
-    gh, gw = model.backbone.patch_embed.grid_size
-    ph, pw = a.shape[0] // gh, a.shape[1] // gw
-    out = torch.zeros(gh, gw)
-    for i in range(gh):
-        for j in range(gw):
-            patch = a[i * ph : (i + 1) * ph, j * pw : (j + 1) * pw]
-            out[i, j] = patch.sum() if how == "sum" else patch.mean()
+    grid_size = tuple(model.backbone.patch_embed.grid_size)
+    step = [s // g for s, g in zip(a.shape, grid_size)]
+    out = torch.zeros(grid_size)
+    for cell in itertools.product(*(range(g) for g in grid_size)):
+        patch = a[tuple(slice(c * p, (c + 1) * p) for c, p in zip(cell, step))]
+        out[cell] = patch.sum() if how == "sum" else patch.mean()
     return out
 
 
@@ -395,7 +396,7 @@ def _captum_pooled(model, x, targets, attributor, pool, **kw):
     return out
 
 
-@pytest.mark.parametrize("variant", ["plain", "nonsquare"])
+@pytest.mark.parametrize("variant", ["plain", "nonsquare", "3d-noncubic-reg2"])
 def test_ig_matches_captum(variant):
     m = make_model(variant)
     x = make_images(m, 2)
@@ -405,8 +406,9 @@ def test_ig_matches_captum(variant):
 
 
 @pytest.mark.parametrize("pool", ["sum", "mean"])
-def test_inputxgrad_matches_captum(pool):
-    m = make_model("reg4")
+@pytest.mark.parametrize("variant", ["reg4", "3d"])
+def test_inputxgrad_matches_captum(pool, variant):
+    m = make_model(variant)
     x = make_images(m, 2)
     got = explain(m, x, "inputxgrad", targets=[1, 2], pool=pool)
     assert_maps_close(got, _captum_pooled(m, x, [1, 2], InputXGradient, pool))

@@ -12,6 +12,8 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from medvit_explain.model.patch_embed import PatchEmbed3d
+
 TARGETS = ["malignancy", "subtlety", "calcification"]
 
 
@@ -33,6 +35,7 @@ class TinyViTClassifier(nn.Module):
         qk_norm=False,
         init_values=None,
         mlp_head=False,
+        volumetric=False,
         seed=0,
     ):
         super().__init__()
@@ -53,6 +56,8 @@ class TinyViTClassifier(nn.Module):
         )
         if reg_tokens:
             kwargs["reg_tokens"] = reg_tokens
+        if volumetric:  # a 3D patch embedding: img_size / patch_size are (D, H, W)
+            kwargs["embed_layer"] = PatchEmbed3d
         self.backbone = cls(**kwargs)
         d, k = embed_dim, len(targets)
         mlp = nn.Sequential(nn.Linear(d, 16), nn.GELU(), nn.Linear(16, k))
@@ -85,6 +90,8 @@ VARIANTS = {
     "distilled": dict(distilled=True),
     "qknorm-layerscale-mlphead": dict(qk_norm=True, init_values=0.5, mlp_head=True, depth=3),
     "avgpool": dict(global_pool="avg"),
+    "3d": dict(volumetric=True, img_size=16, patch_size=8),  # a 2 × 2 × 2 token grid
+    "3d-noncubic-reg2": dict(volumetric=True, img_size=(8, 24, 16), patch_size=(4, 8, 4), reg_tokens=2, depth=3),
 }
 
 
@@ -94,6 +101,5 @@ def make_model(variant: str = "plain", **overrides) -> TinyViTClassifier:
 
 def make_images(model: TinyViTClassifier, batch: int = 2, seed: int = 1) -> torch.Tensor:
     pe = model.backbone.patch_embed
-    h, w = pe.img_size
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, pe.proj.in_channels, h, w, generator=gen)
+    return torch.randn(batch, pe.proj.in_channels, *pe.img_size, generator=gen)

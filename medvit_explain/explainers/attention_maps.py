@@ -44,7 +44,7 @@ class Attention(Explainer):
         with torch.no_grad(), tap:
             self.backbone.forward_features(images)
         maps = tokens_to_grid(row[0].mean(1), self.spec)  # [B, gh, gw]
-        return maps.unsqueeze(1).expand(-1, len(target_idx), -1, -1).clone()
+        return maps.unsqueeze(1).expand(-1, len(target_idx), *maps.shape[1:]).clone()
 
 
 @register
@@ -70,7 +70,7 @@ class Rollout(Explainer):
         with torch.no_grad(), BlockTap(blocks, range(len(blocks)), accumulate):
             self.backbone.forward_features(images)
         maps = tokens_to_grid(state["r"][:, 0], self.spec)
-        return maps.unsqueeze(1).expand(-1, len(target_idx), -1, -1).clone()
+        return maps.unsqueeze(1).expand(-1, len(target_idx), *maps.shape[1:]).clone()
 
 
 @register

@@ -241,19 +241,19 @@ def _stock_forward(m: nn.Module, classes: tuple[type, ...]) -> bool:
     return any(isinstance(m, c) and type(m).forward is c.forward for c in classes)
 
 
-def patch_convolution(backbone: nn.Module) -> nn.Conv2d:
+def patch_convolution(backbone: nn.Module) -> nn.Conv2d | nn.Conv3d:
     """The patch embedding's convolution; ``ModelNotSupportedError`` unless its patches do not overlap
     (stride = kernel, no padding), so that a token's relevance is that of its own pixels."""
     conv = getattr(backbone.patch_embed, "proj", None)
     ok = (
-        isinstance(conv, nn.Conv2d)
+        isinstance(conv, (nn.Conv2d, nn.Conv3d))
         and tuple(conv.stride) == tuple(conv.kernel_size)
-        and conv.padding in ((0, 0), "valid")
+        and (conv.padding == "valid" or not any(conv.padding))
         and conv.groups == 1
     )
     if not ok:
         raise ModelNotSupportedError(
-            f"attnlrp: expected a patch embedding Conv2d with stride = kernel and no padding, got {conv!r}"
+            f"attnlrp: expected a patch embedding Conv2d/Conv3d with stride = kernel and no padding, got {conv!r}"
         )
     return conv
 
@@ -288,10 +288,10 @@ class AttnLRP(Explainer):
             pooled = self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
             scores = self.scorer(pooled)
         z = embedded[-1]
-        (grad,) = target_grads(scores, [z], target_idx)  # [T, B, D, gh, gw], one batched backward
+        (grad,) = target_grads(scores, [z], target_idx)  # [T, B, D, gh, gw] (3D: gd, gh, gw), one backward
         z = z.detach()
         if eps > 0:
             grad = grad * z / signed_stabilise(z, eps)
-        bias = conv.bias.detach().reshape(-1, 1, 1) if conv.bias is not None else 0.0
+        bias = conv.bias.detach().reshape(-1, *([1] * (z.ndim - 2))) if conv.bias is not None else 0.0
         # Σ over a patch's pixels and channels of x ⊙ Wᵀu = Σ_d (z − b)_d u_d: the input relevance per patch
         return ((z - bias).unsqueeze(0) * grad).sum(2).transpose(0, 1)

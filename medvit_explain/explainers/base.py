@@ -9,6 +9,7 @@ targets, hooks that live one call (``HookSet``), the grad mode and module flags 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -46,20 +47,24 @@ class ViTSpec:
     """Geometry read from the model (never assumed).
 
     ``num_prefix``: class + register (+ distillation) tokens before the patch tokens;
-    ``grid``: patch grid (gh, gw); ``read_rows``: token rows the pooling reads when it reads prefix
+    ``grid``: patch grid (gh, gw), or (gd, gh, gw) for a volumetric ViT; ``read_rows``: token rows the pooling reads when it reads prefix
     tokens only (``(0,)`` for class-token pooling, ``(0, 1)`` for DeiT distillation), else ``None``.
     """
 
     num_prefix: int
-    grid: tuple[int, int]
+    grid: tuple[int, ...]
     in_chans: int
-    img_size: tuple[int, int] | None
+    img_size: tuple[int, ...] | None
     depth: int
     read_rows: tuple[int, ...] | None
 
     @property
     def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return math.prod(self.grid)
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.grid)
 
 
 _ATTN_ATTRS = ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm", "proj")
@@ -102,18 +107,23 @@ def inspect_model(model: nn.Module) -> ViTSpec:
 
 
 def check_images(images: Any, spec: ViTSpec) -> None:
-    """``ImageShapeError`` ("expected ..., got ...") unless ``images`` is [B, C, H, W] as the model needs."""
+    """``ImageShapeError`` ("expected ..., got ...") unless ``images`` is [B, C, H, W] as the model needs
+    ([B, C, D, H, W] for a volumetric model)."""
+    layout = "[B, C, D, H, W]" if spec.spatial_dims == 3 else "[B, C, H, W]"
     if not isinstance(images, Tensor):
-        raise ImageShapeError(f"expected a torch.Tensor [B, C, H, W], got {type(images).__name__}")
-    if images.ndim != 4:
-        raise ImageShapeError(f"expected images of shape [B, C, H, W] (4D), got {tuple(images.shape)}")
-    b, c, h, w = images.shape
+        raise ImageShapeError(f"expected a torch.Tensor {layout}, got {type(images).__name__}")
+    if images.ndim != 2 + spec.spatial_dims:
+        raise ImageShapeError(
+            f"expected {'volumes' if spec.spatial_dims == 3 else 'images'} of shape {layout} "
+            f"({2 + spec.spatial_dims}D), got {tuple(images.shape)}"
+        )
+    b, c, *size = images.shape
     if b == 0:
         raise ImageShapeError("expected at least one image, got an empty batch")
     if c != spec.in_chans:
         raise ImageShapeError(f"expected {spec.in_chans} channel(s), got {c} (shape {tuple(images.shape)})")
-    if spec.img_size is not None and (h, w) != spec.img_size:
-        raise ImageShapeError(f"expected images of size {spec.img_size}, got {(h, w)}")
+    if spec.img_size is not None and tuple(size) != spec.img_size:
+        raise ImageShapeError(f"expected images of size {spec.img_size}, got {tuple(size)}")
     if not images.is_floating_point():
         raise ImageShapeError(f"expected a floating point tensor, got {images.dtype}")
 
@@ -216,7 +226,7 @@ def target_grads(outputs: Tensor, inputs: Sequence[Tensor], target_idx: Sequence
 
 
 def tokens_to_grid(values: Tensor, spec: ViTSpec) -> Tensor:
-    """[..., P+N] or [..., N] token values → [..., gh, gw] (prefix tokens dropped)."""
+    """[..., P+N] or [..., N] token values → [..., gh, gw] ([..., gd, gh, gw] in 3D; prefix tokens dropped)."""
     if values.shape[-1] == spec.num_prefix + spec.num_patches:
         values = values[..., spec.num_prefix :]
     return values.reshape(*values.shape[:-1], *spec.grid)
@@ -357,7 +367,7 @@ _POSITIVE_INT = {"n_samples": 1, "n_steps": 1, "internal_batch_size": 1}
 class Explainer:
     """Base of every method: validation, targets, state capture; subclasses implement ``attribute``.
 
-    ``attribute(images, target_idx) -> [B, T, gh, gw]`` runs inside :func:`captured` (eval, grad on) and
+    ``attribute(images, target_idx) -> [B, T, gh, gw]`` (``[B, T, gd, gh, gw]`` for a volumetric model) runs inside :func:`captured` (eval, grad on) and
     may use ``self.spec``, ``self.backbone``, ``self.scorer``, ``self.options``.
 
     A method is one class in one file: it declares what it is as class attributes (read by the registry,

@@ -8,15 +8,18 @@ from torch import Tensor
 __all__ = ["normalize_for_display", "upsample"]
 
 
-def upsample(maps: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
-    """[B, T, gh, gw] → [B, T, H, W] (``mode`` "bilinear" (align_corners=False) or "nearest")."""
-    if maps.ndim != 4:
-        raise ValueError(f"expected maps of shape [B, T, gh, gw], got {tuple(maps.shape)}")
+def upsample(maps: Tensor, size: tuple[int, ...], mode: str = "bilinear") -> Tensor:
+    """[B, T, gh, gw] → [B, T, H, W] (``mode`` "bilinear" (align_corners=False) or "nearest"); a volumetric
+    model's [B, T, gd, gh, gw] → [B, T, D, H, W] with ``size = (D, H, W)`` ("bilinear" is then trilinear)."""
+    if maps.ndim not in (4, 5) or maps.ndim != len(size) + 2:
+        raise ValueError(
+            f"expected maps of shape [B, T, gh, gw] or [B, T, gd, gh, gw] for size {size}, got {tuple(maps.shape)}"
+        )
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"expected mode 'bilinear' or 'nearest', got {mode!r}")
-    size = (int(size[0]), int(size[1]))
+    size = tuple(int(s) for s in size)
     if mode == "bilinear":
-        return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        return F.interpolate(maps, size=size, mode="bilinear" if len(size) == 2 else "trilinear", align_corners=False)
     return F.interpolate(maps, size=size, mode="nearest")
 
 

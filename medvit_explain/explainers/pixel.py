@@ -31,12 +31,15 @@ def gauss_legendre(n: int) -> tuple[list[float], list[float]]:
 
 
 def pool_to_grid(attr: Tensor, spec: ViTSpec, pool: str) -> Tensor:
-    """[..., C, H, W] pixel attribution → [..., gh, gw]: channel mean (signed), then patch sum or mean."""
-    a = attr.mean(-3)
-    gh, gw = spec.grid
-    h, w = a.shape[-2:]
-    a = a.reshape(*a.shape[:-2], gh, h // gh, gw, w // gw)
-    return a.sum((-3, -1)) if pool == "sum" else a.mean((-3, -1))
+    """[..., C, H, W] pixel attribution → [..., gh, gw] (3D: [..., C, D, H, W] → [..., gd, gh, gw]): channel
+    mean (signed), then patch sum or mean."""
+    n = spec.spatial_dims
+    a = attr.mean(-1 - n)
+    lead, size = a.shape[:-n], a.shape[-n:]
+    split = [d for g, s in zip(spec.grid, size) for d in (g, s // g)]
+    a = a.reshape(*lead, *split)
+    within = tuple(range(-1, -2 * n, -2))  # the within-patch axes
+    return a.sum(within) if pool == "sum" else a.mean(within)
 
 
 class _PixelExplainer(Explainer):
@@ -58,7 +61,7 @@ class _PixelExplainer(Explainer):
             xs = torch.cat([make() for make, _ in chunk], 0)
             g = self._grads(xs, target_idx).reshape(len(target_idx), len(chunk), *images.shape)
             w = torch.tensor([wt for _, wt in chunk], dtype=g.dtype, device=g.device)
-            total += (g * w.reshape(1, -1, 1, 1, 1, 1)).sum(1)
+            total += (g * w.reshape(1, -1, *([1] * images.ndim))).sum(1)
         return total
 
     def _finish(self, attr: Tensor) -> Tensor:
@@ -102,7 +105,7 @@ def smoothgrad_noise(images: Tensor, n_samples: int, noise_level: float, seed: i
     """Yield the n noisy copies x + ε, ε ~ N(0, σ²), σ = noise_level·(max − min) per image (seeded)."""
     b = images.shape[0]
     flat = images.flatten(1)
-    sigma = (noise_level * (flat.amax(1) - flat.amin(1))).reshape(b, 1, 1, 1)
+    sigma = (noise_level * (flat.amax(1) - flat.amin(1))).reshape(b, *([1] * (images.ndim - 1)))
     gen = torch.Generator(device=images.device).manual_seed(int(seed))
     state = {"gen": gen}
 

@@ -5,7 +5,8 @@ Accepted modules (each with its own classification head of K outputs):
 * a timm ``VisionTransformer`` (``num_classes=K``): described by its timm name and constructor kwargs;
 * a torchvision ``VisionTransformer``: the same maths as timm's ViT (class token with a position
   embedding, q/k/v with biases stacked as timm stacks them, LayerNorm eps taken from the module, exact GELU);
-* MONAI's ``ViT`` (``spatial_dims=2, classification=True``): position embeddings on the patch tokens
+* MONAI's ``ViT`` (``spatial_dims=2`` or ``3``, ``classification=True``; a 3D one becomes a volumetric
+  ViT, ``architecture.patch_embed: conv3d``, inputs ``[B, C, D, H, W]``): position embeddings on the patch tokens
   only and the class token prepended afterwards (timm ``no_embed_class=True``), LayerNorm eps 1e-5
   (``architecture.norm_eps``), qkv rows already in timm's ``(q|k|v, head, head_dim)`` order
   (``Rearrange("b h (qkv l d) -> qkv b l h d")`` = ``reshape(B, N, 3, heads, head_dim)``), exact GELU.
@@ -37,11 +38,14 @@ from medvit_explain.errors import CheckpointError, ModelNotSupportedError
 from medvit_explain.model.checkpoint import state_mismatch
 from medvit_explain.model.keymaps import monai_vit_keys, pair, torchvision_vit_keys
 from medvit_explain.model.network import MedViT, build_backbone
+from medvit_explain.model.patch_embed import triple
 from medvit_explain.model.task import TaskSpec, load_task_spec
 
 __all__ = ["monai_vit_keys", "wrap_model"]
 
-EXPECTED = "expected a timm VisionTransformer, a torchvision VisionTransformer or MONAI's ViT (2D, classification=True)"
+EXPECTED = (
+    "expected a timm VisionTransformer, a torchvision VisionTransformer or MONAI's ViT (2D or 3D, classification=True)"
+)
 GENERIC_TIMM_NAME = "vit_base_patch16_224"  # every size kwarg is given, so any plain ViT entry point works
 TIMM_EPS = 1e-6  # timm's ViT LayerNorm eps; anything else goes to architecture.norm_eps
 # How far the wrapped model's outputs may be from the original's on the check batch, relative to
@@ -77,7 +81,7 @@ def wrap_model(
     """A :class:`MedViT` computing what ``module`` computes, in eval mode on ``module``'s device.
 
     ``module``: a timm ``VisionTransformer`` with its head (``num_classes=K``), a torchvision
-    ``VisionTransformer`` (no ``representation_size``), MONAI's ``ViT`` (``spatial_dims=2``,
+    ``VisionTransformer`` (no ``representation_size``), MONAI's ``ViT`` (``spatial_dims=2`` or ``3``,
     ``classification=True``) or a :class:`MedViT` (returned as it is).
 
     MONAI's ``classification_head`` is ``Sequential(Linear, Tanh)`` by default (``post_activation="Tanh"``):
@@ -88,8 +92,8 @@ def wrap_model(
     themselves), dropout rates are kept for training and are inactive in eval mode, and fixed
     (``sincos``/``fourier``) position embeddings are copied as values into timm's ``pos_embed`` (identical
     outputs; freeze ``backbone.pos_embed`` if you fine-tune). MONAI records no image size: it is the patch
-    grid (a square one, from the number of patches) times the patch size unless
-    ``preprocessing["image_size"]`` says otherwise.
+    grid (a square one, or a cube in 3D, from the number of patches) times the patch size unless
+    ``preprocessing["image_size"]`` (``[D, H, W]`` in 3D) says otherwise.
 
     ``targets``: names for the K outputs (binary targets), or ``task_spec``: anything
     :func:`~medvit_explain.model.task.load_task_spec` takes (``"lidc"``, a path, a dict) whose head has K
@@ -112,7 +116,9 @@ def wrap_model(
     description = _describe(module, preprocessing)
     spec = _task_spec(targets, task_spec, description.num_outputs)
     arch = description.architecture
-    backbone = build_backbone(arch["timm_name"], arch["kwargs"], arch.get("norm_eps"))
+    backbone = build_backbone(
+        arch["timm_name"], arch["kwargs"], arch.get("norm_eps"), arch.get("patch_embed", "conv2d")
+    )
     if description.kind == "timm":
         _compare_structure(backbone, module, arch)
     config = {
@@ -418,28 +424,24 @@ def _describe_torchvision(tv: nn.Module) -> _Description:
 def _describe_monai(vit: nn.Module, preprocessing: Mapping[str, Any] | None) -> _Description:
     pe = vit.patch_embedding
     embed = pe.patch_embeddings
-    if isinstance(embed, nn.Conv2d):
-        proj_type, spatial_dims = "conv", 2
-        ph, pw = (int(k) for k in embed.kernel_size)
+    if isinstance(embed, (nn.Conv2d, nn.Conv3d)):
+        proj_type = "conv"
+        patch = tuple(int(k) for k in embed.kernel_size)
         in_chans = int(embed.in_channels)
-        if tuple(embed.stride) != (ph, pw):
+        if tuple(embed.stride) != patch:
             raise ModelNotSupportedError(f"MONAI ViT patch embedding {embed}: expected stride = kernel size")
     elif isinstance(embed, nn.Sequential) and len(embed) == 2 and isinstance(embed[1], nn.Linear):
         proj_type = "perceptron"
         lengths = dict(getattr(embed[0], "axes_lengths", {}) or {})
-        spatial_dims = len(lengths)
-        ph, pw = int(lengths.get("p1", 0)), int(lengths.get("p2", 0))
-        in_chans = int(embed[1].in_features) // max(1, ph * pw)
-    elif isinstance(embed, nn.Conv3d):
-        proj_type, spatial_dims = "conv", 3
+        patch = tuple(int(lengths.get(f"p{i + 1}", 0)) for i in range(len(lengths)))
+        in_chans = int(embed[1].in_features) // max(1, math.prod(patch))
     else:
         raise ModelNotSupportedError(
             f"MONAI ViT patch embedding {type(embed).__name__}: expected proj_type 'conv' or 'perceptron'"
         )
-    if spatial_dims != 2:
-        raise ModelNotSupportedError(
-            f"MONAI ViT with spatial_dims={spatial_dims} is not supported (slices are 2D): build it with spatial_dims=2"
-        )
+    spatial_dims = len(patch)
+    if spatial_dims not in (2, 3) or not all(patch):
+        raise ModelNotSupportedError(f"MONAI ViT with a {spatial_dims}D patch embedding {patch} is not supported")
     if not getattr(vit, "classification", False) or not hasattr(vit, "classification_head"):
         raise ModelNotSupportedError(
             "MONAI ViT with classification=False has no head: pass classification=True (and num_classes=K)"
@@ -457,12 +459,12 @@ def _describe_monai(vit: nn.Module, preprocessing: Mapping[str, Any] | None) -> 
     if pe.pos_embed_type != "learnable":
         provenance["position_embeddings"] = f"{pe.pos_embed_type} (copied as values into pos_embed)"
     n_patches = int(pe.position_embeddings.shape[1])
-    img_size = _monai_image_size(n_patches, (ph, pw), preprocessing)
+    img_size = _monai_image_size(n_patches, patch, preprocessing)
     norms = [m for blk in blocks for m in (blk.norm1, blk.norm2)] + [vit.norm]
     eps = _layer_norm_eps(norms, "MONAI ViT")
     kwargs: dict[str, Any] = {
         "img_size": img_size,
-        "patch_size": [ph, pw],
+        "patch_size": list(patch),
         "in_chans": in_chans,
         "embed_dim": width,
         "depth": len(blocks),
@@ -480,10 +482,13 @@ def _describe_monai(vit: nn.Module, preprocessing: Mapping[str, Any] | None) -> 
     # attention output and after both MLP layers: timm's pos_drop, attn_drop, proj_drop (attn and mlp)
     p = float(pe.dropout.p)
     kwargs.update(_drop_rates(pos_drop_rate=p, proj_drop_rate=p, attn_drop_rate=p))
-    state = monai_vit_keys(vit.state_dict(), num_heads, (ph, pw), in_chans, proj_type)
+    state = monai_vit_keys(vit.state_dict(), num_heads, patch, in_chans, proj_type)
+    arch = _architecture(GENERIC_TIMM_NAME, kwargs, eps)
+    if spatial_dims == 3:
+        arch["patch_embed"] = "conv3d"
     return _Description(
         "monai",
-        _architecture(GENERIC_TIMM_NAME, kwargs, eps),
+        arch,
         state,
         int(head.out_features),
         head,
@@ -548,24 +553,28 @@ def _check_monai_block(i: int, blk: nn.Module, width: int) -> str | None:
     return None if act.approximate == "none" else "gelu_tanh"
 
 
-def _monai_image_size(n_patches: int, patch: tuple[int, int], preprocessing: Mapping[str, Any] | None) -> list[int]:
-    ph, pw = patch
+def _monai_image_size(n_patches: int, patch: tuple[int, ...], preprocessing: Mapping[str, Any] | None) -> list[int]:
+    """The input size: ``preprocessing["image_size"]`` when given (checked against the position
+    embeddings), else a square (2D) or cubic (3D) grid of ``n_patches`` times the patch size."""
+    dims = len(patch)
+    layout = "[D, H, W]" if dims == 3 else "[H, W]"
     given = (preprocessing or {}).get("image_size")
     if given is not None:
-        h, w = pair(given, "preprocessing image_size")
-        if (h // ph) * (w // pw) != n_patches:
+        size = triple(given, "preprocessing image_size") if dims == 3 else pair(given, "preprocessing image_size")
+        grid = [s // p for s, p in zip(size, patch)]
+        if math.prod(grid) != n_patches:
             raise CheckpointError(
-                f"preprocessing image_size [{h}, {w}] with patch {ph}×{pw} gives {(h // ph) * (w // pw)} patches; "
-                f"the MONAI ViT has position embeddings for {n_patches}"
+                f"preprocessing image_size {list(size)} with patch {'×'.join(map(str, patch))} gives "
+                f"{math.prod(grid)} patches; the MONAI ViT has position embeddings for {n_patches}"
             )
-        return [h, w]
-    side = math.isqrt(n_patches)
-    if side * side != n_patches:
+        return list(size)
+    side = round(n_patches ** (1 / dims))
+    if side**dims != n_patches:
         raise ModelNotSupportedError(
-            f"MONAI's ViT does not record its image size and its {n_patches} patches are not a square grid: "
-            "pass preprocessing={'image_size': [H, W]}"
+            f"MONAI's ViT does not record its image size and its {n_patches} patches are not a "
+            f"{'cubic' if dims == 3 else 'square'} grid: pass preprocessing={{'image_size': {layout}}}"
         )
-    return [side * ph, side * pw]
+    return [side * p for p in patch]
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -637,10 +646,9 @@ def _evaluating(module: nn.Module) -> Iterator[None]:
 
 def _check_outputs(module: nn.Module, model: MedViT, description: _Description) -> None:
     """The wrapped model's outputs must be the original's (its head Linear's output) on a random batch."""
-    c, h, w = model.input_size
     param = next(model.parameters())
     generator = torch.Generator().manual_seed(0)  # never touches the global RNG
-    x = torch.randn(2, c, h, w, generator=generator).to(device=param.device, dtype=param.dtype)
+    x = torch.randn(2, *model.input_size, generator=generator).to(device=param.device, dtype=param.dtype)
     captured: list[Tensor] = []
     handle = description.reference_head.register_forward_hook(lambda mod, args, out: captured.append(out))
     try:

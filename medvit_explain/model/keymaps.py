@@ -5,6 +5,7 @@ a checkpoint saved by either loads by config (``checkpoint: {source: torchvision
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -55,11 +56,12 @@ def monai_vit_keys(
     in_chans: int,
     proj_type: str | None = "conv",
 ) -> dict[str, Tensor]:
-    """A MONAI ``ViT`` state dict (2D, ``classification=True``) under timm's names, head as ``head.*``.
+    """A MONAI ``ViT`` state dict (2D or 3D, ``classification=True``) under timm's names, head as ``head.*``.
 
-    * ``patch_embedding.patch_embeddings.*``: the Conv2d as is (``proj_type="conv"``); for
+    * ``patch_embedding.patch_embeddings.*``: the Conv2d/Conv3d as is (``proj_type="conv"``); for
       ``"perceptron"`` (``Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)")`` + Linear) the Linear's
-      weight ``[D, p1·p2·C]`` becomes the conv's ``[D, C, p1, p2]``. ``proj_type=None``: read it from the keys.
+      weight ``[D, p1·p2·C]`` becomes the conv's ``[D, C, p1, p2]`` (3D: ``[D, p1·p2·p3·C]`` →
+      ``[D, C, p1, p2, p3]``). ``patch_size``: 2 (or 3) ints. ``proj_type=None``: read it from the keys.
     * ``patch_embedding.position_embeddings`` → ``pos_embed`` (patch tokens only: timm ``no_embed_class``).
     * ``blocks.N.attn.qkv`` → ``blocks.N.attn.qkv`` unchanged: MONAI's rows are ordered (q|k|v, head,
       head_dim) exactly as timm's ``reshape(B, N, 3, num_heads, head_dim)`` reads them; separate
@@ -74,7 +76,7 @@ def monai_vit_keys(
     A key it does not know, or a shape that does not fit ``num_heads``/``patch_size``/``in_chans``, is a
     :class:`CheckpointError` naming it.
     """
-    ph, pw = pair(patch_size, "patch_size")
+    patch = patch_dims(patch_size, "patch_size")
     if proj_type is None:
         proj_type = "perceptron" if "patch_embedding.patch_embeddings.1.weight" in state else "conv"
     if proj_type not in ("conv", "perceptron"):
@@ -87,7 +89,7 @@ def monai_vit_keys(
         if re.match(r"^blocks\.\d+\.(?:norm_cross_attn|cross_attn)\.", key):
             continue  # unused by the ViT (see the docstring)
         if key.startswith("patch_embedding.patch_embeddings."):
-            out.update(_monai_patch_embedding(key, value, proj_type, ph, pw, in_chans))
+            out.update(_monai_patch_embedding(key, value, proj_type, patch, in_chans))
             continue
         block = re.match(r"^(blocks\.\d+\.attn\.)(to_q|to_k|to_v)\.(weight|bias)$", key)
         if block:
@@ -148,18 +150,19 @@ _MONAI_VIT = [  # MONAI ViT → timm VisionTransformer (+ our head); the patch e
 
 
 def _monai_patch_embedding(
-    key: str, value: Tensor, proj_type: str, ph: int, pw: int, in_chans: int
+    key: str, value: Tensor, proj_type: str, patch: tuple[int, ...], in_chans: int
 ) -> dict[str, Tensor]:
     suffix = key.removeprefix("patch_embedding.patch_embeddings.")
+    shown = "×".join(map(str, patch))
     if proj_type == "conv":
         if suffix not in ("weight", "bias"):
             raise CheckpointError(
                 f"checkpoint key {key!r} does not belong to a conv patch embedding (proj_type='conv')"
             )
-        if suffix == "weight" and (value.ndim != 4 or tuple(value.shape[1:]) != (in_chans, ph, pw)):
+        if suffix == "weight" and tuple(value.shape[1:]) != (in_chans, *patch):
             raise CheckpointError(
-                f"{key} has shape {list(value.shape)}; expected [D, {in_chans}, {ph}, {pw}] "
-                "(a 2D conv patch embedding; spatial_dims=3 is not supported)"
+                f"{key} has shape {list(value.shape)}; expected [D, {in_chans}, {', '.join(map(str, patch))}] "
+                f"(a {len(patch)}D conv patch embedding, patch {shown})"
             )
         return {f"patch_embed.proj.{suffix}": value}
     if suffix not in ("1.weight", "1.bias"):
@@ -168,14 +171,14 @@ def _monai_patch_embedding(
         )
     if suffix == "1.bias":
         return {"patch_embed.proj.bias": value}
-    if value.ndim != 2 or value.shape[1] != ph * pw * in_chans:
+    n = math.prod(patch) * in_chans
+    if value.ndim != 2 or value.shape[1] != n:
         raise CheckpointError(
-            f"{key} has shape {list(value.shape)}; expected [D, {ph * pw * in_chans}] "
-            f"(patch {ph}×{pw} × {in_chans} channel(s), 2D)"
+            f"{key} has shape {list(value.shape)}; expected [D, {n}] (patch {shown} × {in_chans} channel(s))"
         )
-    # the Linear reads each patch flattened as (p1, p2, c); the conv's weight is [D, c, p1, p2]
-    conv = value.reshape(value.shape[0], ph, pw, in_chans).permute(0, 3, 1, 2).contiguous()
-    return {"patch_embed.proj.weight": conv}
+    # the Linear reads each patch flattened as (p1, p2[, p3], c); the conv's weight is [D, c, p1, p2[, p3]]
+    conv = value.reshape(value.shape[0], *patch, in_chans)
+    return {"patch_embed.proj.weight": conv.movedim(-1, 1).contiguous()}
 
 
 def monai_key_name(key: str) -> str:
@@ -189,6 +192,13 @@ def monai_key_name(key: str) -> str:
         if n:
             return new if new.startswith("head.") else f"backbone.{new}"
     return f"backbone.{key}"
+
+
+def patch_dims(value: Any, what: str) -> tuple[int, ...]:
+    """A 2D ``pair`` or three ints (a 3D patch)."""
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 3:
+        return int(value[0]), int(value[1]), int(value[2])
+    return pair(value, what)
 
 
 def pair(value: Any, what: str) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from torch import nn
 
 from medvit_explain.errors import CheckpointError, ModelNotSupportedError
 from medvit_explain.model.heads import build_head, head_config
+from medvit_explain.model.patch_embed import PATCH_EMBEDS, PatchEmbed3d, triple
 from medvit_explain.model.preprocessing import defaults_used, validate_preprocessing
 from medvit_explain.model.task import TaskSpec, load_task_spec
 from medvit_explain.vocabulary import jsonable
@@ -40,7 +41,8 @@ class MedViT(nn.Module):
 
     Contract the explainers rely on:
 
-    * ``forward(x)``: ``x`` is ``[B, C, H, W]`` with ``(C, H, W) == model.input_size``; returns raw
+    * ``forward(x)``: ``x`` is ``[B, C, H, W]`` with ``(C, H, W) == model.input_size`` (a volumetric
+      model, ``architecture.patch_embed: conv3d``: ``[B, C, D, H, W]``, ``model.spatial_dims == 3``); returns raw
       outputs ``[B, K]``, K = ``len(model.targets)``, column ``k`` = target ``model.targets[k]``:
       the logit for a binary target, the normalised value for a regression target, the log-odds of the
       positive class for a softmax target (``model.head.raw`` gives the class logits).
@@ -50,7 +52,8 @@ class MedViT(nn.Module):
       blocks, norms and attention see the whole computation.
     * The backbone pools with its class token (``global_pool='token'``) unless the config says
       otherwise; ``model.num_prefix_tokens`` (CLS first, then register/distillation tokens),
-      ``model.grid_size`` ``(gh, gw)`` and ``model.input_size`` come from the backbone, never constants.
+      ``model.grid_size`` ``(gh, gw)`` (3D: ``(gd, gh, gw)``) and ``model.input_size`` come from the backbone,
+      never constants.
     * ``predict_values(x)`` turns outputs into probabilities (binary) and LIDC-scale values (regression).
 
     Attributes: ``backbone``, ``head``, ``task_spec``, ``targets`` (names in output order),
@@ -95,22 +98,25 @@ class MedViT(nn.Module):
 
     # -- geometry (from the backbone, never constants) ----------------------------------------------
     @property
-    def input_size(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` the backbone expects."""
+    def input_size(self) -> tuple[int, ...]:
+        """``(C, H, W)`` the backbone expects (``(C, D, H, W)`` for a volumetric model)."""
         pe = self.backbone.patch_embed
-        h, w = pe.img_size
-        return int(pe.proj.in_channels), int(h), int(w)
+        return (int(pe.proj.in_channels), *(int(s) for s in pe.img_size))
 
     @property
-    def patch_size(self) -> tuple[int, int]:
-        ph, pw = self.backbone.patch_embed.patch_size
-        return int(ph), int(pw)
+    def patch_size(self) -> tuple[int, ...]:
+        """``(ph, pw)`` pixels (``(pd, ph, pw)`` voxels) per patch."""
+        return tuple(int(p) for p in self.backbone.patch_embed.patch_size)
 
     @property
-    def grid_size(self) -> tuple[int, int]:
-        """``(gh, gw)`` patch-token grid."""
-        gh, gw = self.backbone.patch_embed.grid_size
-        return int(gh), int(gw)
+    def grid_size(self) -> tuple[int, ...]:
+        """``(gh, gw)`` patch-token grid (``(gd, gh, gw)`` for a volumetric model)."""
+        return tuple(int(g) for g in self.backbone.patch_embed.grid_size)
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for a slice/view model, 3 for a volumetric one."""
+        return len(self.grid_size)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -127,7 +133,7 @@ class MedViT(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W]`` → raw outputs ``[B, K]`` (logits / normalised values)."""
+        """``[B, C, H, W]`` (3D: ``[B, C, D, H, W]``) → raw outputs ``[B, K]`` (logits / normalised values)."""
         return self.head(self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True))
 
     @torch.no_grad()
@@ -141,17 +147,24 @@ class MedViT(nn.Module):
         return values
 
 
-def _architecture(config: Mapping[str, Any]) -> tuple[str, dict[str, Any], float | None]:
-    """(timm name, kwargs, LayerNorm eps or None) from the config's ``architecture``."""
+def _architecture(config: Mapping[str, Any]) -> tuple[str, dict[str, Any], float | None, str]:
+    """(timm name, kwargs, LayerNorm eps or None, patch embedding) from the config's ``architecture``."""
     arch = config.get("architecture")
     if not isinstance(arch, Mapping):
         raise CheckpointError(
             "config: expected 'architecture: {timm_name: vit_base_patch16_224, "
             f"kwargs: {{img_size: ..., in_chans: ...}}}}', got {arch!r}"
         )
-    unknown = sorted(set(arch) - {"timm_name", "kwargs", "norm_eps"})
+    unknown = sorted(set(arch) - {"timm_name", "kwargs", "norm_eps", "patch_embed"})
     if unknown:
-        raise CheckpointError(f"config: unknown architecture key(s) {unknown}; expected timm_name, kwargs, norm_eps")
+        raise CheckpointError(
+            f"config: unknown architecture key(s) {unknown}; expected timm_name, kwargs, norm_eps, patch_embed"
+        )
+    patch_embed = arch.get("patch_embed", "conv2d")
+    if patch_embed not in PATCH_EMBEDS:
+        raise CheckpointError(
+            f"config: expected architecture.patch_embed {' or '.join(PATCH_EMBEDS)} (3D volumes), got {patch_embed!r}"
+        )
     name = arch.get("timm_name")
     if not isinstance(name, str) or not name:
         raise CheckpointError(f"config: expected architecture.timm_name (a timm model name), got {name!r}")
@@ -172,9 +185,11 @@ def _architecture(config: Mapping[str, Any]) -> tuple[str, dict[str, Any], float
         raise CheckpointError(
             f"config: remove {bad} from architecture.kwargs: weights come from the checkpoint, never a download"
         )
+    if "embed_layer" in kwargs:
+        raise CheckpointError("config: remove embed_layer from architecture.kwargs; set architecture.patch_embed")
     kwargs = jsonable(kwargs)
     kwargs.setdefault("global_pool", "token")
-    return name, kwargs, None if eps is None else float(eps)
+    return name, kwargs, None if eps is None else float(eps), patch_embed
 
 
 REMOTE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:", "http://", "https://")
@@ -191,13 +206,20 @@ def check_not_remote(name: str, where: str, advice: str = "") -> None:
         )
 
 
-def build_backbone(timm_name: str, kwargs: Mapping[str, Any], norm_eps: float | None = None) -> VisionTransformer:
+def build_backbone(
+    timm_name: str, kwargs: Mapping[str, Any], norm_eps: float | None = None, patch_embed: str = "conv2d"
+) -> VisionTransformer:
     """``timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)``, checked to be a ViT.
     ``norm_eps`` sets every LayerNorm's epsilon afterwards (timm's ViT uses 1e-6; MONAI's and PyTorch's
-    default is 1e-5), so a converted model computes exactly what the original did."""
+    default is 1e-5), so a converted model computes exactly what the original did. ``patch_embed="conv3d"``
+    gives it a :class:`~medvit_explain.model.patch_embed.PatchEmbed3d` (``img_size``/``patch_size`` then
+    ``[D, H, W]``): a volumetric ViT (:func:`_volumetric_backbone`)."""
     check_not_remote(timm_name, "timm model")
     try:
-        backbone = timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
+        if patch_embed == "conv3d":
+            backbone = _volumetric_backbone(timm_name, kwargs)
+        else:
+            backbone = timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
     except (RuntimeError, TypeError, ValueError, AssertionError, KeyError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"cannot build timm model {timm_name!r} with kwargs {dict(kwargs)}: {msg}") from exc
@@ -210,6 +232,26 @@ def build_backbone(timm_name: str, kwargs: Mapping[str, Any], norm_eps: float | 
             if isinstance(module, nn.LayerNorm):
                 module.eps = norm_eps
     return backbone
+
+
+VOLUMETRIC_REQUIRED = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
+
+
+def _volumetric_backbone(timm_name: str, kwargs: Mapping[str, Any]) -> VisionTransformer:
+    """timm's ``VisionTransformer`` with a :class:`PatchEmbed3d`. timm's model factory only takes 2D image
+    sizes, so the class is built directly: the kwargs must give the whole size (``img_size``, ``patch_size``
+    ``[D, H, W]``, ``embed_dim``, ``depth``, ``num_heads``); ``timm_name`` must still name a plain ViT."""
+    missing = [k for k in VOLUMETRIC_REQUIRED if k not in kwargs]
+    if missing:
+        raise CheckpointError(
+            f"config: a volumetric model (architecture.patch_embed conv3d) needs architecture.kwargs {missing}: "
+            "timm's model factory cannot build it from a name"
+        )
+    if not timm_name.startswith(("vit_", "deit")):
+        raise CheckpointError(f"config: patch_embed conv3d needs a plain ViT timm_name (vit_*), got {timm_name!r}")
+    triple(kwargs["img_size"], "architecture.kwargs.img_size (patch_embed conv3d)")
+    triple(kwargs["patch_size"], "architecture.kwargs.patch_size (patch_embed conv3d)")
+    return VisionTransformer(num_classes=0, embed_layer=PatchEmbed3d, **kwargs)
 
 
 def build_model(config: Mapping[str, Any], base_dir: str | Path | None = None) -> MedViT:
@@ -225,10 +267,14 @@ def build_model(config: Mapping[str, Any], base_dir: str | Path | None = None) -
     fmt = config.get("format", FORMAT)
     if fmt != FORMAT:
         raise CheckpointError(f"config: expected format {FORMAT!r}, got {fmt!r}")
-    name, kwargs, eps = _architecture(config)
+    name, kwargs, eps, patch_embed = _architecture(config)
     task_spec = load_task_spec(config.get("task_spec"), base_dir=base_dir)
-    backbone = build_backbone(name, kwargs, eps)
+    backbone = build_backbone(name, kwargs, eps, patch_embed)
     full = dict(config)
-    full["architecture"] = {"timm_name": name, "kwargs": kwargs} | ({} if eps is None else {"norm_eps": eps})
+    full["architecture"] = (
+        {"timm_name": name, "kwargs": kwargs}
+        | ({} if eps is None else {"norm_eps": eps})
+        | ({} if patch_embed == "conv2d" else {"patch_embed": patch_embed})
+    )
     full.setdefault("name", name)
     return MedViT(backbone, task_spec, preprocessing=config.get("preprocessing"), config=full)

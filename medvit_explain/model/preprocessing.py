@@ -2,8 +2,8 @@
 
 Schema (every key has a default)::
 
-    {"mode": "slice" | "roi",          # every axial slice, or nodule-centred crops
-     "image_size": [H, W],             # model input size (must equal the backbone's)
+    {"mode": "slice" | "roi" | "volume",  # every axial slice, nodule-centred crops, the whole volume (3D)
+     "image_size": [H, W],             # model input size (must equal the backbone's; [D, H, W] in 3D)
      "in_chans": C,                    # model input channels (must equal the backbone's)
      "hu_window": [lo, hi],            # HU clamp, then scaled linearly to scale_to
      "scale_to": [a, b],               # model input range of the window (default [0, 1])
@@ -24,6 +24,11 @@ Channel recipes (``channels``; ``recipe`` picks one, its other keys are required
   channel, 0 among them (the plane the map is written back to). Slice mode: canonical axial slices; ROI
   mode: planes of the ROI cube along the view's normal, one cube sample (``spacing_mm``) apart.
 
+Volumetric models (``image_size [D, H, W]``, ``architecture.patch_embed: conv3d``): mode ``roi`` (the
+default for them) gives each nodule's whole cube as one input, mode ``volume`` the whole CT resampled to
+the model's box (``crop_body`` crops it to the body first); ``slice`` and ``adjacent_slices`` are 2D only,
+``roi.views`` is not used.
+
 ``mean`` / ``std``: ``x_c = (x_c - mean[c]) / std[c]`` on the windowed, ``scale_to``-scaled, resized
 inputs (e.g. ImageNet's ``[0.485, 0.456, 0.406]`` / ``[0.229, 0.224, 0.225]`` with ``scale_to [0, 1]``).
 Each a number (every channel) or ``in_chans`` numbers, ``std > 0``; null (default) = no normalisation.
@@ -40,7 +45,8 @@ from typing import Any
 
 from medvit_explain.errors import CheckpointError
 
-MODES = ("slice", "roi")
+MODES = ("slice", "roi", "volume")
+MODES_3D = ("roi", "volume")
 VIEWS = ("axial", "coronal", "sagittal")
 
 DEFAULT_PREPROCESSING: dict[str, Any] = {
@@ -162,11 +168,14 @@ def _hu_window(window: Any, what: str) -> list[float]:
 
 
 def default_preprocessing(input_size: Sequence[int] | None = None) -> dict[str, Any]:
-    """The default dict; ``input_size = (C, H, W)`` fills ``in_chans`` and ``image_size``."""
+    """The default dict; ``input_size = (C, H, W)`` (or ``(C, D, H, W)``) fills ``in_chans`` and
+    ``image_size`` (a volumetric model's default mode is ``roi``)."""
     out = copy.deepcopy(DEFAULT_PREPROCESSING)
     if input_size is not None:
-        c, h, w = input_size
-        out["in_chans"], out["image_size"] = int(c), [int(h), int(w)]
+        c, *size = input_size
+        out["in_chans"], out["image_size"] = int(c), [int(s) for s in size]
+        if len(size) == 3:
+            out["mode"] = "roi"
     return out
 
 
@@ -191,15 +200,24 @@ def validate_preprocessing(
     out.update({k: v for k, v in given.items() if v is not None})
     out["roi"].update(roi_given)
 
-    if out["mode"] not in MODES:
-        raise CheckpointError(f"preprocessing: expected mode 'slice' or 'roi', got {out['mode']!r}")
     size = out["image_size"]
     if size is None:
         raise CheckpointError("preprocessing: expected image_size [H, W], got nothing")
+    dims = 2 if input_size is None else len(input_size) - 1
+    if input_size is None and isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 3:
+        dims = 3
     if isinstance(size, int) and not isinstance(size, bool):
-        size = [size, size]
-    if not isinstance(size, Sequence) or isinstance(size, str) or len(size) != 2:
-        raise CheckpointError(f"preprocessing: expected image_size [H, W], got {size!r}")
+        size = [size] * dims
+    if not isinstance(size, Sequence) or isinstance(size, str) or len(size) != dims:
+        raise CheckpointError(
+            f"preprocessing: expected image_size {'[D, H, W]' if dims == 3 else '[H, W]'}, got {size!r}"
+        )
+    modes = MODES_3D if dims == 3 else MODES[:2]
+    if out["mode"] not in modes:
+        raise CheckpointError(
+            f"preprocessing: expected mode {' or '.join(repr(m) for m in modes)}"
+            f"{' (a volumetric model)' if dims == 3 else ''}, got {out['mode']!r}"
+        )
     out["image_size"] = [_positive_int(s, "image_size") for s in size]
     if out["in_chans"] is None:
         raise CheckpointError("preprocessing: expected in_chans, got nothing")
@@ -234,13 +252,18 @@ def validate_preprocessing(
         )
     roi["views"] = list(views)
     out["channels"] = _channels(out["channels"], out["in_chans"])
+    if dims == 3 and out["channels"]["recipe"] == "adjacent_slices":
+        raise CheckpointError(
+            "preprocessing: channels recipe adjacent_slices is for 2D models; a volumetric model sees the "
+            "neighbours itself (use copies or hu_windows)"
+        )
     _normalisation(out)
 
     if input_size is not None:
-        c, h, w = (int(v) for v in input_size)
-        if out["in_chans"] != c or out["image_size"] != [h, w]:
+        c, *want = (int(v) for v in input_size)
+        if out["in_chans"] != c or out["image_size"] != want:
             raise CheckpointError(
-                f"preprocessing does not match the model: expected in_chans {c} and image_size [{h}, {w}] "
+                f"preprocessing does not match the model: expected in_chans {c} and image_size {want} "
                 f"(from the backbone), got in_chans {out['in_chans']} and image_size {out['image_size']}"
             )
     return out
