@@ -47,7 +47,8 @@ class ViTSpec:
     """Geometry read from the model (never assumed).
 
     ``num_prefix``: class + register (+ distillation) tokens before the patch tokens;
-    ``grid``: patch grid (gh, gw), or (gd, gh, gw) for a volumetric ViT; ``read_rows``: token rows the pooling reads when it reads prefix
+    ``grid``: patch grid (gh, gw), or (gd, gh, gw) for a volumetric ViT; ``read_rows``: token rows the
+    pooling reads when it reads prefix
     tokens only (``(0,)`` for class-token pooling, ``(0, 1)`` for DeiT distillation), else ``None``.
     """
 
@@ -367,7 +368,8 @@ _POSITIVE_INT = {"n_samples": 1, "n_steps": 1, "internal_batch_size": 1}
 class Explainer:
     """Base of every method: validation, targets, state capture; subclasses implement ``attribute``.
 
-    ``attribute(images, target_idx) -> [B, T, gh, gw]`` (``[B, T, gd, gh, gw]`` for a volumetric model) runs inside :func:`captured` (eval, grad on) and
+    ``attribute(images, target_idx) -> [B, T, gh, gw]`` (``[B, T, gd, gh, gw]`` for a volumetric model) runs
+    inside :func:`captured` (eval, grad on) and
     may use ``self.spec``, ``self.backbone``, ``self.scorer``, ``self.options``.
 
     A method is one class in one file: it declares what it is as class attributes (read by the registry,
