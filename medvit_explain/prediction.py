@@ -17,6 +17,7 @@ from .errors import MedvitInputError
 from .transforms import InputBatch, ModelInputs, Preprocessing, RoiInputs, SliceInputs, centers_from_mask
 from .vocabulary import PRIMARY_TARGET, primary_target
 from .volume import Volume
+from .volumetric_inputs import CubeInputs, VolumeInputs
 
 
 def model_inputs(
@@ -33,13 +34,19 @@ def model_inputs(
         roi_centers, labels = centers_from_mask(roi_mask)
         if len(roi_centers) == 0:
             raise MedvitInputError("the ROI mask holds no labelled voxel (expected labels 1..n)")
+    volumetric = len(pre.image_size) == 3
     if roi_centers is not None:
+        if pre.mode == "volume":
+            raise MedvitInputError(
+                "this model explains whole volumes (preprocessing mode volume), not nodule ROIs: "
+                "drop --roi-centers / --roi-mask"
+            )
         roi_centers = np.asarray(roi_centers, dtype=np.float64).reshape(-1, 3)
         check_centres_inside(roi_centers, volume)
-        return RoiInputs(volume, pre, roi_centers, labels)
+        return (CubeInputs if volumetric else RoiInputs)(volume, pre, roi_centers, labels)
     if pre.mode == "roi":
         raise MedvitInputError("this model expects nodule ROIs: pass --roi-centers FILE or --roi-mask FILE")
-    return SliceInputs(volume, pre)
+    return VolumeInputs(volume, pre) if volumetric else SliceInputs(volume, pre)
 
 
 def check_centres_inside(centres: np.ndarray, volume: Volume) -> None:
@@ -162,6 +169,8 @@ class PredictionTable:
                     ],
                 }
             )
+        elif self.mode == "volume":
+            out["max_malignancy_prob"] = float(self.rows[0][key])
         else:
             nodules = [row for row in self.rows if row["view"] == "mean"]
             out["nodules"] = nodules
@@ -177,7 +186,7 @@ def join_tables(tables: list[PredictionTable], prefixes: list[str]) -> Predictio
     each model's output columns, each prefixed with that model's entry of ``prefixes`` (``""`` for none).
     The tables must list the same items in the same order (same slices, or same ROIs and views)."""
     first = tables[0]
-    keys = ("slice",) if first.mode == "slice" else ("roi", "view")
+    keys = {"slice": ("slice",), "volume": ("volume",)}.get(first.mode, ("roi", "view"))
     order = [tuple(r[k] for k in keys) for r in first.rows]
     for table in tables[1:]:
         if table.mode != first.mode or [tuple(r[k] for k in keys) for r in table.rows] != order:

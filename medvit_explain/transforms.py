@@ -121,7 +121,7 @@ class Preprocessing:
     ``mean`` / ``std``: ``in_chans`` values each (a number in a dict is every channel's; one given alone
     makes the other the identity), or both None (no normalisation)."""
 
-    image_size: tuple[int, int]
+    image_size: tuple[int, ...]  # (H, W), or (D, H, W) for a volumetric model
     in_chans: int = 1
     hu_window: tuple[float, float] = (-1000.0, 400.0)
     scale_to: tuple[float, float] = (0.0, 1.0)
@@ -150,13 +150,13 @@ class Preprocessing:
         if isinstance(config, Preprocessing):
             return config
         roi = dict(config.get("roi") or {})
-        h, w = config["image_size"]
+        size = tuple(int(s) for s in config["image_size"])
         lo, hi = config.get("hu_window", cls.hu_window)
         a, b = config.get("scale_to", cls.scale_to)
         in_chans = int(config.get("in_chans") or cls.in_chans)
         mean, std = _normalisation_settings(config, in_chans)
         return cls(
-            image_size=(int(h), int(w)),
+            image_size=size,
             in_chans=in_chans,
             hu_window=(float(lo), float(hi)),
             scale_to=(float(a), float(b)),
@@ -222,6 +222,19 @@ def resize_planes(planes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(planes[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
+def resize_volumes(volumes: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """[N, d, h, w] → [N, *size], trilinear, ``align_corners=False``, no anti-aliasing (MONAI ``Resize``
+    with those settings, ``mode="trilinear"``, on a channel-first [N, d, h, w] volume)."""
+    if tuple(volumes.shape[-3:]) == tuple(size):
+        return volumes
+    return F.interpolate(volumes[None], size=tuple(size), mode="trilinear", align_corners=False)[0]
+
+
+def resize_images(images: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """[N, *spatial] → [N, *size]: :func:`resize_planes` (2D) or :func:`resize_volumes` (3D)."""
+    return resize_volumes(images, size) if len(size) == 3 else resize_planes(images, size)
+
+
 def new_source_buffer(shape: tuple[int, int, int]) -> np.ndarray:
     """A zero float32 map on a grid of ``shape`` [X, Y, Z], stored as a C-ordered [Z, Y, X] buffer
     (the NIfTI voxel order); the [X, Y, Z] view is returned."""
@@ -263,13 +276,14 @@ def window_mean(preprocessing: Mapping[str, Any] | Preprocessing) -> float:
 def channel_images(config: Preprocessing, hu: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
     """Model inputs [B, C, H, W] (float32) from HU planes ``hu`` [N, h, w] by ``config``'s channel recipe:
     :func:`window_channels` → :func:`resize_planes` → :func:`pick_channels` → :func:`normalise_channels`
-    (the same four steps :mod:`medvit_explain.monai_transforms` runs as MONAI transforms).
+    (the same four steps :mod:`medvit_explain.monai_transforms` runs as MONAI transforms). A volumetric
+    model's ``config`` (``image_size`` (D, H, W)) takes HU volumes [N, d, h, w] and gives [B, C, D, H, W].
 
     ``index`` [B, C] (``adjacent_slices``): channel c of input b is plane ``index[b, c]``; each plane is
     windowed and resized once, however many inputs use it. Otherwise N = B."""
     planes = window_channels(config, hu)  # [N, C0, h, w]
     n, c0 = planes.shape[:2]
-    planes = resize_planes(planes.flatten(0, 1), config.image_size).unflatten(0, (n, c0))
+    planes = resize_images(planes.flatten(0, 1), config.image_size).unflatten(0, (n, c0))
     if config.channels.recipe != "hu_windows":
         planes = pick_channels(config, planes[:, 0], index)
     return normalise_channels(config, planes)
@@ -289,7 +303,7 @@ def pick_channels(config: Preprocessing, planes: torch.Tensor, index: torch.Tens
     batch loop pins every batch, and that path has only seen dense tensors."""
     if index is not None:
         return planes[index]
-    return planes[:, None].expand(-1, config.in_chans, -1, -1).contiguous()
+    return planes[:, None].expand(-1, config.in_chans, *planes.shape[1:]).contiguous()
 
 
 def normalise_channels(config: Preprocessing, images: torch.Tensor) -> torch.Tensor:
@@ -301,8 +315,9 @@ def _normalise(images: torch.Tensor, mean: Sequence[float] | None, std: Sequence
     """``x_c = (x_c - mean[c]) / std[c]`` on [B, C, H, W] (nothing when ``mean`` / ``std`` are None)."""
     if mean is None or std is None:
         return images
-    m = torch.tensor(mean, dtype=images.dtype)[:, None, None]
-    s = torch.tensor(std, dtype=images.dtype)[:, None, None]
+    shape = (-1, *([1] * (images.ndim - 2)))  # per channel, over every spatial axis
+    m = torch.tensor(mean, dtype=images.dtype).reshape(shape)
+    s = torch.tensor(std, dtype=images.dtype).reshape(shape)
     return (images - m) / s
 
 

@@ -55,6 +55,7 @@ LABEL_NAME_WORDS = (  # a stem ending in "_<word>" (or "-", ".") names a label m
 SHIPPED_MODELS = {
     "sample-slice": ("whole axial slices", "configs/sample_model.yaml", "sample_model"),
     "sample-roi": ("nodule ROIs", "configs/sample_roi_model.yaml", "sample_roi"),
+    "sample-roi3d": ("3D nodule cubes", "configs/sample_roi3d_model.yaml", "sample_roi3d"),
 }
 DEFAULT_MODEL = "sample-slice"  # what --model means when it is not given (and no ROI option is)
 DEFAULT_ROI_MODEL = "sample-roi"  # ... and when an ROI option is

@@ -26,7 +26,7 @@ from medvit_explain.workflows.train import evaluate, load_rois, load_slices, tra
 
 ROOT = Path(__file__).resolve().parents[1]
 # where each shipped recipe's model goes (--out default); other configs need --out
-SHIPPED = {"sample_model": "sample_model", "sample_roi_model": "sample_roi"}
+SHIPPED = {"sample_model": "sample_model", "sample_roi_model": "sample_roi", "sample_roi3d_model": "sample_roi3d"}
 
 
 def main() -> None:
@@ -90,19 +90,24 @@ def model_card_markdown(config: dict, card: dict, recipe_path: str = "configs/sa
     held, arch = card["held_out"], config["architecture"]["kwargs"]
     t = card["timings_s"]
     roi = config["preprocessing"].get("mode") == "roi"
+    volumetric = config["architecture"].get("patch_embed") == "conv3d"
     if roi:
         box = config["preprocessing"]["roi"]
         what = (
-            f"{box['size_mm']} mm nodule ROIs sampled every {box['spacing_mm']} mm, cut in "
+            f"{box['size_mm']} mm nodule cubes sampled every {box['spacing_mm']} mm, each one "
+            f"{' x '.join(map(str, arch['img_size']))} voxel input: a volumetric ViT with 3D patches"
+            if volumetric
+            else f"{box['size_mm']} mm nodule ROIs sampled every {box['spacing_mm']} mm, cut in "
             f"{len(box['views'])} views ({', '.join(box['views'])}) of {arch['img_size'][0]} px"
         )
         scores = [
-            f"- nodules: {held['n_nodules']} ({held['n_views']} views)",
-            f"- **nodule-level malignancy ROC AUC: {held['malignancy_auc']:.3f}** (each nodule's views' logits "
-            f"averaged, as the predictions table's `mean` row; accuracy at 0.5: {held['malignancy_accuracy']:.3f})",
-            f"- malignancy ROC AUC over single views: {held['malignancy_auc_views']:.3f}",
+            f"- nodules: {held['n_nodules']}" + ("" if volumetric else f" ({held['n_views']} views)"),
+            f"- **nodule-level malignancy ROC AUC: {held['malignancy_auc']:.3f}** "
+            + ("(one input per nodule" if volumetric else "(each nodule's views' logits averaged")
+            + f", as the predictions table's `mean` row; accuracy at 0.5: {held['malignancy_accuracy']:.3f})",
+            *([] if volumetric else [f"- malignancy ROC AUC over single views: {held['malignancy_auc_views']:.3f}"]),
             "",
-            "| biomarker (LIDC scale; diameter in mm) | MAE per nodule (views averaged) |",
+            f"| biomarker (LIDC scale; diameter in mm) | MAE per nodule{'' if volumetric else ' (views averaged)'} |",
         ]
     else:
         what = f"{arch['img_size'][0]} px whole slices"

@@ -32,9 +32,10 @@ device_option = click.option(
 )
 # the shipped models' names and the default choice, said once for every --model
 MODEL_HELP = (
-    "Checkpoint folder or weights file, or a shipped model: sample-slice (whole slices) or sample-roi "
-    "(nodule ROIs). Default: sample-roi when ROIs are given, else sample-slice. A name wins over a folder "
-    "of that name here; write ./sample-roi for the folder."
+    "Checkpoint folder or weights file, or a shipped model: sample-slice (whole slices), sample-roi "
+    "(nodule ROIs, 3 views) or sample-roi3d (3D nodule cubes, a volumetric ViT). Default: sample-roi when "
+    "ROIs are given, else sample-slice. A name wins over a folder of that name here; write ./sample-roi for "
+    "the folder."
 )
 model_option = click.option("--model", "model_path", default=None, metavar="CKPT", help=MODEL_HELP)
 model_config_option = click.option(

@@ -29,7 +29,18 @@ def _explained(table) -> str:
     """``"40 slices"`` / ``"3 ROI(s)"``: what a run went over."""
     if table.mode == "roi":
         return f"{sum(1 for row in table.rows if row.get('view') == 'mean')} ROI(s)"
+    if table.mode == "volume":
+        return "the whole volume"
     return f"{len(table.rows)} slices"
+
+
+def _input_unit(model, with_rois: bool) -> str:
+    """What one input is, for the progress bar: a slice or an ROI view (2D models), an ROI cube or the whole
+    volume (volumetric models)."""
+    first = model[0] if isinstance(model, (list, tuple)) else model
+    if getattr(first, "spatial_dims", 2) == 3:
+        return "ROI" if with_rois else "volume"
+    return "view" if with_rois else "slice"
 
 
 def _progress_bar(total: int, desc: str, unit: str = "slice"):
@@ -94,7 +105,7 @@ def predict(
     if out_csv and Path(out_csv).is_dir():
         raise OutputError(f"--out {out_csv} is a folder; give the CSV file to write")
     with output_folder(Path(out_csv).parent) if out_csv else contextlib.nullcontext():
-        with _progress_bar(total, "predict") as bar:
+        with _progress_bar(total, "predict", unit=_input_unit(model, centres is not None or mask is not None)) as bar:
             table = run_predict(
                 model, volume, batch_size=batch_size, roi_centers=centres, roi_mask=mask, progress=bar.update
             )
@@ -113,6 +124,8 @@ def predict(
             f"(source index {summary['max_malignancy_source_index']}), "
             f"p = {summary['max_malignancy_prob']:.3f}"
         )
+    elif table.mode == "volume" and "max_malignancy_prob" in summary:
+        click.echo(f"whole volume: {table.primary} p = {summary['max_malignancy_prob']:.3f}")
     elif summary.get("nodules"):
         for row in summary["nodules"]:
             click.echo(
@@ -205,7 +218,7 @@ def explain(input_path, out_dir, series_uid, roi_centers, roi_mask, options):
     out = Path(out_dir) if out_dir else Path(input_path).resolve().parent / f"{stem}_explain"
     total = input_count(model, volume, centres, mask)
     with output_folder(out):
-        with _progress_bar(total, "explain") as bar:
+        with _progress_bar(total, "explain", unit=_input_unit(model, centres is not None or mask is not None)) as bar:
             result = explain_volume(
                 model,
                 volume,

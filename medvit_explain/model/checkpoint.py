@@ -50,6 +50,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 SAMPLE_MODEL_DIR = ASSETS_DIR / SHIPPED_MODELS["sample-slice"][2]
 SAMPLE_ROI_MODEL_DIR = ASSETS_DIR / SHIPPED_MODELS["sample-roi"][2]
+SAMPLE_ROI3D_MODEL_DIR = ASSETS_DIR / SHIPPED_MODELS["sample-roi3d"][2]
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
@@ -350,7 +351,11 @@ def is_shipped_name(path: str | Path | None) -> bool:
 def shipped_model_dir(name: str) -> Path:
     """The folder of the shipped model ``name`` (read at call time, so a test can point it elsewhere);
     CheckpointError, in one line naming the script that makes it, when its weights are not there."""
-    folder = {"sample-slice": SAMPLE_MODEL_DIR, "sample-roi": SAMPLE_ROI_MODEL_DIR}[name]
+    folder = {
+        "sample-slice": SAMPLE_MODEL_DIR,
+        "sample-roi": SAMPLE_ROI_MODEL_DIR,
+        "sample-roi3d": SAMPLE_ROI3D_MODEL_DIR,
+    }[name]
     if (folder / WEIGHTS_NAME).is_file():
         return folder
     _, recipe, default_out = SHIPPED_MODELS[name]

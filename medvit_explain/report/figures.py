@@ -18,11 +18,24 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["CT_WINDOW", "MAP_CMAP", "probability_plot", "roi_probability_plot", "slice_grid", "symmetric_limit"]
+__all__ = [
+    "CT_WINDOW",
+    "MAP_CMAP",
+    "PLANES",
+    "display_plane",
+    "plane_aspect",
+    "probability_plot",
+    "roi_probability_plot",
+    "slice_grid",
+    "symmetric_limit",
+]
 
 CT_WINDOW = (-1000.0, 400.0)  # HU shown from black to white (lung window of the LIDC experiments)
 MAP_CMAP = "RdBu_r"  # diverging: red = evidence for the target, blue = against, white = 0
 DPI = 100
+PLANES = ("axial", "coronal", "sagittal")
+_PLANE_NORMAL = {"axial": 2, "coronal": 1, "sagittal": 0}  # the canonical axis each plane is cut across
+_PLANE_AXES = {"axial": (1, 0), "coronal": (2, 0), "sagittal": (2, 1)}  # canonical axes of (rows, cols)
 
 
 def _png(fig: Figure, dpi: int = DPI) -> bytes:
@@ -90,14 +103,19 @@ def probability_plot(
 
 
 def roi_probability_plot(
-    labels: Sequence[str], per_view: dict[str, np.ndarray], mean: np.ndarray, *, target: str = "malignancy"
+    labels: Sequence[str],
+    per_view: dict[str, np.ndarray],
+    mean: np.ndarray,
+    *,
+    target: str = "malignancy",
+    bar_label: str = "views averaged",
 ) -> bytes:
-    """Probability of ``target`` per ROI: a bar for the view-averaged output, a dot per view."""
+    """Probability of ``target`` per ROI: a bar for the view-averaged output (``bar_label``), a dot per view."""
     mean = np.asarray(mean, dtype=np.float64)
     x = np.arange(len(mean))
     fig = Figure(figsize=(max(5.5, 0.9 * len(mean) + 2.0), 2.8))
     ax = fig.add_subplot(1, 1, 1)
-    ax.bar(x, mean, color="#9dc3e6", edgecolor="#1f4e79", label="views averaged")
+    ax.bar(x, mean, color="#9dc3e6", edgecolor="#1f4e79", label=bar_label)
     markers = "os^dv<>"
     for i, (view, values) in enumerate(per_view.items()):
         ax.plot(x, values, markers[i % len(markers)], ls="none", ms=5, label=view)
@@ -110,6 +128,31 @@ def roi_probability_plot(
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return _png(fig)
+
+
+def display_plane(
+    canonical: np.ndarray, plane: str, centre: Sequence[int], half: Sequence[int] | None = None
+) -> np.ndarray:
+    """The ``plane`` (axial, coronal or sagittal) through canonical voxel ``centre`` of a canonical (LPS)
+    ``[x, y, z]`` array, as displayed ([rows, cols]): axial rows anterior→posterior, cols patient
+    right→left; coronal rows superior→inferior, cols right→left; sagittal rows superior→inferior, cols
+    anterior→posterior. ``half``: voxels kept each side of the centre along each canonical axis (None:
+    the whole field of view). A view of ``canonical``, no copy."""
+    if half is None:
+        index: list = [slice(None)] * 3
+    else:
+        index = [slice(max(int(c) - int(h), 0), int(c) + int(h) + 1) for c, h in zip(centre, half, strict=True)]
+    normal = _PLANE_NORMAL[plane]
+    index[normal] = int(centre[normal])
+    cut = canonical[tuple(index)]  # the two in-plane axes, in canonical order
+    return cut.T if plane == "axial" else cut[:, ::-1].T  # superior at the top
+
+
+def plane_aspect(canonical_spacing: Sequence[float], plane: str) -> float:
+    """Pixel aspect (row spacing / column spacing) of :func:`display_plane`'s ``plane``, from the
+    spacing along the canonical axes."""
+    rows, cols = _PLANE_AXES[plane]
+    return float(canonical_spacing[rows] / canonical_spacing[cols])
 
 
 def slice_grid(

@@ -5,6 +5,10 @@ slice (per ROI in ROI mode) with the top slices marked → for each top slice a 
 methods, columns = CT + targets; maps on a diverging colour scale centred at 0) → predicted values on
 the LIDC scales for those slices → all rows (collapsed) → timings → versions.
 
+A volumetric model's result gets three orthogonal planes (axial, coronal, sagittal) per grid instead of one
+slice: through each top ROI's centre (ROI mode, whole cubes), or, for the whole-volume mode (one input, one
+probability, stated in a line), through the voxel where the first method's primary-target map is largest.
+
 Every text that comes from the input, the model or the user is escaped with :func:`html.escape`.
 """
 
@@ -97,19 +101,37 @@ def _scales(result, task_spec=None) -> dict[str, tuple[float, float]]:
     return {t.name: tuple(t.scale) for t in spec if getattr(t, "scale", None) is not None}
 
 
+def _cube_mode(result) -> bool:
+    """ROI mode with a volumetric model: one input per ROI, its whole cube (the one view ``3d``)."""
+    from ..volumetric_inputs import CUBE_VIEW
+
+    return result.predictions.mode == "roi" and list(getattr(result.inputs, "views", [])) == [CUBE_VIEW]
+
+
+def _canonical_spacing(result) -> np.ndarray:
+    """The voxel spacing (mm) along the canonical (LPS-reoriented) axes x, y, z."""
+    return result.volume.spacing[np.argsort(result.inputs.ornt[:, 0])]
+
+
 def top_entries(result, n: int = 3) -> list[dict[str, Any]]:
     """The slices to show in detail, best first.
 
     Slice mode: the ``n`` slices with the highest primary-target probability (the first slice when
     the model has no binary target). ROI mode: the ``n`` ROIs with the highest view-averaged
-    probability, each shown on the axial slice through its centre.
+    probability, each shown on the axial slice through its centre. Volume mode (a volumetric model on the
+    whole CT): the one row.
 
     Each entry: ``slice`` (canonical, for :meth:`ExplainResult.display_slice`), ``label`` (text),
     ``row`` (the predictions row); ROI entries also a ``window`` (rows, cols) of the displayed slice: the
-    ROI's cube and as much again around it, so the nodule's parts are large enough to see.
+    ROI's cube and as much again around it, so the nodule's parts are large enough to see. ROI entries of
+    a volumetric model (cube mode) also have ``centre`` (the canonical voxel of the ROI's centre),
+    ``half`` (voxels shown each side of it along each canonical axis) and ``window_mm``; their ``label``
+    names the ROI only. The volume-mode entry has only ``row`` and ``label``.
     """
     table = result.predictions
     key = f"{table.primary}_prob"
+    if table.mode == "volume":
+        return [{"row": table.rows[0], "label": "the whole volume"}] if table.rows else []
     if table.mode == "slice":
         if not table.rows:
             return []
@@ -139,7 +161,8 @@ def top_entries(result, n: int = 3) -> list[dict[str, Any]]:
     axis_of = np.argsort(result.inputs.ornt[:, 0])
     canon_shape = [volume.shape[int(a)] for a in axis_of]
     half_mm = float(result.inputs.size_mm)  # the cube's width each side of the centre: twice the ROI in all
-    half = [max(1, int(np.ceil(half_mm / volume.spacing[int(axis_of[a])]))) for a in (0, 1)]
+    half = [max(1, int(np.ceil(half_mm / s))) for s in _canonical_spacing(result)]
+    cube = _cube_mode(result)
     out = []
     for row in nodules[:n]:
         centre = np.array([row["center_x_mm"], row["center_y_mm"], row["center_z_mm"]])
@@ -150,15 +173,21 @@ def top_entries(result, n: int = 3) -> list[dict[str, Any]]:
             slice(max(cy - half[1], 0), min(cy + half[1] + 1, canon_shape[1])),  # rows: canonical y
             slice(max(cx - half[0], 0), min(cx + half[0] + 1, canon_shape[0])),  # cols: canonical x
         )
-        out.append(
-            {
-                "slice": k,
-                "row": row,
-                "window": window,
-                "label": f"ROI {row['roi']} (label {row['label']}), axial slice {k} through its centre, "
-                f"a {2 * half_mm:g} mm window",
-            }
-        )
+        entry = {
+            "slice": k,
+            "row": row,
+            "window": window,
+            "label": f"ROI {row['roi']} (label {row['label']}), axial slice {k} through its centre, "
+            f"a {2 * half_mm:g} mm window",
+        }
+        if cube:
+            entry.update(
+                centre=tuple(int(np.clip(np.rint(c), 0, s - 1)) for c, s in zip(canon, canon_shape)),
+                half=tuple(half),
+                window_mm=2 * half_mm,
+                label=f"ROI {row['roi']} (label {row['label']})",
+            )
+        out.append(entry)
     return out
 
 
@@ -167,6 +196,12 @@ def _probability_section(result, top: list[dict[str, Any]]) -> str:
     key = f"{table.primary}_prob"
     if not table.rows or key not in table.columns:
         return f'<p class="note">No binary target to plot ({_e(table.primary)} has no probability).</p>'
+    if table.mode == "volume":
+        return (
+            f'<p>P({_e(table.primary)}) of the whole volume = <span class="hot">'
+            f"{_e(_fmt(table.rows[0][key], 3))}</span> (one input: the whole CT).</p>"
+        )
+    cube = _cube_mode(result)
     if table.mode == "slice":
         png = figures.probability_plot(
             table.column("slice"), table.column(key), [t["slice"] for t in top], target=table.primary
@@ -174,15 +209,22 @@ def _probability_section(result, top: list[dict[str, Any]]) -> str:
         alt = f"probability of {table.primary} per slice"
     else:
         rois = sorted({int(r["roi"]) for r in table.rows})
-        views = [v for v in dict.fromkeys(r["view"] for r in table.rows) if v != "mean"]
+        views = [] if cube else [v for v in dict.fromkeys(r["view"] for r in table.rows) if v != "mean"]
         value = {(int(r["roi"]), r["view"]): r[key] for r in table.rows}
         png = figures.roi_probability_plot(
             [f"ROI {r}" for r in rois],
             {v: np.array([value.get((r, v), np.nan) for r in rois]) for v in views},
             np.array([value[(r, "mean")] for r in rois]),
             target=table.primary,
+            **({"bar_label": "whole cube"} if cube else {}),
         )
         alt = f"probability of {table.primary} per ROI"
+    if table.mode == "slice":
+        legend = f"Top {len(top)} circled in red."
+    elif cube:
+        legend = "Bars: one input per ROI (the whole cube)."
+    else:
+        legend = "Bars: views averaged (logits averaged, then the probability); markers: each view."
     summary = table.summary()
     where = (
         f"slice {summary.get('max_malignancy_slice')}"
@@ -191,29 +233,30 @@ def _probability_section(result, top: list[dict[str, Any]]) -> str:
     )
     head = (
         f'<p>Highest P({_e(table.primary)}) = <span class="hot">'
-        f"{_e(_fmt(summary.get('max_malignancy_prob', float('nan')), 3))}</span> at {_e(where)}. "
-        + (
-            f"Top {len(top)} circled in red.</p>"
-            if table.mode == "slice"
-            else "Bars: views averaged (logits averaged, then the probability); markers: each view.</p>"
-        )
+        f"{_e(_fmt(summary.get('max_malignancy_prob', float('nan')), 3))}</span> at {_e(where)}. {legend}</p>"
     )
     return head + _img(png, alt)
+
+
+def _grid_note(overlay: bool, shown: str, orientation: str) -> str:
+    return (
+        '<p class="note">Rows: methods; columns: the CT (window '
+        f"[{figures.CT_WINDOW[0]:g}, {figures.CT_WINDOW[1]:g}] HU) then each target. Maps are the raw signed "
+        f"values on a diverging scale centred at 0 ({_e(figures.MAP_CMAP)}: red = evidence for the target's "
+        f"output, blue = against), limits ±max|map| of that {shown}, method and target"
+        + ("; drawn over the CT with opacity growing with |value|" if overlay else "")
+        + f". {orientation}</p>"
+    )
 
 
 def _grid_section(result, top: list[dict[str, Any]], overlay: bool) -> str:
     if not result.methods or not result.targets:
         return '<p class="note">No maps (no method or no target requested).</p>'
+    if result.predictions.mode == "volume" or _cube_mode(result):
+        return _plane_section(result, top, overlay)
     aspect = result.display_aspect()
     key = f"{result.predictions.primary}_prob"
-    parts = [
-        '<p class="note">Rows: methods; columns: the CT (window '
-        f"[{figures.CT_WINDOW[0]:g}, {figures.CT_WINDOW[1]:g}] HU) then each target. Maps are the raw signed "
-        f"values on a diverging scale centred at 0 ({_e(figures.MAP_CMAP)}: red = evidence for the target's "
-        "output, blue = against), limits ±max|map| of that slice, method and target"
-        + ("; drawn over the CT with opacity growing with |value|" if overlay else "")
-        + ". Radiological orientation: patient right on the image left.</p>"
-    ]
+    parts = [_grid_note(overlay, "slice", "Radiological orientation: patient right on the image left.")]
     for rank, entry in enumerate(top, start=1):
         k = entry["slice"]
         window = entry.get("window", (slice(None), slice(None)))
@@ -228,9 +271,82 @@ def _grid_section(result, top: list[dict[str, Any]], overlay: bool) -> str:
     return "".join(parts)
 
 
+def _map_order(result) -> list[tuple[str, str]]:
+    """Every (method, target), the first method's primary-target map first (volume mode centres its
+    planes on that map's maximum)."""
+    primary = result.predictions.primary
+    first = (result.methods[0], primary if primary in result.targets else result.targets[0])
+    return [first] + [(m, t) for m in result.methods for t in result.targets if (m, t) != first]
+
+
+def _plane_section(result, top: list[dict[str, Any]], overlay: bool) -> str:
+    """A volumetric model's maps: three orthogonal planes per entry, each a grid figure. Cube mode: through
+    each top ROI's centre, windowed to twice the ROI; volume mode: through the voxel where the first
+    method's primary-target map is largest, the whole field of view. Each map is put on the source grid
+    once and every plane of every entry cut from it."""
+    from ..orientation import reoriented_view
+    from ..transforms import source_to_canonical_index
+
+    volume, ornt = result.volume, result.inputs.ornt
+    centres = [entry.get("centre") for entry in top]
+    planes = [{p: {m: dict.fromkeys(result.targets) for m in result.methods} for p in figures.PLANES} for _ in top]
+    peak = None
+    for method, target in _map_order(result):
+        source = result.map_array(method, target)
+        if peak is None and None in centres:
+            # source.T is the C-ordered buffer map_array returns: argmax without a copy
+            voxel = np.unravel_index(np.argmax(source.T), source.T.shape)[::-1]
+            canon = source_to_canonical_index(np.array(voxel, dtype=np.float64), ornt, volume.shape)
+            peak = (method, target, tuple(int(v) for v in voxel))
+            centres = [tuple(int(c) for c in np.rint(canon)) if c is None else c for c in centres]
+        canonical = reoriented_view(source, ornt)
+        for entry, centre, cut in zip(top, centres, planes, strict=True):
+            for plane in figures.PLANES:
+                cut[plane][method][target] = figures.display_plane(canonical, plane, centre, entry.get("half"))
+        del source, canonical
+    ct = reoriented_view(volume.array, ornt)
+    spacing = _canonical_spacing(result)
+    key = f"{result.predictions.primary}_prob"
+    parts = [
+        _grid_note(
+            overlay,
+            "plane",
+            "Radiological orientation: patient right on the image left; coronal and sagittal planes with "
+            "superior at the top, sagittal with anterior on the left.",
+        )
+    ]
+    for rank, (entry, centre, cut) in enumerate(zip(top, centres, planes, strict=True), start=1):
+        prob = entry["row"].get(key)
+        score = f" &middot; P({_e(result.predictions.primary)}) = {prob:.3f}" if prob is not None else ""
+        if peak is None:
+            parts.append(f"<h3>#{rank} &mdash; {_e(entry['label'])}{score}</h3>")
+        else:
+            method, target, voxel = peak
+            parts.append(
+                f'<h3>Whole volume{score}</h3><p class="note">Planes through source voxel '
+                f"{_e(voxel)}, where the {_e(method)} map of {_e(target)} is largest; the whole field of view.</p>"
+            )
+        for plane in figures.PLANES:
+            if peak is None:
+                label = f"{entry['label']}, {plane} plane through its centre, a {entry['window_mm']:g} mm window"
+            else:
+                label = f"whole volume, {plane} plane through voxel {peak[2]}"
+            png = figures.slice_grid(
+                figures.display_plane(ct, plane, centre, entry.get("half")),
+                cut[plane],
+                aspect=figures.plane_aspect(spacing, plane),
+                overlay=overlay,
+            )
+            parts.append(f'<h4 class="plane">{_e(label)}</h4>')
+            parts.append(_img(png, f"maps for {label}"))
+    return "".join(parts)
+
+
 def _value_columns(result) -> list[str]:
     table = result.predictions
     meta = {"slice", "source_index", "z_mm", "roi", "label", "view", "center_x_mm", "center_y_mm", "center_z_mm"}
+    if table.mode == "volume":
+        meta.add("volume")
     return [c for c in table.columns if c not in meta]
 
 
@@ -248,7 +364,7 @@ def _value_header(columns: Sequence[str], scales: dict[str, tuple[float, float]]
 def _biomarker_section(result, top: list[dict[str, Any]], scales) -> str:
     table = result.predictions
     values = _value_columns(result)
-    meta = ["slice", "source_index", "z_mm"] if table.mode == "slice" else ["roi", "label", "view"]
+    meta = {"slice": ["slice", "source_index", "z_mm"], "volume": ["volume"]}.get(table.mode, ["roi", "label", "view"])
     rows = [[e["row"].get(c, "") for c in meta + values] for e in top]
     note = (
         '<p class="note">Regression targets on their LIDC scales (range in brackets: subtlety 5 = obvious, '
@@ -359,6 +475,13 @@ def render_report(result, *, top: int = 3, overlay: bool = True, task_spec=None,
     total = sum(v for _, v in timings)
     timing_rows = [[k, f"{v:.3f}", f"{100 * v / total:.0f} %" if total > 0 else ""] for k, v in timings]
     generated = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    mode = result.predictions.mode
+    per = {"slice": " per slice", "roi": " per ROI"}.get(mode, "")
+    maps_heading = (
+        "Whole volume: maps"
+        if mode == "volume"
+        else f"Top {len(entries)} {'slices' if mode == 'slice' else 'ROIs'}: maps"
+    )
 
     body = [
         f"<h1>{_e(title)}</h1>",
@@ -368,10 +491,9 @@ def render_report(result, *, top: int = 3, overlay: bool = True, task_spec=None,
         f'<div class="card"><h4>Input</h4>{input_card}</div>',
         f'<div class="card"><h4>Run</h4>{run_card}</div>',
         "</div>",
-        f"<h2>{_e('Probability of ' + result.predictions.primary)}"
-        f"{' per slice' if result.predictions.mode == 'slice' else ' per ROI'}</h2>",
+        f"<h2>{_e('Probability of ' + result.predictions.primary)}{per}</h2>",
         _probability_section(result, entries),
-        f"<h2>Top {len(entries)} {'slices' if result.predictions.mode == 'slice' else 'ROIs'}: maps</h2>",
+        f"<h2>{maps_heading}</h2>",
         _grid_section(result, entries, overlay),
         "<h2>Predicted values</h2>",
         _biomarker_section(result, entries, scales),

@@ -164,9 +164,14 @@ def load_slices(
 def roi_view_images(config, views: Sequence[str], cubes: Sequence[np.ndarray], view_of: Sequence[int]) -> torch.Tensor:
     """Model inputs [B, C, H, W] from HU cubes [n, n, n] on canonical axes, item b = view ``views[view_of[b]]``
     of ``cubes[b]``: what :meth:`RoiInputs.images <medvit_explain.transforms.RoiInputs.images>` does after
-    sampling its cube (the view plane(s) by the channel recipe, window, resize, normalisation)."""
+    sampling its cube (the view plane(s) by the channel recipe, window, resize, normalisation). A volumetric
+    model's one view ``"3d"``: the whole cube, [B, C, D, H, W], as :class:`~medvit_explain.volumetric_inputs.
+    CubeInputs` gives it."""
     from ..transforms import _view_plane, channel_images
+    from ..volumetric_inputs import CUBE_VIEW, model_order
 
+    if tuple(views) == (CUBE_VIEW,):
+        return channel_images(config, torch.from_numpy(np.stack([np.ascontiguousarray(model_order(c)) for c in cubes])))
     recipe = config.channels
     offsets = recipe.offsets if recipe.recipe == "adjacent_slices" else (0,)  # cube planes per input
     planes = [np.ascontiguousarray(_view_plane(c, views[v], o)) for c, v in zip(cubes, view_of) for o in offsets]
@@ -193,7 +198,7 @@ class RoiSet:
     cubes: np.ndarray
     nodule_targets: torch.Tensor
     study: np.ndarray
-    grid: tuple[int, int]
+    grid: tuple[int, ...]
     token_cubes: np.ndarray | None = None
     _images: torch.Tensor | None = field(default=None, repr=False)
 
@@ -243,13 +248,18 @@ class RoiSet:
         return roi_view_images(self.config, self.views, crops, items % len(self.views))
 
     def item_token_targets(self, items: Sequence[int] | np.ndarray, shifts: np.ndarray | None = None):
-        """[B, 2, gh, gw] share of each patch inside a nodule / a malignant nodule (None without token cubes)."""
+        """[B, 2, gh, gw] ([B, 2, gd, gh, gw] for a volumetric model) share of each patch inside a nodule / a
+        malignant nodule (None without token cubes)."""
         if self.token_cubes is None:
             return None
         from ..transforms import _view_plane
+        from ..volumetric_inputs import CUBE_VIEW
 
         items = np.asarray(items, np.int64)
         crops = self._crops(self.token_cubes, items, shifts)
+        if self.views == (CUBE_VIEW,):
+            cubes = np.stack([c.transpose(0, 3, 2, 1) for c in crops])  # [2, x, y, z] -> the model's [2, D, H, W]
+            return F.adaptive_avg_pool3d(torch.from_numpy(cubes.astype(np.float32) / 255.0), self.grid)
         views = [self.views[v] for v in (items % len(self.views)).tolist()]
         planes = np.stack([np.stack([_view_plane(c, view) for c in crop]) for crop, view in zip(crops, views)])
         return F.adaptive_avg_pool2d(torch.from_numpy(planes.astype(np.float32) / 255.0), self.grid)
@@ -262,11 +272,12 @@ class RoiSet:
         shifts = torch.randint(-self.margin, self.margin + 1, (len(items), 3)).numpy() if self.margin else None
         x, tok = self.item_images(items, shifts), self.item_token_targets(items, shifts)
         pairs = [x] if tok is None else [x, tok]
-        if bool(recipe.get("augment_rot90", True)) and x.shape[-1] == x.shape[-2] and self.grid[0] == self.grid[1]:
+        square = x.shape[-1] == x.shape[-2] and self.grid[-1] == self.grid[-2]  # turned in the (H, W) plane
+        if bool(recipe.get("augment_rot90", True)) and square:
             turns = torch.randint(0, 4, (len(x),))
             pairs = [_rotate(t, turns) for t in pairs]
         if bool(recipe.get("augment_flip", True)):
-            mirror = (torch.rand(len(x)) < 0.5)[:, None, None, None]
+            mirror = (torch.rand(len(x)) < 0.5).reshape(-1, *([1] * (x.ndim - 1)))
             pairs = [torch.where(mirror, t.flip(-1), t) for t in pairs]
         x, tok = pairs[0], (pairs[1] if tok is not None else None)
         y = self.nodule_targets[torch.as_tensor(items // len(self.views))]
@@ -274,7 +285,7 @@ class RoiSet:
 
 
 def _rotate(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] with image b rotated by ``turns[b]`` quarter turns (H = W)."""
+    """[B, C, H, W] (or [B, C, D, H, W]) with image b rotated by ``turns[b]`` quarter turns in (H, W) (H = W)."""
     out = images.clone()
     for k in (1, 2, 3):
         chosen = turns == k
@@ -336,9 +347,11 @@ def load_rois(
         raise MedvitInputError(
             f"no labelled nodule in {what} ({len(studies)} studies): ROI mode needs the labels' nodules"
         )
+    from ..volumetric_inputs import CUBE_VIEW
+
     return RoiSet(
         config=config,
-        views=tuple(config.roi.views),
+        views=(CUBE_VIEW,) if len(config.image_size) == 3 else tuple(config.roi.views),
         n=n,
         margin=margin,
         cubes=np.stack(cubes),
@@ -368,7 +381,7 @@ class TokenLabelHead(torch.nn.Module):
         self.linear = torch.nn.Linear(model.backbone.embed_dim, 2)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, P+N, D] final-norm tokens → [B, 2, gh, gw] logits."""
+        """[B, P+N, D] final-norm tokens → [B, 2, gh, gw] (3D: [B, 2, gd, gh, gw]) logits."""
         logits = self.linear(tokens[:, self.prefix :])
         return logits.transpose(1, 2).reshape(len(tokens), 2, *self.grid)
 

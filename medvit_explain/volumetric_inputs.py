@@ -1,0 +1,188 @@
+"""Model inputs for volumetric ViTs (``image_size`` (D, H, W)) and their exact inverses onto the source grid.
+
+Two modes, behind the same :class:`~medvit_explain.transforms.ModelInputs` interface as the 2D ones:
+
+* **roi** (:class:`CubeInputs`): each nodule's cube (``roi.size_mm`` at ``roi.spacing_mm`` around its
+  centre, trilinear, on the LPS-reoriented axes -- exactly the cube the 2D ROI mode cuts its views from)
+  is one input ``[C, D, H, W]``, HU-windowed and resized (trilinear) to the model's box. One item per
+  ROI; the table keeps the 2D ROI layout with the one view ``"3d"`` (and its ``mean`` row).
+* **volume** (:class:`VolumeInputs`): the whole CT, reoriented, optionally cropped to the body in the
+  axial plane, HU-windowed and resized (trilinear, aspect not kept) to the model's box. One item.
+
+Axis order of a model input, for both: ``D`` runs inferior → superior (canonical k), ``H`` anterior →
+posterior (canonical j), ``W`` patient right → left (canonical i): each ``[d]`` plane is an axial image
+shown the radiological way, as in slice mode.
+
+The inverse of a map ``[gd, gh, gw]``: trilinear to the model's box, then trilinear to the cube / the
+cropped volume (both ``align_corners=False``, the inverse of the resize), then the cube is sampled at
+every source voxel inside it (its physical position → a continuous cube index; oblique and anisotropic
+grids included) and the cropped volume is written through the reorientation view. Zero elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .orientation import orientation_of, reoriented_view
+from .transforms import (
+    ModelInputs,
+    Preprocessing,
+    RoiInputs,
+    body_box,
+    canonical_to_source_index,
+    channel_images,
+    new_source_buffer,
+    resize_planes,
+    resize_volumes,
+)
+from .volume import Volume
+
+CUBE_VIEW = "3d"  # the one "view" of a volumetric ROI input, in the predictions table
+
+
+def model_order(canonical: np.ndarray) -> np.ndarray:
+    """A canonical ``[x, y, z]`` block → the model's ``[D, H, W]`` = ``[z, y, x]`` order (a view)."""
+    return canonical.transpose(2, 1, 0)
+
+
+@dataclass
+class CubeInputs(RoiInputs):
+    """ROI mode for a volumetric model: input ``r`` is ROI ``r``'s whole cube ``[C, D, H, W]``."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.views = [CUBE_VIEW]
+
+    def images(self, items: Sequence[int] | np.ndarray | None = None) -> torch.Tensor:
+        """Model inputs [len(items), C, D, H, W] (float32; all ROIs by default)."""
+        items = np.arange(self.n_inputs) if items is None else np.asarray(items, dtype=np.int64)
+        if len(items) == 0:
+            return torch.zeros((0, self.in_chans, *self.image_size))
+        hu = np.stack([np.ascontiguousarray(model_order(self.cube(int(r)))) for r in items])  # [B, n, n, n]
+        return channel_images(self.config, torch.from_numpy(hu))
+
+    def cube_maps(self, maps: torch.Tensor) -> np.ndarray:
+        """[R, gd, gh, gw] maps (one target) → [R, n, n, n] cube maps on canonical axes."""
+        maps = resize_volumes(resize_volumes(maps.detach().float(), self.image_size), (self.n,) * 3)
+        return np.ascontiguousarray(maps.cpu().numpy().transpose(0, 3, 2, 1))
+
+    def voxel_to_source(self, roi: int, d: float, row: float, col: float) -> np.ndarray:
+        """The continuous source voxel index of model voxel (d, row, col) of ROI ``roi``'s input."""
+        cube = [(v + 0.5) * self.n / s - 0.5 for v, s in zip((col, row, d), self.image_size[::-1])]
+        canon = self._center_canonical(roi) + (np.asarray(cube) - (self.n - 1) / 2.0) * self._step
+        return canonical_to_source_index(canon, self.ornt, self.volume.shape)
+
+
+@dataclass
+class VolumeInputs(ModelInputs):
+    """Volume mode: the whole CT as one input [C, D, H, W], and the inverse of that resample."""
+
+    mode = "volume"
+    item_columns = ("volume",)
+
+    volume: Volume
+    preprocessing: Any
+    ornt: np.ndarray = field(init=False)
+    box: tuple[int, int, int, int] = field(init=False)  # x0, x1, y0, y1 in canonical axes
+
+    def __post_init__(self) -> None:
+        self.config = Preprocessing.from_config(self.preprocessing)
+        self.ornt = orientation_of(self.volume)
+        self.image_size, self.in_chans = self.config.image_size, self.config.in_chans
+        canon = self.canonical
+        self.box = (0, canon.shape[0], 0, canon.shape[1])
+        if self.config.crop_body:
+            _, h, w = self.image_size
+            self.box = body_box(canon, self.config.body_threshold_hu, aspect=h / w)
+
+    @property
+    def canonical(self) -> np.ndarray:
+        return reoriented_view(self.volume.array, self.ornt)
+
+    @property
+    def crop_shape(self) -> tuple[int, int, int]:
+        """(slices, rows, cols) of the cropped canonical volume before resizing."""
+        x0, x1, y0, y1 = self.box
+        return self.canonical.shape[2], y1 - y0, x1 - x0
+
+    @property
+    def n_items(self) -> int:
+        return 1
+
+    def images(self, items: Sequence[int] | np.ndarray | None = None) -> torch.Tensor:
+        """The model input [1, C, D, H, W] (float32) for item 0."""
+        items = [0] if items is None else list(np.asarray(items, dtype=np.int64))
+        if any(i != 0 for i in items):
+            raise IndexError(f"volume mode has one item (0), got {items}")
+        if not items:
+            return torch.zeros((0, self.in_chans, *self.image_size))
+        x0, x1, y0, y1 = self.box
+        block = np.ascontiguousarray(model_order(self.canonical[x0:x1, y0:y1]), dtype=np.float32)
+        return channel_images(self.config, torch.from_numpy(block)[None]).expand(len(items), -1, -1, -1, -1)
+
+    def item_rows(self, items: Sequence[int] | np.ndarray) -> list[dict]:
+        return [{"volume": int(i)} for i in np.asarray(items, dtype=np.int64)]
+
+    def _model_box_map(self, maps: torch.Tensor) -> torch.Tensor:
+        if maps.shape[0] != 1:
+            raise ValueError(f"expected the one volume's map [1, gd, gh, gw], got {tuple(maps.shape)}")
+        return resize_volumes(maps.detach().float(), self.image_size)[0]  # [D, H, W]
+
+    def _crop_slices(self, box_map: torch.Tensor, slices: np.ndarray) -> np.ndarray:
+        """Canonical slices ``slices`` of the cropped volume's map, [len, rows, cols]: the trilinear resize
+        (``align_corners=False``) from the model box, done as bilinear in-plane then linear along D (the
+        same arithmetic, separable) so only the slices asked for are interpolated."""
+        n_slices, rows, cols = self.crop_shape
+        depth = box_map.shape[0]
+        scale = depth / n_slices
+        src = np.maximum((np.asarray(slices, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+        lo = np.minimum(np.floor(src).astype(np.int64), depth - 1)
+        hi = np.minimum(lo + 1, depth - 1)
+        w = torch.from_numpy((src - lo).astype(np.float32))[:, None, None]
+        needed = np.unique(np.concatenate([lo, hi]))
+        planes = resize_planes(box_map[torch.from_numpy(needed)], (rows, cols))  # [len(needed), rows, cols]
+        at = {int(k): i for i, k in enumerate(needed)}
+        a = planes[[at[int(k)] for k in lo]]
+        b = planes[[at[int(k)] for k in hi]]
+        return ((1 - w) * a + w * b).cpu().numpy()
+
+    def canonical_slices(self, maps: torch.Tensor, slices: Sequence[int]) -> np.ndarray:
+        """Canonical slices ``slices`` ([X, Y, len(slices)] float32, zeros outside the crop) of the map."""
+        x0, x1, y0, y1 = self.box
+        nx, ny, _ = self.canonical.shape
+        out = np.zeros((nx, ny, len(slices)), np.float32)
+        if len(slices):
+            out[x0:x1, y0:y1] = self._crop_slices(self._model_box_map(maps), np.asarray(slices)).transpose(2, 1, 0)
+        return out
+
+    def project(self, maps: torch.Tensor) -> np.ndarray:
+        """The map [1, gd, gh, gw] on the source grid: [X, Y, Z] float32 (a view of a [Z, Y, X] buffer)."""
+        from .transforms import PROJECT_CHUNK
+
+        box_map = self._model_box_map(maps)
+        out = new_source_buffer(self.volume.shape)
+        canon = reoriented_view(out, self.ornt)
+        x0, x1, y0, y1 = self.box
+        n_slices = self.crop_shape[0]
+        for k in range(0, n_slices, PROJECT_CHUNK):
+            ks = np.arange(k, min(k + PROJECT_CHUNK, n_slices))
+            canon[x0:x1, y0:y1, k : k + len(ks)] = self._crop_slices(box_map, ks).transpose(2, 1, 0)
+        return out
+
+    def project_planes(self, maps: torch.Tensor, z0: int, z1: int) -> np.ndarray:
+        """Source voxel planes ``z0:z1`` (third voxel axis) of the projected map: [X, Y, n]."""
+        return np.ascontiguousarray(self.project(maps)[:, :, z0:z1])
+
+    def voxel_to_source(self, d: float, row: float, col: float) -> np.ndarray:
+        """The continuous source voxel index of model voxel (d, row, col)."""
+        n_slices, rows, cols = self.crop_shape
+        depth, h, w = self.image_size
+        z = (d + 0.5) * n_slices / depth - 0.5
+        y = (row + 0.5) * rows / h - 0.5 + self.box[2]
+        x = (col + 0.5) * cols / w - 0.5 + self.box[0]
+        return canonical_to_source_index(np.array([x, y, z]), self.ornt, self.volume.shape)
