@@ -48,9 +48,12 @@ def roi_masks(mask: np.ndarray, inputs: RoiInputs, items: Sequence[int] | np.nda
     The same cube samples and planes as :meth:`RoiInputs.images` (item ``r * V + v`` is view ``v`` of ROI
     ``r``), sampled nearest-neighbour (labels are not averaged) with 0 outside the volume, then resized to
     the model's image size with pixel centres (``nearest-exact``): mask pixel (r, c) is the label of the
-    source voxel nearest to where model pixel (r, c) was drawn from.
+    source voxel nearest to where model pixel (r, c) was drawn from. A volumetric model's inputs
+    (:class:`~medvit_explain.volumetric_inputs.CubeInputs`): the whole cube of each ROI, ``[B, D, H, W]``.
     """
     from scipy.ndimage import map_coordinates
+
+    from ..volumetric_inputs import CUBE_VIEW, model_order
 
     mask = np.asarray(mask)
     if mask.shape != tuple(inputs.volume.shape):
@@ -62,7 +65,8 @@ def roi_masks(mask: np.ndarray, inputs: RoiInputs, items: Sequence[int] | np.nda
         r, v = divmod(int(item), len(inputs.views))
         if r not in cubes:
             cubes[r] = map_coordinates(mask, inputs._cube_coords(r), order=0, mode="constant", cval=0)
-        planes.append(np.ascontiguousarray(_view_plane(cubes[r], inputs.views[v])))
+        view = inputs.views[v]
+        planes.append(np.ascontiguousarray(model_order(cubes[r]) if view == CUBE_VIEW else _view_plane(cubes[r], view)))
     if not planes:
         return np.zeros((0, *inputs.image_size), mask.dtype)
     block = np.stack(planes)

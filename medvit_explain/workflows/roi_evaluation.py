@@ -149,7 +149,7 @@ def evaluate_roi_explanations(
         for i in range(0, len(measured) if any(n in TARGET_FEATURE for n in names) else 0, batch_size):
             batch = measured[i : i + batch_size]
             x = views.images[batch].to(device)
-            maps = upsample(explain(model, x, method, targets=target_idx).float(), x.shape[-2:]).cpu()
+            maps = upsample(explain(model, x, method, targets=target_idx).float(), x.shape[2:]).cpu()
             shares.append(item_shares(maps, views.features[batch], names, primary))
         if shares:
             localization[method] = summarise_shares(shares, primary)

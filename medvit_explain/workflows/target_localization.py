@@ -71,8 +71,8 @@ def evidence_shares(maps: torch.Tensor | np.ndarray, features: np.ndarray, label
     the nodule) and the area share of ``label`` among the nodule's pixels (NaN where absent).
 
     Args:
-        maps: [N, H, W] maps at input resolution.
-        features: [N, H, W] feature labels (0 outside the nodules).
+        maps: [N, H, W] maps at input resolution ([N, D, H, W] for a volumetric model's cubes).
+        features: [N, H, W] (or [N, D, H, W]) feature labels (0 outside the nodules).
         label: the feature label L.
     """
     maps = np.asarray(maps.detach().cpu() if torch.is_tensor(maps) else maps, dtype=np.float64)
@@ -80,12 +80,13 @@ def evidence_shares(maps: torch.Tensor | np.ndarray, features: np.ndarray, label
     positive = np.maximum(maps, 0.0)
     on_nodule = features > 0
     on_label = features == label
-    total = (positive * on_nodule).sum(axis=(1, 2))
-    own = (positive * on_label).sum(axis=(1, 2))
-    present = on_label.any(axis=(1, 2))
+    axes = tuple(range(1, maps.ndim))
+    total = (positive * on_nodule).sum(axis=axes)
+    own = (positive * on_label).sum(axis=axes)
+    present = on_label.any(axis=axes)
     with np.errstate(invalid="ignore", divide="ignore"):
         share = np.where(present & (total > 0), own / total, np.nan)
-        area = np.where(present, on_label.sum(axis=(1, 2)) / np.maximum(on_nodule.sum(axis=(1, 2)), 1), np.nan)
+        area = np.where(present, on_label.sum(axis=axes) / np.maximum(on_nodule.sum(axis=axes), 1), np.nan)
     return share, area
 
 
