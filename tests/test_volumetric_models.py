@@ -97,6 +97,29 @@ def test_all_targets_in_one_call_equal_one_target_at_a_time(wrapped):
             torch.testing.assert_close(together[:, t], mx.explain(model, x, method, targets=[t])[:, 0])
 
 
+def test_a_timm_vit_with_the_3d_patch_embedding_wraps():
+    from timm.models.vision_transformer import VisionTransformer
+
+    from medvit_explain.model.patch_embed import PatchEmbed3d
+
+    torch.manual_seed(1)
+    vit = VisionTransformer(
+        img_size=(16, 32, 16),
+        patch_size=8,
+        in_chans=1,
+        num_classes=3,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        embed_layer=PatchEmbed3d,
+    ).eval()
+    model = wrap_model(vit, NAMES)
+    assert model.config["architecture"]["patch_embed"] == "conv3d" and model.grid_size == (2, 4, 2)
+    x = volumes(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), vit(x))
+
+
 def test_a_cubic_monai_vit_needs_no_size():
     model = wrap_model(monai_vit(img_size=16, patch=4), NAMES)
     assert model.grid_size == (4, 4, 4)
@@ -154,3 +177,16 @@ def test_a_volumetric_model_refuses_2d_images():
         mx.explain(model, torch.zeros(1, 1, 16, 16), "cdam")
     with pytest.raises(UnsupportedImageError, match=r"expected images of size \(16, 16, 16\), got \(16, 16, 8\)"):
         mx.explain(model, torch.zeros(1, 1, 16, 16, 8), "cdam")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["cdam", "agcam", "rollout", "gradcam"])
+def test_volumetric_maps_on_cuda_equal_the_cpu_ones(wrapped, method):
+    _, model = wrapped
+    x = volumes(model, batch=4)
+    on_cpu = mx.explain(model, x, method)
+    gpu_model = build_model(model.config)
+    gpu_model.load_state_dict(model.state_dict())
+    on_gpu = mx.explain(gpu_model.cuda().eval(), x.cuda(), method).cpu()
+    assert_maps_close(on_gpu, on_cpu, tol=1e-3)  # TF32 convolutions and matmuls on the GPU

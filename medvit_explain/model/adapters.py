@@ -38,7 +38,7 @@ from medvit_explain.errors import CheckpointError, ModelNotSupportedError
 from medvit_explain.model.checkpoint import state_mismatch
 from medvit_explain.model.keymaps import monai_vit_keys, pair, torchvision_vit_keys
 from medvit_explain.model.network import MedViT, build_backbone
-from medvit_explain.model.patch_embed import triple
+from medvit_explain.model.patch_embed import PatchEmbed3d, triple
 from medvit_explain.model.task import TaskSpec, load_task_spec
 
 __all__ = ["monai_vit_keys", "wrap_model"]
@@ -288,9 +288,12 @@ def _describe_timm(vit: VisionTransformer) -> _Description:
     eps = _layer_norm_eps(norms, "timm VisionTransformer") if norms else TIMM_EPS
     timm_name = _timm_name(vit)
     state = {k: v for k, v in vit.state_dict().items()}
+    arch = _architecture(timm_name, kwargs, eps)
+    if isinstance(pe, PatchEmbed3d):  # a timm ViT given our volumetric patch embedding
+        arch["patch_embed"] = "conv3d"
     return _Description(
         "timm",
-        _architecture(timm_name, kwargs, eps),
+        arch,
         state,
         int(vit.head.out_features),
         vit.head,
