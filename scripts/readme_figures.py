@@ -1,6 +1,7 @@
-"""The README pictures: the API figure (CT slice + CDAM / AG-CAM maps) and a screenshot of the report.
+"""The README pictures: the API figure (CT slice + CDAM / AG-CAM maps), a screenshot of the report, and the
+volumetric figure (sample-roi3d: three orthogonal planes through a spiculated nodule).
 
-.venv/bin/python scripts/readme_figures.py [--input sample_data/phantom_000.nii.gz]
+.venv/bin/python scripts/readme_figures.py [--input sample_data/phantom_000.nii.gz] [--only roi3d]
 """
 
 from __future__ import annotations
@@ -67,14 +68,67 @@ def report_screenshot(input_path: Path, out: Path) -> None:
     print(f"wrote {out}")
 
 
+ROI3D_TARGETS = ["malignancy", "spiculation", "calcification"]
+
+
+def roi3d_figure(input_path: Path, out: Path) -> None:
+    """sample-roi3d on the nodule with the highest spiculation score: rows = axial, coronal, sagittal planes
+    through its centre (a window twice the ROI); columns = the CT, then CDAM for each target, then AG-CAM
+    for malignancy. The maps are the 8 × 8 × 8 token grid put back on the CT's own voxel grid."""
+    from medvit_explain.orientation import reoriented_view
+    from medvit_explain.report import figures
+    from medvit_explain.transforms import source_to_canonical_index
+
+    volume = mx.load_volume(input_path)
+    mask = mx.load_volume(str(input_path).replace(".nii.gz", "_nodules.nii.gz"))
+    model = mx.load_model("sample-roi3d", device="cpu")
+    result = mx.explain_volume(model, volume, methods=["cdam", "agcam"], targets=ROI3D_TARGETS, roi_mask=mask)
+    nodules = [r for r in result.predictions.rows if r["view"] == "mean"]
+    row = max(nodules, key=lambda r: r["spiculation"])
+    ornt = result.inputs.ornt
+    centre = np.array([row["center_x_mm"], row["center_y_mm"], row["center_z_mm"]])
+    canon = np.rint(source_to_canonical_index(volume.physical_to_index(centre), ornt, volume.shape)).astype(int)
+    spacing = volume.spacing[np.argsort(ornt[:, 0])]
+    half = [int(np.ceil(result.inputs.size_mm / s)) for s in spacing]
+    ct = reoriented_view(volume.array, ornt)
+    columns = [("CT", None, None)] + [("cdam", "cdam", t) for t in ROI3D_TARGETS] + [("agcam", "agcam", "malignancy")]
+    maps = {(m, t): reoriented_view(result.map_array(m, t), ornt) for _, m, t in columns if m}
+    fig, axes = plt.subplots(3, len(columns), figsize=(3.2 * len(columns), 9.6), constrained_layout=True)
+    for r, plane in enumerate(figures.PLANES):
+        aspect = figures.plane_aspect(spacing, plane)
+        base = figures.display_plane(ct, plane, canon, half)
+        for c, (title, method, target) in enumerate(columns):
+            ax = axes[r, c]
+            ax.imshow(base, cmap="gray", vmin=-1000, vmax=400, aspect=aspect)
+            if method:
+                m = figures.display_plane(maps[(method, target)], plane, canon, half)
+                lim = float(np.abs(maps[(method, target)]).max()) or 1.0
+                ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.6, aspect=aspect)
+                title = f"{method.upper()} · {target}"
+            ax.set_title(f"{plane}: {title}" if c == 0 else title, fontsize=9)
+            ax.set_axis_off()
+    fig.suptitle(
+        f"sample-roi3d, ROI {row['roi']}: p(malignant) = {row['malignancy_prob']:.2f}, "
+        f"spiculation {row['spiculation']:.1f}, calcification {row['calcification']:.1f}",
+        fontsize=10,
+    )
+    fig.savefig(out, dpi=80)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--input", default=str(ROOT / "sample_data" / "phantom_001.nii.gz"))
+    parser.add_argument("--only", choices=["api", "report", "roi3d"], default=None)
     args = parser.parse_args()
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
-    api_figure(Path(args.input), docs / "explain_api.png")
-    report_screenshot(Path(args.input), docs / "report.png")
+    if args.only in (None, "api"):
+        api_figure(Path(args.input), docs / "explain_api.png")
+    if args.only in (None, "report"):
+        report_screenshot(Path(args.input), docs / "report.png")
+    if args.only in (None, "roi3d"):
+        roi3d_figure(Path(args.input), docs / "roi3d.png")
 
 
 if __name__ == "__main__":

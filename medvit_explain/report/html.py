@@ -302,7 +302,8 @@ def _plane_section(result, top: list[dict[str, Any]], overlay: bool) -> str:
         canonical = reoriented_view(source, ornt)
         for entry, centre, cut in zip(top, centres, planes, strict=True):
             for plane in figures.PLANES:
-                cut[plane][method][target] = figures.display_plane(canonical, plane, centre, entry.get("half"))
+                # a copy: a view would keep the whole source-grid map alive (18 maps of a clinical CT: GBs)
+                cut[plane][method][target] = figures.display_plane(canonical, plane, centre, entry.get("half")).copy()
         del source, canonical
     ct = reoriented_view(volume.array, ornt)
     spacing = _canonical_spacing(result)
