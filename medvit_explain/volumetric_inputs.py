@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .orientation import orientation_of, reoriented_view
 from .transforms import (
@@ -121,9 +122,31 @@ class VolumeInputs(ModelInputs):
             raise IndexError(f"volume mode has one item (0), got {items}")
         if not items:
             return torch.zeros((0, self.in_chans, *self.image_size))
+        return self._whole_input().expand(len(items), -1, -1, -1, -1)
+
+    def _whole_input(self) -> torch.Tensor:
+        """[1, C, D, H, W]: window → trilinear resize → channels → normalisation, as ``channel_images`` does,
+        with the resize done separably (bilinear in each axial plane, then linear along D: the same
+        arithmetic) over chunks of slices, so a 512 × 512 × 300 CT never exists in float32 more than a chunk
+        at a time."""
+        from .transforms import PROJECT_CHUNK, normalise_channels, pick_channels, window_channels
+
         x0, x1, y0, y1 = self.box
-        block = np.ascontiguousarray(model_order(self.canonical[x0:x1, y0:y1]), dtype=np.float32)
-        return channel_images(self.config, torch.from_numpy(block)[None]).expand(len(items), -1, -1, -1, -1)
+        canon = self.canonical
+        depth, h, w = self.image_size
+        planes = []
+        for k in range(0, canon.shape[2], PROJECT_CHUNK):
+            block = np.ascontiguousarray(model_order(canon[x0:x1, y0:y1, k : k + PROJECT_CHUNK]), dtype=np.float32)
+            windowed = window_channels(self.config, torch.from_numpy(block))  # [n, C0, rows, cols]
+            n, c0 = windowed.shape[:2]
+            planes.append(resize_planes(windowed.flatten(0, 1), (h, w)).unflatten(0, (n, c0)))
+        stack = torch.cat(planes).permute(1, 2, 3, 0)  # [C0, H, W, Z]
+        c0 = stack.shape[0]
+        along_z = F.interpolate(stack.reshape(1, c0 * h * w, -1), size=depth, mode="linear", align_corners=False)
+        volume = along_z.reshape(c0, h, w, depth).permute(0, 3, 1, 2)[None]  # [1, C0, D, H, W]
+        if self.config.channels.recipe != "hu_windows":
+            volume = pick_channels(self.config, volume[:, 0])
+        return normalise_channels(self.config, volume.contiguous())
 
     def item_rows(self, items: Sequence[int] | np.ndarray) -> list[dict]:
         return [{"volume": int(i)} for i in np.asarray(items, dtype=np.int64)]

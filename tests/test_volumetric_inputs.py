@@ -7,6 +7,8 @@ at a border, so the checks are exact, not "close to a blur"."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -157,3 +159,33 @@ def test_model_inputs_pick_the_volumetric_classes_and_refuse_mismatches():
     assert isinstance(model_inputs(whole, volume), VolumeInputs)
     with pytest.raises(Exception, match=r"explains whole volumes \(preprocessing mode volume\), not nodule ROIs"):
         model_inputs(whole, volume, roi_centers=centre)
+
+
+@pytest.mark.parametrize(
+    "channels", [{"recipe": "copies"}, {"recipe": "hu_windows", "windows": [[-1000, 400], [-160, 240]]}]
+)
+def test_volume_input_made_in_chunks_equals_the_whole_block_resized_at_once(channels):
+    """The whole-volume input is windowed and resized chunk by chunk (separable trilinear); it equals the
+    plain chain (``channel_images`` on the whole cropped block, MONAI's order: window → resize → channels →
+    normalise) to float rounding, over more slices than one chunk."""
+    from medvit_explain.io import load_volume
+    from medvit_explain.transforms import Preprocessing, channel_images
+    from medvit_explain.volumetric_inputs import model_order
+
+    volume = load_volume(Path(__file__).resolve().parents[1] / "sample_data" / "phantom_001.nii.gz")
+    assert volume.shape[2] > 32
+    pre = {
+        "mode": "volume",
+        "image_size": [16, 48, 40],
+        "in_chans": 2,
+        "hu_window": [-1000, 400],
+        "crop_body": True,
+        "channels": channels,
+        "mean": [0.1, 0.2],
+        "std": [0.5, 2.0],
+    }
+    inputs = VolumeInputs(volume, pre)
+    x0, x1, y0, y1 = inputs.box
+    block = np.ascontiguousarray(model_order(inputs.canonical[x0:x1, y0:y1]), dtype=np.float32)
+    want = channel_images(Preprocessing.from_config(pre), torch.from_numpy(block)[None])
+    torch.testing.assert_close(inputs.images(), want, rtol=0, atol=1e-6)

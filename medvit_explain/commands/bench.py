@@ -1,4 +1,5 @@
-"""``medvit-explain bench``: explanation cost beside a plain forward pass, and memory (workflows.bench)."""
+"""``medvit-explain bench``: explanation cost beside a plain forward pass, and memory (workflows.bench; a
+volumetric model: workflows.bench_volumetric)."""
 
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ def _volume(ctx, param, value):
 @click.option(
     "--slices",
     type=click.IntRange(min=1),
-    default=16,
-    show_default=True,
-    help="Slices in the timed batch (the same slices for every measurement).",
+    default=None,
+    help="Slices in the timed batch (the same slices for every measurement); a volumetric model: inputs "
+    "(nodule cubes or whole volumes) [default: 16; volumetric: 8].",
 )
 @device_option
 @click.option(
@@ -52,7 +53,7 @@ def _volume(ctx, param, value):
     type=click.IntRange(min=1),
     default=2,
     show_default=True,
-    help="Slices the per-slice, per-target loop runs on (its time is scaled to --slices).",
+    help="Slices (volumetric: inputs) the per-slice, per-target loop runs on (its time is scaled to --slices).",
 )
 @click.option(
     "--volume",
@@ -60,7 +61,8 @@ def _volume(ctx, param, value):
     default=None,
     callback=_volume,
     metavar="X Y Z",
-    help="Phantom volume for end to end and memory (memory also runs 4 x Z) [default: 192 192 32].",
+    help="Phantom volume for end to end and memory (memory also runs 4 x Z) [default: 192 192 32]; a volumetric "
+    "model: the phantom its timed inputs come from [default: 256 256 64].",
 )
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Slices per pass end to end."
@@ -70,9 +72,19 @@ def _volume(ctx, param, value):
     type=click.Choice(["fp32", "bf16", "fp16"]),
     default="fp32",
     show_default=True,
-    help="Autocast precision end to end.",
+    help="Autocast precision end to end (volumetric: in the whole-volume memory case).",
 )
-@click.option("--no-memory", is_flag=True, help="Skip the two memory subprocesses.")
+@click.option("--no-memory", is_flag=True, help="Skip the memory subprocesses.")
+@click.option(
+    "--volumetric-volume",
+    "volumetric_volume",
+    type=(int, int, int),
+    default=None,
+    callback=_volume,
+    metavar="X Y Z",
+    help="A volumetric model: the phantom CT (at 0.7 x 0.7 x 1.0 mm) of the whole-volume memory case "
+    "[default: 512 512 300].",
+)
 @click.option(
     "--e2e-size",
     "e2e_size",
@@ -99,6 +111,7 @@ def bench(
     batch_size,
     precision,
     no_memory,
+    volumetric_volume,
     e2e_size,
     e2e_only,
     map_dtype,
@@ -107,14 +120,21 @@ def bench(
     """Time every explainer against a plain forward pass, the papers' per-slice loop and pytorch-grad-cam;
     end to end slices per second; peak memory for N and 4 x N slices.
 
+    A volumetric (3D) model gets its own bench: cdam, agcam, attention, rollout and gradcam on a batch of
+    phantom cubes (or whole volumes) against a forward, the papers' loop, and peak memory of a forward vs
+    cdam + agcam for a batch of 8 crops of 64^3 voxels and for a whole 512 x 512 x 300 CT, each in a fresh
+    process.
+
     \b
     Example:
       medvit-explain bench                                        # the sample model, a few minutes on CPU
       medvit-explain bench --arch vit_small_patch16_224 --slices 8 --json
       medvit-explain bench --e2e-size 512 512 300 --e2e-only          # a clinical-size CT, ~2 minutes
+      medvit-explain bench --model sample-roi3d                   # a volumetric model, a few minutes on CPU
     """
     from ..report.bench import format_table
     from ..workflows.bench import DEFAULT_VOLUME, bench_model, run_bench, to_json
+    from ..workflows.bench_volumetric import is_volumetric
 
     if model_path and arch:
         raise click.BadParameter("expected --model or --arch, got both")
@@ -123,6 +143,17 @@ def bench(
     if image_size and not arch:
         raise click.BadParameter("--image-size needs --arch (a checkpoint has its own input size)")
     model = bench_model(model_path, arch, device, image_size)
+    if is_volumetric(model):
+        if e2e_size or e2e_only:
+            raise click.BadParameter(
+                "--e2e-size / --e2e-only are for 2D models (a volumetric model: see the memory cases)"
+            )
+        _bench_volumetric(
+            model, slices, repeats, methods, loop_slices, volume, no_memory, volumetric_volume, precision, as_json
+        )
+        return
+    if volumetric_volume:
+        raise click.BadParameter("--volumetric-volume needs a volumetric model (spatial_dims 3)")
     source = (
         {"arch": arch, "image_size": image_size, "seed": 0}
         if arch
@@ -136,7 +167,7 @@ def bench(
 
     result = run_bench(
         model,
-        slices=slices,
+        slices=slices or 16,
         repeats=repeats,
         methods=list(methods) or None,
         loop_slices=loop_slices,
@@ -151,3 +182,33 @@ def bench(
         map_dtype=map_dtype,
     )
     click.echo(to_json(result) if as_json else format_table(result))
+
+
+def _bench_volumetric(
+    model, items, repeats, methods, loop_items, phantom, no_memory, whole_volume, precision, as_json
+) -> None:
+    from ..report.bench import format_volumetric_table
+    from ..workflows.bench import to_json
+    from ..workflows.bench_volumetric import (
+        DEFAULT_ITEMS,
+        DEFAULT_PHANTOM,
+        DEFAULT_WHOLE_VOLUME,
+        run_bench_volumetric,
+    )
+
+    def say(msg: str) -> None:
+        click.echo(f"[bench] {msg}", err=True)
+
+    result = run_bench_volumetric(
+        model,
+        items=items or DEFAULT_ITEMS,
+        repeats=repeats,
+        methods=list(methods) or None,
+        loop_items=loop_items,
+        phantom_size=phantom or DEFAULT_PHANTOM,
+        memory=not no_memory,
+        whole_volume=whole_volume or DEFAULT_WHOLE_VOLUME,
+        precision=precision,
+        progress=say,
+    )
+    click.echo(to_json(result.to_dict()) if as_json else format_volumetric_table(result))

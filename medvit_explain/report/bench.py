@@ -1,16 +1,19 @@
 """The bench's table: a :class:`~medvit_explain.workflows.bench.BenchResult` as the lines ``medvit-explain
-bench`` prints (machine and workload first, then every measurement, then the targets)."""
+bench`` prints (machine and workload first, then every measurement, then the targets); a volumetric run
+(:class:`~medvit_explain.workflows.bench_volumetric.VolumetricBenchResult`) by :func:`format_volumetric_table`."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["format_table"]
+__all__ = ["format_table", "format_volumetric_table"]
 
 
 def format_table(result) -> str:
     """The human-readable report of a bench run (a ``BenchResult`` or its ``to_dict()``)."""
     result = result.to_dict() if hasattr(result, "to_dict") else result
+    if result.get("kind") == "volumetric":
+        return format_volumetric_table(result)
     lines = _header_lines(result)
     if "forward_s" in result:
         lines += _method_lines(result)
@@ -126,3 +129,91 @@ def _method_lines(result: dict[str, Any]) -> list[str]:
                     f"{100 * r['excess_fraction']:.1f} % of the smaller run's peak"
                 )
     return lines
+
+
+# ---------------------------------------------------------------------------------------- volumetric
+
+
+def _x(size) -> str:
+    return " x ".join(f"{s:g}" if isinstance(s, float) else str(s) for s in size)
+
+
+def format_volumetric_table(result) -> str:
+    """The human-readable report of a volumetric bench run (a ``VolumetricBenchResult`` or its ``to_dict()``)."""
+    result = result.to_dict() if hasattr(result, "to_dict") else result
+    w = result["workload"]
+    lines = _header_lines(result)  # machine, device, model (a workload without "slices" adds no line)
+    where = (
+        f"cubes around {w['rois']} phantom nodule centre(s), repeated"
+        if w["mode"] == "roi"
+        else "the whole phantom in the model box, repeated"
+    )
+    lines.append(
+        f"workload  {w['items']} {w['mode']} inputs {w['input_shape']} ({where}; a {_x(w['phantom'])} phantom at "
+        f"{_x(w['phantom_spacing_mm'])} mm) x {w['targets']} targets, median of up to {w['repeats']} warm runs, "
+        f"loop on {w['loop_items']} input(s) scaled"
+    )
+    lines += [
+        "",
+        f"{'measurement':34s} {'seconds':>10s} {'x forward':>10s} {'best':>7s} {'runs':>5s}"
+        "   (x forward: median of paired runs; best: fastest run / fastest forward)",
+        f"{'forward (plain batched inference)':34s} {result['forward_s']:10.4f} {1.0:10.2f} {1.0:7.2f} "
+        f"{result['forward_runs']:5d}",
+    ]
+    rows = [(name + " (all targets)", row) for name, row in result["methods"].items()]
+    if result.get("together"):
+        rows.append(("cdam + agcam (shared forward)", result["together"]))
+    for name, row in rows:
+        lines.append(
+            f"{name:34s} {row['seconds']:10.4f} {row['ratio_to_forward']:10.2f} "
+            f"{row['best_ratio_to_forward']:7.2f} {row['runs']:5d}"
+        )
+    for name, row in (result.get("loop") or {}).items():
+        lines.append(
+            f"{'loop ' + name + ' (1 input, 1 target)':34s} {row['seconds']:10.4f} "
+            f"{row['ratio_to_forward']:10.2f} {'':7s} {row['runs']:5d}   batched is {row['speedup']:.1f}x faster"
+        )
+    mem = result.get("memory")
+    if mem:
+        lines += _volumetric_memory_lines(mem)
+    else:
+        lines += ["", "memory    skipped (--no-memory)"]
+    return "\n".join(lines)
+
+
+def _volumetric_memory_lines(mem: dict[str, Any]) -> list[str]:
+    crop, whole = mem["crop_batch"], mem["whole_volume"]
+    scope = crop["runs"]["forward"]["peak_scope"]
+    lines = [
+        "",
+        f"memory    each run in a fresh process; peak RSS above the process after the model is built ({scope}); "
+        f"ViTs of dim {mem['embed_dim']}, depth {mem['depth']}, {mem['num_heads']} heads, {mem['targets']} targets, "
+        f"{mem['weights']} weights; cdam + agcam for all targets",
+        f"  {crop['label']}: {crop['items']} crops of {_x(crop['input_size'])} voxels, patch {crop['patch']} "
+        f"({_x(crop['grid'])} grid), input {_mib(crop['input_bytes'])}",
+    ]
+    for name, run in crop["runs"].items():
+        label = "forward (no grad)" if name == "forward" else "cdam + agcam (explain_many)"
+        lines.append(_memory_run_line(label, run))
+    lines.append(f"    cdam + agcam / forward peak: {crop['explain_over_forward']:.2f}x")
+    lines.append(
+        f"  {whole['label']}: a {_x(whole['size'])} CT at {_x(whole['spacing_mm'])} mm "
+        f"(CT {_mib(whole['input_bytes'])}) -> {_x(whole['box'])} box, patch {whole['patch']} "
+        f"({_x(whole['grid'])} grid), {whole['precision']}"
+    )
+    for name, run in whole["runs"].items():
+        label = "predict (forward)" if name == "forward" else "explain_volume + 1 map projected"
+        lines.append(_memory_run_line(label, run))
+    lines.append(f"    cdam + agcam / forward peak: {whole['explain_over_forward']:.2f}x")
+    return lines
+
+
+def _memory_run_line(name: str, run: dict[str, Any]) -> str:
+    cuda = run.get("cuda_max_allocated_bytes")
+    return (
+        f"    {name:34s} peak +{_mib(run['peak_above_model_bytes'])} ({_mib(run['beyond_input_bytes'])} beyond the "
+        f"input), {run['seconds']:.2f} s"
+        + (f", {run['maps']} maps" if run["maps"] else "")
+        + (f", CUDA max allocated {_mib(cuda)}" if cuda is not None else "")
+        + f"  [process peak {_mib(run['peak_rss_bytes'])}, after model {_mib(run['rss_after_model_bytes'])}]"
+    )

@@ -1,6 +1,7 @@
 """The bench's runs on files: end to end in this process, and the memory and clinical-size runs in fresh
 subprocesses (``python -m medvit_explain.bench --memory-worker|--clinical-worker JSON``, whose
-``__main__`` block calls :func:`worker_main`).
+``__main__`` block calls :func:`worker_main`; ``--volumetric-memory-worker JSON`` runs
+:func:`.bench_volumetric.volumetric_memory_worker`).
 """
 
 from __future__ import annotations
@@ -318,13 +319,27 @@ def _memory_worker(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _volumetric_memory_worker(job: dict[str, Any]) -> dict[str, Any]:
+    from .bench_volumetric import volumetric_memory_worker  # the volumetric bench imports this module
+
+    return volumetric_memory_worker(job)
+
+
+WORKERS = {
+    "--memory-worker": _memory_worker,
+    "--clinical-worker": _clinical_worker,
+    "--volumetric-memory-worker": _volumetric_memory_worker,
+}
+
+
 def worker_main(argv: list[str]) -> int | str:
-    """``--memory-worker JSON`` or ``--clinical-worker JSON``: run the job, print its result as one JSON
-    line on stdout (everything else goes to stderr); returns the exit status (a string: the usage)."""
-    if len(argv) == 2 and argv[0] in ("--memory-worker", "--clinical-worker"):
+    """``--memory-worker JSON``, ``--clinical-worker JSON`` or ``--volumetric-memory-worker JSON``: run the
+    job, print its result as one JSON line on stdout (everything else goes to stderr); returns the exit
+    status (a string: the usage)."""
+    if len(argv) == 2 and argv[0] in WORKERS:
         with contextlib.redirect_stdout(sys.stderr):
             job = json.loads(argv[1])
-            report = _memory_worker(job) if argv[0] == "--memory-worker" else _clinical_worker(job)
+            report = WORKERS[argv[0]](job)
         print(json.dumps(report))
         return 0
-    return "usage: python -m medvit_explain.bench --memory-worker|--clinical-worker JSON (use `medvit-explain bench`)"
+    return f"usage: python -m medvit_explain.bench {'|'.join(WORKERS)} JSON (use `medvit-explain bench`)"
