@@ -19,6 +19,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/medvit-explain explain sample_data/phantom_001.nii.gz --out demo_output
 	$(BIN)/medvit-explain explain sample_data/phantom_001.nii.gz --roi-centers sample_data/phantom_001.json --out demo_output_roi
+	$(BIN)/medvit-explain explain sample_data/phantom_001.nii.gz --model sample-roi3d --roi-mask sample_data/phantom_001_nodules.nii.gz --out demo_output_roi3d
 
 lint: $(STAMP)
 	$(BIN)/ruff check medvit_explain tests plugins scripts
@@ -28,4 +29,4 @@ bench: $(STAMP)
 	$(BIN)/medvit-explain bench
 
 clean:
-	rm -rf demo_output demo_output_roi build *.egg-info
+	rm -rf demo_output demo_output_roi demo_output_roi3d build *.egg-info

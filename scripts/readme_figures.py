@@ -93,6 +93,8 @@ def roi3d_figure(input_path: Path, out: Path) -> None:
     ct = reoriented_view(volume.array, ornt)
     columns = [("CT", None, None)] + [("cdam", "cdam", t) for t in ROI3D_TARGETS] + [("agcam", "agcam", "malignancy")]
     maps = {(m, t): reoriented_view(result.map_array(m, t), ornt) for _, m, t in columns if m}
+    cuts = {k: {p: figures.display_plane(v, p, canon, half) for p in figures.PLANES} for k, v in maps.items()}
+    limits = {k: max(float(np.abs(c).max()) for c in planes.values()) or 1.0 for k, planes in cuts.items()}
     fig, axes = plt.subplots(3, len(columns), figsize=(3.2 * len(columns), 9.6), constrained_layout=True)
     for r, plane in enumerate(figures.PLANES):
         aspect = figures.plane_aspect(spacing, plane)
@@ -101,9 +103,9 @@ def roi3d_figure(input_path: Path, out: Path) -> None:
             ax = axes[r, c]
             ax.imshow(base, cmap="gray", vmin=-1000, vmax=400, aspect=aspect)
             if method:
-                m = figures.display_plane(maps[(method, target)], plane, canon, half)
-                lim = float(np.abs(maps[(method, target)]).max()) or 1.0
-                ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.6, aspect=aspect)
+                m, lim = cuts[(method, target)][plane], limits[(method, target)]  # one scale for the three planes
+                opacity = np.clip(np.abs(m) / lim, 0.0, 1.0) * 0.85  # the CT stays visible where the map is ~0
+                ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=opacity, aspect=aspect)
                 title = f"{method.upper()} · {target}"
             ax.set_title(f"{plane}: {title}" if c == 0 else title, fontsize=9)
             ax.set_axis_off()

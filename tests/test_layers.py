@@ -17,7 +17,7 @@ LAYERS = [
     (0, ["vocabulary", "errors", "volume", "versions", "outputs.layout"]),
     (
         1,
-        ["io", "orientation", "transforms", "phantom"],
+        ["io", "orientation", "transforms", "volumetric_inputs", "phantom"],
     ),  # reading and writing CTs, the model-input chain, synthetic CTs
     (2, ["model"]),
     (3, ["explainers", "registry"]),

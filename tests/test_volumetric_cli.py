@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -57,6 +59,34 @@ def _oblique_copy(ct, mask, folder):
     return paths
 
 
+def _in_cubes(inputs) -> np.ndarray:
+    """Source voxels within one sample of an ROI cube: the cube is a box in (permuted, flipped) voxel index
+    space, so the box of its samples' source indices, grown by one voxel, holds every voxel it can write."""
+    shape = inputs.volume.shape
+    inside = np.zeros(shape, bool)
+    ijk = np.argwhere(np.ones(shape, bool))
+    for r in range(len(inputs.centers_mm)):
+        cube = inputs._cube_coords(r).reshape(3, -1)
+        lo, hi = np.floor(cube.min(1)) - 1, np.ceil(cube.max(1)) + 1
+        inside[tuple(ijk[np.all((ijk >= lo) & (ijk <= hi), axis=1)].T)] = True
+    return inside
+
+
+def _check_overlays(out, ct_path, inputs, count):
+    source = nib.load(str(ct_path))
+    in_cubes = _in_cubes(inputs)
+    assert 0 < in_cubes.sum() < in_cubes.size
+    overlays = sorted(out.glob("*.nii.gz"))
+    assert len(overlays) == count
+    for path in overlays:
+        img = nib.load(str(path))
+        assert img.shape == source.shape
+        np.testing.assert_allclose(img.affine, source.affine, atol=1e-4)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        assert np.count_nonzero(data) > 0, path.name
+        assert not np.any(data[~in_cubes]), f"{path.name}: evidence outside the ROI cubes"
+
+
 @pytest.mark.parametrize("geometry", ["phantom", "oblique-anisotropic"])
 def test_explain_with_roi_mask_writes_overlays_on_the_source_grid_zero_outside_the_cubes(
     phantom, cube_checkpoint, tmp_path, geometry
@@ -67,26 +97,9 @@ def test_explain_with_roi_mask_writes_overlays_on_the_source_grid_zero_outside_t
         ct_path, mask_path = _oblique_copy(load_volume(ct_path), load_volume(mask_path), tmp_path)
     out = tmp_path / "out"
     _explain(["explain", ct_path, "--model", cube_checkpoint, "--roi-mask", mask_path, "--out", out])
-    source = nib.load(str(ct_path))
     ct, mask = load_volume(ct_path), load_volume(mask_path)
     inputs = model_inputs(tiny_model(**CUBE), ct, roi_mask=mask)
-    in_cubes = np.zeros(ct.shape, bool)
-    ijk = np.argwhere(np.ones(ct.shape, bool))
-    for r in range(len(inputs.centers_mm)):  # the cube is a box in (permuted, flipped) voxel index space
-        corners = np.array([inputs.voxel_to_source(r, *c) for c in np.ndindex(2, 2, 2)]) * 0  # shape check only
-        cube = inputs._cube_coords(r).reshape(3, -1)  # the source indices of the cube's samples
-        lo, hi = np.floor(cube.min(1)) - 1, np.ceil(cube.max(1)) + 1
-        assert corners.shape == (8, 3)
-        in_cubes[tuple(ijk[np.all((ijk >= lo) & (ijk <= hi), axis=1)].T)] = True
-    overlays = sorted(out.glob("*_cdam_*.nii.gz")) + sorted(out.glob("*_agcam_*.nii.gz"))
-    assert len(overlays) == 2 * 9
-    for path in overlays:
-        img = nib.load(str(path))
-        assert img.shape == source.shape
-        np.testing.assert_allclose(img.affine, source.affine, atol=1e-4)
-        data = np.asarray(img.dataobj, dtype=np.float32)
-        assert np.count_nonzero(data) > 0, path.name
-        assert not np.any(data[~in_cubes]), f"{path.name}: evidence outside the ROI cubes"
+    _check_overlays(out, ct_path, inputs, 2 * 9)
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert [r["view"] for r in rows] == ["3d", "mean"] * len(inputs.centers_mm)
     summary = json.loads((out / "summary.json").read_text())
@@ -148,3 +161,23 @@ def test_volumetric_roi_training_resumes_exactly_and_scores_nodules(phantom, tmp
     _explain(args)
     provenance = json.loads((tmp_path / "ckpt" / "config.json").read_text())["provenance"]
     assert provenance["n_train_views"] == provenance["n_train_nodules"]
+
+
+def test_the_shipped_sample_roi3d_explains_the_sample_ct(tmp_path):
+    """``explain CT --model sample-roi3d --roi-mask nodules``: overlays on the CT's grid, zero outside the
+    cubes; the report shows three planes through each nodule."""
+    from medvit_explain.model import load_model
+
+    data = Path(__file__).resolve().parents[1] / "sample_data"
+    ct, mask = data / "phantom_001.nii.gz", data / "phantom_001_nodules.nii.gz"
+    out = tmp_path / "out"
+    args = ["explain", ct, "--model", "sample-roi3d", "--roi-mask", mask, "--out", out, "--method", "cdam"]
+    _explain([*args, "--target", "malignancy", "--target", "spiculation"])
+    model = load_model("sample-roi3d", device="cpu")
+    assert model.spatial_dims == 3 and model.grid_size == (8, 8, 8)
+    inputs = model_inputs(model, load_volume(ct), roi_mask=load_volume(mask))
+    _check_overlays(out, ct, inputs, 2)
+    report = (out / "report.html").read_text()
+    for plane in ("axial", "coronal", "sagittal"):  # one figure heading per plane and nodule
+        headings = re.findall(rf'<h4 class="plane">[^<]*{plane} plane through its centre', report)
+        assert len(headings) == len(inputs.centers_mm)

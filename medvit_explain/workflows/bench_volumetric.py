@@ -30,7 +30,6 @@ before it). The tests check that this runs and returns positive finite numbers, 
 from __future__ import annotations
 
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,16 +40,14 @@ import torch
 from torch import Tensor, nn
 
 from .bench import _time_methods
-from .bench_common import _sync, machine_info, model_info, time_call, time_paired
+from .bench_common import machine_info, model_info, time_call, time_paired
 from .bench_loops import LOOPS
 from .bench_workers import (
     CLINICAL_SPACING,
-    _current_rss_bytes,
-    _peak_rss_bytes,
-    _process_peak_rss_bytes,
-    _reset_peak_rss,
+    MEMORY_METHODS,
     _subprocess_worker,
     _write_phantom,
+    volumetric_memory_worker,
 )
 
 __all__ = [
@@ -72,7 +69,6 @@ DEFAULT_WHOLE_VOLUME = (512, 512, 300)  # at CLINICAL_SPACING: a chest CT as sca
 CROP_ITEMS, CROP_SIZE, CROP_PATCH = 8, 64, 8
 VOLUME_BOX, VOLUME_PATCH = 128, 16
 WORKER_FLAG = "--volumetric-memory-worker"
-MEMORY_METHODS = ("cdam", "agcam")
 
 
 def is_volumetric(model: nn.Module) -> bool:
@@ -320,79 +316,4 @@ def _memory(model: nn.Module, device: str, whole_volume: Sequence[int], precisio
         "weights": "random (seed 0)",
         "methods": list(MEMORY_METHODS),
         **cases,
-    }
-
-
-def volumetric_memory_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """One memory run in this fresh process (``--volumetric-memory-worker JSON``): build the model, record
-    the RSS, make / load the input, reset the peak, run ``job["run"]`` (``forward`` or ``cdam+agcam``);
-    the peak is taken above the level after the model is built (the input is inside it)."""
-    torch.set_num_threads(int(job.get("threads") or torch.get_num_threads()))
-    # every module a run uses is imported before the baseline: the peak above it is the run's, not code's
-    from ..explainers import explain_many
-    from ..io import load_volume
-    from ..model import build_model, resolve_device
-    from ..pipeline import explain_volume
-    from ..prediction import predict
-
-    torch.manual_seed(int(job.get("seed", 0)))
-    device = resolve_device(job["device"])
-    model = build_model(job["config"]).to(device).eval()
-    targets = list(range(len(model.targets)))
-    explain = job["run"] == "cdam+agcam"
-    if job["run"] not in ("forward", "cdam+agcam"):
-        raise ValueError(f"expected run forward or cdam+agcam, got {job['run']!r}")
-    baseline = _current_rss_bytes()
-    if job["case"] == "crop_batch":
-        generator = torch.Generator().manual_seed(int(job.get("seed", 0)))
-        x = torch.rand((int(job["items"]), *model.input_size), generator=generator).to(device)
-        input_bytes = x.numel() * x.element_size()
-
-        def run() -> int:
-            if not explain:
-                with torch.no_grad():
-                    model(x)
-                return 0
-            maps = explain_many(model, x, list(MEMORY_METHODS), targets)
-            return sum(int(m.shape[0] * m.shape[1]) for m in maps.values())
-
-    elif job["case"] == "whole_volume":
-        volume = load_volume(job["path"])
-        input_bytes = int(volume.array.nbytes)
-
-        def run() -> int:
-            if not explain:
-                predict(model, volume)
-                return 0
-            result = explain_volume(model, volume, list(MEMORY_METHODS), precision=job.get("precision", "fp32"))
-            projected = result.map_array(MEMORY_METHODS[0], result.targets[0])  # one map on the CT's grid
-            del projected
-            return len(result.methods) * len(result.targets)
-
-    else:
-        raise ValueError(f"expected case crop_batch or whole_volume, got {job['case']!r}")
-    after_input = _current_rss_bytes()
-    reset = _reset_peak_rss()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    maps = run()
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    peak = _peak_rss_bytes()
-    above = peak - baseline if peak is not None and baseline is not None else None
-    return {
-        "run": job["run"],
-        "seconds": seconds,
-        "maps": maps,
-        "peak_rss_bytes": peak,
-        "peak_scope": "input + run" if reset else "whole process (imports and model build included)",
-        "process_peak_rss_bytes": _process_peak_rss_bytes(),
-        "rss_after_model_bytes": baseline,
-        "rss_after_input_bytes": after_input,
-        "peak_above_model_bytes": above,
-        "input_bytes": input_bytes,
-        "beyond_input_bytes": above - input_bytes if above is not None else None,
-        "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "device": str(device),
     }
