@@ -134,8 +134,27 @@ def _time_methods(model, images: Tensor, methods: list[str], targets: list[int],
     return out
 
 
-def _time_loops(model, images: Tensor, targets: list[int], n_loop: int, methods_timed: dict, paired, say) -> dict:
-    """The papers' per-slice, per-target loops on ``n_loop`` slices, scaled to the whole batch."""
+def forward_clock(model, images: Tensor, device, repeats: int, long_s: float) -> tuple[dict[str, Any], Callable]:
+    """A plain forward of ``images`` timed (the unit of every ratio), and ``paired(fn)``: ``fn`` timed against
+    that forward run just before it (:func:`time_paired`)."""
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(images)
+
+    fwd = time_call(forward, device, repeats, long_s)
+
+    def paired(fn: Callable[[], Any]) -> dict[str, Any]:
+        return time_paired(fn, forward, device, repeats, long_s)
+
+    return fwd, paired
+
+
+def _time_loops(
+    model, images: Tensor, targets: list[int], n_loop: int, methods_timed: dict, paired, say, unit: str = "slices"
+) -> dict:
+    """The papers' per-item, per-target loops on ``n_loop`` items (``unit``: slices, or a volumetric model's
+    inputs), scaled to the whole batch."""
     slices = len(images)
     loops = {}
     for m in LOOP_METHODS:
@@ -146,7 +165,7 @@ def _time_loops(model, images: Tensor, targets: list[int], n_loop: int, methods_
         scale = slices / n_loop
         loops[m] = {
             "seconds_measured": t["seconds"],
-            "slices_measured": n_loop,
+            f"{unit}_measured": n_loop,
             "runs": t["runs"],
             "seconds": t["seconds"] * scale,
             "ratio_to_forward": t["ratio_to_forward"] * scale,
@@ -237,17 +256,10 @@ def run_bench(
     }
     result: dict[str, Any] = {"machine": machine_info(device), "model": model_info(model), "workload": workload}
 
-    def forward() -> None:
-        with torch.no_grad():
-            model(images)
-
     say("forward")
-    fwd = time_call(forward, device, repeats, long_s)
+    fwd, paired = forward_clock(model, images, device, repeats, long_s)
     result["forward_s"] = fwd["seconds"]
     result["forward_runs"] = fwd["runs"]
-
-    def paired(fn: Callable[[], Any]) -> dict[str, Any]:
-        return time_paired(fn, forward, device, repeats, long_s)
 
     result.update(_time_methods(model, images, methods, targets, paired, say))
     result["loop"] = _time_loops(model, images, targets, min(loop_slices, slices), result["methods"], paired, say)

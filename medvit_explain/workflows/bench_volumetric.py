@@ -39,9 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .bench import _time_methods
-from .bench_common import machine_info, model_info, time_call, time_paired
-from .bench_loops import LOOPS
+from .bench import _time_loops, _time_methods, forward_clock
+from .bench_common import machine_info, model_info
 from .bench_workers import (
     CLINICAL_SPACING,
     MEMORY_METHODS,
@@ -62,7 +61,6 @@ __all__ = [
 ]
 
 VOLUMETRIC_METHODS = ("cdam", "agcam", "attention", "rollout", "gradcam")
-LOOP_METHODS = ("cdam", "agcam")
 DEFAULT_ITEMS = 8
 DEFAULT_PHANTOM = (256, 256, 64)  # the phantom generator's default grid (1.4 x 1.4 x 2.5 mm, a 358 mm field)
 DEFAULT_WHOLE_VOLUME = (512, 512, 300)  # at CLINICAL_SPACING: a chest CT as scanned
@@ -134,26 +132,6 @@ def _workload_inputs(model: nn.Module, items: int, phantom_size: Sequence[int], 
 # ------------------------------------------------------------------------------------------ timing
 
 
-def _time_loops(model, images: Tensor, targets: list[int], n_loop: int, methods_timed: dict, paired, say) -> dict:
-    """The papers' per-input, per-target loops on ``n_loop`` inputs, scaled to the whole batch."""
-    loops = {}
-    scale = len(images) / n_loop
-    for m in LOOP_METHODS:
-        if m not in methods_timed:
-            continue
-        say(f"loop {m}")
-        t = paired(lambda m=m: LOOPS[m](model, images[:n_loop], targets))
-        loops[m] = {
-            "seconds_measured": t["seconds"],
-            "items_measured": n_loop,
-            "runs": t["runs"],
-            "seconds": t["seconds"] * scale,
-            "ratio_to_forward": t["ratio_to_forward"] * scale,
-            "speedup": t["ratio_to_forward"] * scale / methods_timed[m]["ratio_to_forward"],
-        }
-    return loops
-
-
 def run_bench_volumetric(
     model: nn.Module,
     *,
@@ -195,19 +173,12 @@ def run_bench_volumetric(
     }
     result: dict[str, Any] = {"machine": machine_info(device), "model": model_info(model), "workload": workload}
 
-    def forward() -> None:
-        with torch.no_grad():
-            model(images)
-
     say("forward")
-    fwd = time_call(forward, device, repeats, long_s)
+    fwd, paired = forward_clock(model, images, device, repeats, long_s)
     result["forward_s"], result["forward_runs"] = fwd["seconds"], fwd["runs"]
 
-    def paired(fn: Callable[[], Any]) -> dict[str, Any]:
-        return time_paired(fn, forward, device, repeats, long_s)
-
     result.update(_time_methods(model, images, methods, targets, paired, say))
-    result["loop"] = _time_loops(model, images, targets, n_loop, result["methods"], paired, say)
+    result["loop"] = _time_loops(model, images, targets, n_loop, result["methods"], paired, say, unit="items")
     if memory:
         result["memory"] = _memory(model, str(device), whole_volume, precision, say)
     return VolumetricBenchResult(**result)
