@@ -48,8 +48,8 @@ class ViTSpec:
 
     ``num_prefix``: class + register (+ distillation) tokens before the patch tokens;
     ``grid``: patch grid (gh, gw), or (gd, gh, gw) for a volumetric ViT; ``read_rows``: token rows the
-    pooling reads when it reads prefix
-    tokens only (``(0,)`` for class-token pooling, ``(0, 1)`` for DeiT distillation), else ``None``.
+    pooling reads when it reads prefix tokens only (``(0,)`` for class-token pooling, ``(0, 1)`` for DeiT
+    distillation), else ``None``.
     """
 
     num_prefix: int
