@@ -103,7 +103,7 @@ DEFAULT_OPACITY = 0.7
 DEFAULT_PERCENTILE = 99.0  # of the non-zero |value|s: the display window of a map
 DEFAULT_TRANSPARENT_FRACTION = 0.1  # |value| below this fraction of the window is not drawn
 _MASK_SUFFIXES = tuple(f"{suffix}.nii.gz" for suffix in LABEL_MAP_SUFFIXES)
-_INT_COLUMNS = frozenset({"slice", "source_index", "roi"})
+_INT_COLUMNS = frozenset({"slice", "source_index", "roi", "label", "volume"})
 
 
 class ExplainCommandError(RuntimeError):
@@ -445,7 +445,8 @@ def bundled_sample_ct() -> Path | None:
 
 
 def parse_predictions(csv_path: str | os.PathLike) -> tuple[list[str], list[dict[str, Any]]]:
-    """``predictions.csv`` → ``(columns, rows)``; numbers become int (slice, source_index, roi) or float."""
+    """``predictions.csv`` → ``(columns, rows)``; numbers become int (slice, source_index, roi, label, volume)
+    or float."""
     with open(csv_path, newline="", encoding="utf-8") as stream:
         reader = csv.DictReader(stream)
         columns = list(reader.fieldnames or [])

@@ -619,3 +619,18 @@ def test_piped_progress_reaches_the_total(tmp_path):
     seen = [p for p in map(vl.parse_progress, re.split(r"[\r\n]", done.stderr)) if p is not None]
     explain = [p for p in seen if p.label == "explain"]
     assert explain and explain[-1].done == explain[-1].total == 40
+
+
+def test_parse_predictions_of_volumetric_runs(tmp_path):
+    """A volumetric model's tables: ROI cubes (view ``3d`` and the mean) and one whole-volume row."""
+    cubes = tmp_path / "cubes.csv"
+    cubes.write_text(
+        "roi,label,view,center_x_mm,malignancy_prob\n0,2,3d,1.5,0.2\n0,2,mean,1.5,0.2\n1,5,3d,-3.0,0.9\n1,5,mean,-3.0,0.9\n"
+    )
+    _, rows = vl.parse_predictions(cubes)
+    assert rows[2] == {"roi": 1, "label": 5, "view": "3d", "center_x_mm": -3.0, "malignancy_prob": 0.9}
+    assert vl.top_slice(rows) == rows[3]  # only the per-nodule rows compete
+    whole = tmp_path / "whole.csv"
+    whole.write_text("volume,malignancy_prob,subtlety\n0,0.7,3.1\n")
+    _, rows = vl.parse_predictions(whole)
+    assert rows == [{"volume": 0, "malignancy_prob": 0.7, "subtlety": 3.1}]
