@@ -537,19 +537,25 @@ def _grow(lo: int, hi: int, want: int, n: int) -> tuple[int, int]:
 VIEW_NORMAL_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}  # canonical axis each view cuts across
 
 
+def display_plane_at(canonical: np.ndarray, view: str, index: int) -> np.ndarray:
+    """The [rows, cols] plane ``index`` along ``view``'s normal of a canonical (L, P, S) ``[x, y, z]`` array,
+    displayed the usual way: axial rows anterior→posterior, cols patient right→left; coronal rows
+    superior→inferior, cols right→left; sagittal rows superior→inferior, cols anterior→posterior. A view."""
+    if view == "axial":
+        return canonical[:, :, index].T
+    if view == "coronal":
+        return canonical[:, index, ::-1].T
+    if view == "sagittal":
+        return canonical[index, :, ::-1].T
+    raise ValueError(f"expected a view among {sorted(VIEW_NORMAL_AXIS)}, got {view!r}")
+
+
 def _view_plane(cube: np.ndarray, view: str, offset: int = 0) -> np.ndarray:
-    """A [rows, cols] image through the centre of a canonical (L, P, S) cube, displayed the usual way:
-    axial rows anterior→posterior, cols right→left; coronal and sagittal rows superior→inferior.
+    """A [rows, cols] image through the centre of a canonical (L, P, S) cube (:func:`display_plane_at`).
     ``offset``: the plane that many samples from the centre along the view's normal (+ = towards
     superior / posterior / left), clamped to the cube."""
     c = min(max(cube.shape[0] // 2 + offset, 0), cube.shape[0] - 1)
-    if view == "axial":
-        return cube[:, :, c].T
-    if view == "coronal":
-        return cube[:, c, ::-1].T
-    if view == "sagittal":
-        return cube[c, :, ::-1].T
-    raise ValueError(f"expected a view among {sorted(VIEW_NORMAL_AXIS)}, got {view!r}")
+    return display_plane_at(cube, view, c)
 
 
 def _extrude(plane: np.ndarray, view: str, n: int) -> np.ndarray:

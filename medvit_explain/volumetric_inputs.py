@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .orientation import orientation_of, reoriented_view
 from .transforms import (
+    PROJECT_CHUNK,
     ModelInputs,
     Preprocessing,
     RoiInputs,
@@ -38,8 +39,11 @@ from .transforms import (
     canonical_to_source_index,
     channel_images,
     new_source_buffer,
+    normalise_channels,
+    pick_channels,
     resize_planes,
     resize_volumes,
+    window_channels,
 )
 from .volume import Volume
 
@@ -49,6 +53,13 @@ CUBE_VIEW = "3d"  # the one "view" of a volumetric ROI input, in the predictions
 def model_order(canonical: np.ndarray) -> np.ndarray:
     """A canonical ``[x, y, z]`` block → the model's ``[D, H, W]`` = ``[z, y, x]`` order (a view)."""
     return canonical.transpose(2, 1, 0)
+
+
+def cube_images(config: Preprocessing, cubes: Sequence[np.ndarray]) -> torch.Tensor:
+    """Model inputs [B, C, D, H, W] from HU cubes [n, n, n] on canonical axes: each in the model's axis order,
+    then the channel chain (window, trilinear resize, channels, normalisation)."""
+    hu = np.stack([np.ascontiguousarray(model_order(c)) for c in cubes])
+    return channel_images(config, torch.from_numpy(hu))
 
 
 @dataclass
@@ -64,8 +75,7 @@ class CubeInputs(RoiInputs):
         items = np.arange(self.n_inputs) if items is None else np.asarray(items, dtype=np.int64)
         if len(items) == 0:
             return torch.zeros((0, self.in_chans, *self.image_size))
-        hu = np.stack([np.ascontiguousarray(model_order(self.cube(int(r)))) for r in items])  # [B, n, n, n]
-        return channel_images(self.config, torch.from_numpy(hu))
+        return cube_images(self.config, [self.cube(int(r)) for r in items])
 
     def cube_maps(self, maps: torch.Tensor) -> np.ndarray:
         """[R, gd, gh, gw] maps (one target) → [R, n, n, n] cube maps on canonical axes."""
@@ -129,8 +139,6 @@ class VolumeInputs(ModelInputs):
         with the resize done separably (bilinear in each axial plane, then linear along D: the same
         arithmetic) over chunks of slices, so a 512 × 512 × 300 CT never exists in float32 more than a chunk
         at a time."""
-        from .transforms import PROJECT_CHUNK, normalise_channels, pick_channels, window_channels
-
         x0, x1, y0, y1 = self.box
         canon = self.canonical
         depth, h, w = self.image_size
@@ -185,8 +193,6 @@ class VolumeInputs(ModelInputs):
 
     def project(self, maps: torch.Tensor) -> np.ndarray:
         """The map [1, gd, gh, gw] on the source grid: [X, Y, Z] float32 (a view of a [Z, Y, X] buffer)."""
-        from .transforms import PROJECT_CHUNK
-
         box_map = self._model_box_map(maps)
         out = new_source_buffer(self.volume.shape)
         canon = reoriented_view(out, self.ornt)

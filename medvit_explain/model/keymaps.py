@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from medvit_explain.errors import CheckpointError
+from medvit_explain.model.patch_embed import triple
 
 _TORCHVISION_VIT = [  # torchvision.models.VisionTransformer → timm VisionTransformer (+ our head)
     (r"^class_token$", "cls_token"),
@@ -195,9 +196,9 @@ def monai_key_name(key: str) -> str:
 
 
 def patch_dims(value: Any, what: str) -> tuple[int, ...]:
-    """A 2D ``pair`` or three ints (a 3D patch)."""
+    """A 2D ``pair`` or three ints (a 3D patch, :func:`~medvit_explain.model.patch_embed.triple`)."""
     if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 3:
-        return int(value[0]), int(value[1]), int(value[2])
+        return triple(value, what)
     return pair(value, what)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from medvit_explain.errors import CheckpointError
@@ -94,10 +93,3 @@ class PatchEmbed3d(nn.Module):
         if x.ndim != 5 or tuple(x.shape[2:]) != self.img_size:
             raise ValueError(f"expected volumes [B, C, {', '.join(map(str, self.img_size))}], got {tuple(x.shape)}")
         return self.norm(self.proj(x).flatten(2).transpose(1, 2))
-
-
-def conv_weight_3d(linear_weight: torch.Tensor, patch: Sequence[int], in_chans: int) -> torch.Tensor:
-    """A perceptron patch embedding's Linear weight ``[D, p1·p2·p3·C]`` (each patch read as (p1, p2, p3, c),
-    MONAI's ``Rearrange``) as the equivalent Conv3d weight ``[D, C, p1, p2, p3]``."""
-    p1, p2, p3 = patch
-    return linear_weight.reshape(linear_weight.shape[0], p1, p2, p3, in_chans).permute(0, 4, 1, 2, 3).contiguous()

@@ -34,7 +34,6 @@ CT_WINDOW = (-1000.0, 400.0)  # HU shown from black to white (lung window of the
 MAP_CMAP = "RdBu_r"  # diverging: red = evidence for the target, blue = against, white = 0
 DPI = 100
 PLANES = ("axial", "coronal", "sagittal")
-_PLANE_NORMAL = {"axial": 2, "coronal": 1, "sagittal": 0}  # the canonical axis each plane is cut across
 _PLANE_AXES = {"axial": (1, 0), "coronal": (2, 0), "sagittal": (2, 1)}  # canonical axes of (rows, cols)
 
 
@@ -138,14 +137,15 @@ def display_plane(
     right→left; coronal rows superior→inferior, cols right→left; sagittal rows superior→inferior, cols
     anterior→posterior. ``half``: voxels kept each side of the centre along each canonical axis (None:
     the whole field of view). A view of ``canonical``, no copy."""
+    from ..transforms import VIEW_NORMAL_AXIS, display_plane_at
+
     if half is None:
         index: list = [slice(None)] * 3
     else:
         index = [slice(max(int(c) - int(h), 0), int(c) + int(h) + 1) for c, h in zip(centre, half, strict=True)]
-    normal = _PLANE_NORMAL[plane]
-    index[normal] = int(centre[normal])
-    cut = canonical[tuple(index)]  # the two in-plane axes, in canonical order
-    return cut.T if plane == "axial" else cut[:, ::-1].T  # superior at the top
+    normal = VIEW_NORMAL_AXIS[plane]
+    index[normal] = slice(None)  # the window is in-plane; the plane itself is picked by its index
+    return display_plane_at(canonical[tuple(index)], plane, int(centre[normal]))
 
 
 def plane_aspect(canonical_spacing: Sequence[float], plane: str) -> float:

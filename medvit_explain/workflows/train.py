@@ -168,10 +168,10 @@ def roi_view_images(config, views: Sequence[str], cubes: Sequence[np.ndarray], v
     model's one view ``"3d"``: the whole cube, [B, C, D, H, W], as :class:`~medvit_explain.volumetric_inputs.
     CubeInputs` gives it."""
     from ..transforms import _view_plane, channel_images
-    from ..volumetric_inputs import CUBE_VIEW, model_order
+    from ..volumetric_inputs import CUBE_VIEW, cube_images
 
     if tuple(views) == (CUBE_VIEW,):
-        return channel_images(config, torch.from_numpy(np.stack([np.ascontiguousarray(model_order(c)) for c in cubes])))
+        return cube_images(config, cubes)
     recipe = config.channels
     offsets = recipe.offsets if recipe.recipe == "adjacent_slices" else (0,)  # cube planes per input
     planes = [np.ascontiguousarray(_view_plane(c, views[v], o)) for c, v in zip(cubes, view_of) for o in offsets]
