@@ -113,7 +113,7 @@ def test_whole_volume_model_explains_and_predicts(phantom, tmp_path):
     ct = find_studies(phantom)[1].path
     out = tmp_path / "out"
     result = _explain(["explain", ct, "--model", ckpt, "--out", out, "--method", "cdam", "--method", "rollout"])
-    assert "whole volume" in result.output
+    assert re.search(r"the whole volume explained \(malignancy p = [01]\.\d{3}\)", result.output), result.output
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert len(rows) == 1 and rows[0]["volume"] == "0"
     overlay = nib.load(str(next(out.glob("*_cdam_malignancy.nii.gz"))))

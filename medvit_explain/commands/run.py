@@ -249,6 +249,11 @@ def explain(input_path, out_dir, series_uid, roi_centers, roi_mask, options):
             f"(source index {summary['max_malignancy_source_index']}) p = "
             f"{summary['max_malignancy_prob']:.3f}; {where}"
         )
+    elif result.predictions.mode == "volume" and "max_malignancy_prob" in summary:
+        click.echo(
+            f"the whole volume explained ({result.predictions.primary} p = {summary['max_malignancy_prob']:.3f}); "
+            f"{where}"
+        )
     elif "max_malignancy_roi" in summary:
         click.echo(
             f"{len(summary.get('nodules', []))} ROI(s) explained (top {result.predictions.primary}: "
