@@ -166,21 +166,17 @@ class VolumeInputs(ModelInputs):
 
     def _crop_slices(self, box_map: torch.Tensor, slices: np.ndarray) -> np.ndarray:
         """Canonical slices ``slices`` of the cropped volume's map, [len, rows, cols]: the trilinear resize
-        (``align_corners=False``) from the model box, done as bilinear in-plane then linear along D (the
-        same arithmetic, separable) so only the slices asked for are interpolated."""
+        (``align_corners=False``) from the model box, done separably -- linear along D at the box's in-plane
+        size, then bilinear in-plane -- so only the slices asked for are interpolated and each exists at full
+        size once."""
         n_slices, rows, cols = self.crop_shape
         depth = box_map.shape[0]
-        scale = depth / n_slices
-        src = np.maximum((np.asarray(slices, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+        src = np.maximum((np.asarray(slices, dtype=np.float64) + 0.5) * depth / n_slices - 0.5, 0.0)
         lo = np.minimum(np.floor(src).astype(np.int64), depth - 1)
         hi = np.minimum(lo + 1, depth - 1)
         w = torch.from_numpy((src - lo).astype(np.float32))[:, None, None]
-        needed = np.unique(np.concatenate([lo, hi]))
-        planes = resize_planes(box_map[torch.from_numpy(needed)], (rows, cols))  # [len(needed), rows, cols]
-        at = {int(k): i for i, k in enumerate(needed)}
-        a = planes[[at[int(k)] for k in lo]]
-        b = planes[[at[int(k)] for k in hi]]
-        return ((1 - w) * a + w * b).cpu().numpy()
+        planes = (1 - w) * box_map[torch.from_numpy(lo)] + w * box_map[torch.from_numpy(hi)]  # [len, H, W]
+        return resize_planes(planes, (rows, cols)).cpu().numpy()
 
     def canonical_slices(self, maps: torch.Tensor, slices: Sequence[int]) -> np.ndarray:
         """Canonical slices ``slices`` ([X, Y, len(slices)] float32, zeros outside the crop) of the map."""
