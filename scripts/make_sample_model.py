@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="checkpoint folder [default: the shipped model's for its config]")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted training run")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads [default: training.num_threads]")
     args = parser.parse_args()
     stem = Path(args.config).name.split(".")[0]
     if args.out is None and stem not in SHIPPED:
@@ -43,6 +44,8 @@ def main() -> None:
     args.out = args.out or str(ROOT / "medvit_explain" / "assets" / SHIPPED[stem])
     config = yaml.safe_load(Path(args.config).read_text())
     recipe = config["training"]
+    if args.threads:  # recorded in the checkpoint's provenance with the rest of the recipe
+        recipe["num_threads"] = args.threads
     work = Path(args.work or ROOT / "runs" / stem)
     t0 = time.perf_counter()
     if not (work / "train").exists():

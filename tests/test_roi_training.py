@@ -2,6 +2,7 @@
 shipped models' names (``sample-slice`` / ``sample-roi``) with the default choice of explain / predict / batch."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -258,3 +259,56 @@ def test_a_name_wins_over_a_local_folder_of_that_name(shipped, study, tmp_path, 
     from pathlib import Path
 
     assert load_model(Path("sample-roi"), device="cpu").config["name"] == "local-roi"
+
+
+def test_feature_token_labels_split_each_patch_into_the_nodule_parts(phantoms, tmp_path):
+    """``token_label_features``: after nodule / malignant, one channel per part (spicules, lobulation,
+    calcification, ground glass) with the share of each patch in that part. The parts are disjoint pieces of
+    the nodule mask, so their shares add up to at most the nodule's (the rest is the solid core); a part a
+    study does not have is zero in all its views; a part the labels count appears in some view."""
+    from medvit_explain.errors import MedvitInputError
+    from medvit_explain.phantom import FEATURE_LABELS
+    from medvit_explain.workflows.train import TOKEN_FEATURES, TokenLabelHead, _prepare
+
+    assert [FEATURE_LABELS[k] for k in TOKEN_FEATURES] == ["spicules", "lobulation", "calcification", "ground_glass"]
+    torch.manual_seed(0)
+    model = build_model(roi_config()).eval()
+    studies = find_studies(phantoms)
+    rois = load_rois(studies, model, margin=2, token_targets=True, feature_tokens=True, progress=False)
+    plain = load_rois(studies, model, margin=2, token_targets=True, progress=False)
+    items = np.arange(len(rois))
+    tokens = rois.item_token_targets(items, np.tile([1, -2, 0], (len(items), 1)))
+    assert tokens.shape == (len(rois), 6, *model.backbone.patch_embed.grid_size)
+    torch.testing.assert_close(tokens[:, :2], plain.item_token_targets(items, np.tile([1, -2, 0], (len(items), 1))))
+    # stored as uint8 (share × 255, rounded): four rounded parts against one rounded whole
+    assert bool((tokens[:, 2:].sum(1) <= tokens[:, 0] + 2.0 / 255).all())
+    assert float((tokens[:, 0] - tokens[:, 2:].sum(1)).max()) > 0.5  # a core patch
+    seen = 0
+    for s, study in enumerate(studies):
+        nodules = _nodules(study)
+        views = np.flatnonzero(np.repeat(rois.study == s, 3))
+        for c, label in enumerate(TOKEN_FEATURES):
+            voxels = sum(n["feature_voxels"][FEATURE_LABELS[label]] for n in nodules)
+            part = tokens[views, 2 + c]
+            if voxels == 0:
+                assert float(part.abs().max()) == 0.0
+            elif any(n["feature_voxels"][FEATURE_LABELS[label]] >= 8 for n in nodules):
+                assert float(part.max()) > 0.0, (study.path, FEATURE_LABELS[label])
+                seen += 1
+    assert seen >= 1
+
+    head = TokenLabelHead(model, 6)
+    assert head(torch.zeros(2, 1 + rois.grid[0] * rois.grid[1], model.backbone.embed_dim)).shape == (2, 6, *rois.grid)
+
+    config = roi_config()
+    config["training"] = {"seed": 1, "val_fraction": 0.34, "token_label_weight": 1.0, "token_label_features": True}
+    run = _prepare(config, phantoms, None, 1, 1, "cpu", False)
+    assert run.token_head.linear.out_features == 6 and run.train_set.token_cubes.shape[1] == 6
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in phantoms.glob(f"{Path(studies[0].path).name[:-7]}*"):
+        if not f.name.endswith("_features.nii.gz"):
+            (bare / f.name).symlink_to(f)
+    with pytest.raises(MedvitInputError, match="features.nii.gz"):
+        load_rois(find_studies(bare), model, token_targets=True, feature_tokens=True, progress=False)

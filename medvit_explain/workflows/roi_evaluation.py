@@ -24,7 +24,7 @@ from ..vocabulary import primary_target
 from .labels import load_study_volumes, nodule_centres, nodule_targets, read_nodules
 from .scores import model_outputs, nodule_scores
 from .studies import find_studies
-from .target_localization import TARGET_FEATURE, features_path, item_shares, summarise_shares
+from .target_localization import TARGET_FEATURE, item_shares, load_features, summarise_shares
 
 __all__ = ["RoiEvaluationResult", "RoiViews", "evaluate_roi_explanations", "load_roi_views"]
 
@@ -47,7 +47,6 @@ def load_roi_views(studies, model, progress: bool = True) -> RoiViews:
     """Every labelled nodule's views, truth and feature labels (see :class:`RoiViews`)."""
     from tqdm.auto import tqdm
 
-    from ..io import load_volume
     from ..prediction import model_inputs
 
     images, truth, features, has_features = [], [], [], []
@@ -61,14 +60,11 @@ def load_roi_views(studies, model, progress: bool = True) -> RoiViews:
         n_views = len(inputs.views)
         images.append(inputs.images())
         truth.append(nodule_targets(model.task_spec, nodules))
-        path = features_path(study.path)
-        if path is None:
+        feats = load_features(study.path, volume)
+        if feats is None:
             features.append(np.zeros((inputs.n_inputs, *inputs.image_size), np.uint8))
             has_features.append(np.zeros(inputs.n_inputs, bool))
         else:
-            feats = load_volume(path)
-            if not feats.same_grid(volume, atol=1e-3):
-                raise MedvitInputError(f"{path} is not on the grid of {study.path}")
             features.append(roi_masks(feats.array.astype(np.uint8), inputs))
             has_features.append(np.ones(inputs.n_inputs, bool))
     if not images:

@@ -53,6 +53,7 @@ __all__ = [
     "TARGET_FEATURE",
     "evidence_shares",
     "features_path",
+    "load_features",
     "item_shares",
     "summarise_shares",
 ]
@@ -64,6 +65,21 @@ def features_path(image: str | Path) -> Path | None:
     name = image.name[:-7] if image.name.endswith(".nii.gz") else image.stem
     path = image.with_name(f"{name}_features.nii.gz")
     return path if path.exists() else None
+
+
+def load_features(image: str | Path, volume):
+    """The nodule-part labels beside ``image`` (:func:`features_path`) as a volume on ``volume``'s grid, or
+    None when there are none; MedvitInputError when they are on another grid."""
+    from ..errors import MedvitInputError
+    from ..io import load_volume
+
+    path = features_path(image)
+    if path is None:
+        return None
+    features = load_volume(path)
+    if not features.same_grid(volume, atol=1e-3):
+        raise MedvitInputError(f"{path} is not on the grid of {image}")
+    return features
 
 
 def evidence_shares(maps: torch.Tensor | np.ndarray, features: np.ndarray, label: int) -> tuple[np.ndarray, np.ndarray]:

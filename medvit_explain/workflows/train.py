@@ -50,6 +50,7 @@ from .labels import (
 )
 from .scores import model_outputs, nodule_scores, roc_auc, slice_metrics
 from .studies import Study, find_studies
+from .target_localization import TARGET_FEATURE, load_features
 
 __all__ = [
     "BIOMARKER_KEYS",
@@ -71,6 +72,11 @@ __all__ = [
     "task_loss",
     "train",
 ]
+
+
+# the nodule parts a feature token label marks (after nodule / malignant nodule): spicules, lobulation,
+# calcification, ground glass -- each the part of a biomarker's own (target_localization.TARGET_FEATURE)
+TOKEN_FEATURES = tuple(sorted(TARGET_FEATURE.values()))
 
 
 @dataclass
@@ -187,8 +193,9 @@ class RoiSet:
 
     ``cubes`` [M, N, N, N] float32: each nodule's HU cube as ``RoiInputs`` samples it, ``margin`` samples
     larger on every side (N = n + 2·margin) so that crops around a shifted centre can be cut from it;
-    ``token_cubes`` [M, 2, N, N, N] uint8 (or None): the share (×255) of each cube sample inside a nodule /
-    a malignant nodule (the token labels); ``nodule_targets`` [M, K] (normalised, NaN = no label);
+    ``token_cubes`` [M, L, N, N, N] uint8 (or None): the share (×255) of each cube sample inside a nodule /
+    a malignant nodule (L = 2), then inside each part of ``TOKEN_FEATURES`` (L = 6; the token labels);
+    ``nodule_targets`` [M, K] (normalised, NaN = no label);
     ``study`` [M] study index; ``grid`` the model's token grid."""
 
     config: Any  # transforms.Preprocessing
@@ -248,8 +255,8 @@ class RoiSet:
         return roi_view_images(self.config, self.views, crops, items % len(self.views))
 
     def item_token_targets(self, items: Sequence[int] | np.ndarray, shifts: np.ndarray | None = None):
-        """[B, 2, gh, gw] ([B, 2, gd, gh, gw] for a volumetric model) share of each patch inside a nodule / a
-        malignant nodule (None without token cubes)."""
+        """[B, L, gh, gw] ([B, L, gd, gh, gw] for a volumetric model) share of each patch inside a nodule / a
+        malignant nodule (and each nodule part: ``token_cubes``; None without token cubes)."""
         if self.token_cubes is None:
             return None
         from ..transforms import _view_plane
@@ -299,19 +306,33 @@ def _binary_volume(mask, keep: np.ndarray):
     return mask.with_array(np.isin(mask.array, keep).astype(np.float32))
 
 
+def _features_volume(study: Study, volume):
+    """The nodule-part labels of ``study`` (``<name>_features.nii.gz`` on the CT's grid); required here."""
+    features = load_features(study.path, volume)
+    if features is None:
+        raise MedvitInputError(
+            f"{study.path} has no <name>_features.nii.gz beside it: feature token labels "
+            "(training.token_label_features) need phantoms v2 (make-phantom writes it)"
+        )
+    return features
+
+
 def load_rois(
     studies: Sequence[Study],
     model,
     *,
     margin: int = 0,
     token_targets: bool = False,
+    feature_tokens: bool = False,
     progress: bool = True,
     what: str = "the data",
 ) -> RoiSet:
     """The ROI views of every labelled nodule of ``studies`` for ``model`` (its ROI preprocessing),
     cubes sampled ``margin`` samples larger on every side (the room for centre jitter); with
-    ``token_targets`` also the nodule / malignant-nodule share of each sample (the token labels).
-    MedvitInputError naming ``what`` when no study has a nodule."""
+    ``token_targets`` also the nodule / malignant-nodule share of each sample (the token labels), and with
+    ``feature_tokens`` after those the share of each nodule part of :data:`TOKEN_FEATURES` (spicules,
+    lobulation, calcification, ground glass; from ``<name>_features.nii.gz``, which each study then needs).
+    MedvitInputError naming ``what`` when no study has a nodule or a features map is missing."""
     import dataclasses
 
     from tqdm.auto import tqdm
@@ -340,6 +361,9 @@ def load_rois(
             ids = np.array([int(x["id"]) for x in nodules])
             malignant = np.array([int(x["id"]) for x in nodules if int(x.get("malignancy", 0)) == 1] + [-1])
             shares = [RoiInputs(_binary_volume(mask, keep), big, centres) for keep in (ids, malignant)]
+            if feature_tokens:
+                features = _features_volume(study, volume)
+                shares += [RoiInputs(_binary_volume(features, [label]), big, centres) for label in TOKEN_FEATURES]
             tokens += [np.stack([np.rint(255 * sh.cube(r)).astype(np.uint8) for sh in shares]) for r in range(len(ids))]
         targets.append(nodule_targets(model.task_spec, nodules))
         study_idx.append(np.full(len(nodules), s))
@@ -371,19 +395,20 @@ def roi_metrics(model, data: RoiSet, batch_size: int = 128) -> dict[str, Any]:
 
 class TokenLabelHead(torch.nn.Module):
     """Training-only auxiliary head: each patch token predicts whether its patch lies in a nodule and
-    in a malignant nodule (token labelling, Jiang et al., "All Tokens Matter", NeurIPS 2021). It teaches
-    a small ViT trained from scratch where lesions are; it is not part of the saved model."""
+    in a malignant nodule (token labelling, Jiang et al., "All Tokens Matter", NeurIPS 2021), and with
+    ``channels`` = 2 + len(TOKEN_FEATURES) also in which nodule parts. It teaches a small ViT trained from
+    scratch where lesions (and their parts) are; it is not part of the saved model."""
 
-    def __init__(self, model):
+    def __init__(self, model, channels: int = 2):
         super().__init__()
         self.prefix = int(model.backbone.num_prefix_tokens)
         self.grid = tuple(model.backbone.patch_embed.grid_size)
-        self.linear = torch.nn.Linear(model.backbone.embed_dim, 2)
+        self.linear = torch.nn.Linear(model.backbone.embed_dim, channels)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, P+N, D] final-norm tokens → [B, 2, gh, gw] (3D: [B, 2, gd, gh, gw]) logits."""
+        """[B, P+N, D] final-norm tokens → [B, channels, gh, gw] (3D: [B, channels, gd, gh, gw]) logits."""
         logits = self.linear(tokens[:, self.prefix :])
-        return logits.transpose(1, 2).reshape(len(tokens), 2, *self.grid)
+        return logits.transpose(1, 2).reshape(len(tokens), self.linear.out_features, *self.grid)
 
 
 def forward_with_tokens(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -490,14 +515,22 @@ def _prepare(config: dict, data, val_data, seed: int, epochs: int, device: str, 
     model = build_model(config).to(dev)
     if recipe.get("init_from"):
         _start_from(model, str(recipe["init_from"]))
-    token_head = TokenLabelHead(model).to(dev)
-    if model.preprocessing.get("mode") == "roi":
+    roi_mode = model.preprocessing.get("mode") == "roi"
+    features = roi_mode and bool(recipe.get("token_label_features", False))
+    token_head = TokenLabelHead(model, 2 + len(TOKEN_FEATURES) * features).to(dev)
+    if roi_mode:
         # room for the centre jitter: whole cube samples on every side
         spacing = float(model.preprocessing["roi"]["spacing_mm"])
         margin = int(math.ceil(float(recipe.get("roi_jitter_mm", 3.0)) / spacing - 1e-9))
         tokens = bool(float(recipe.get("token_label_weight", 0.0)))
         train_set = load_rois(
-            train_studies, model, margin=margin, token_targets=tokens, progress=progress, what="the training data"
+            train_studies,
+            model,
+            margin=margin,
+            token_targets=tokens,
+            feature_tokens=tokens and features,
+            progress=progress,
+            what="the training data",
         )
         val_set = load_rois(val_studies, model, progress=progress, what="the validation studies")
         return _Run(recipe, seed, epochs, dev, model, token_head, train_set, val_set, len(val_studies))
