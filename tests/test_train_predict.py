@@ -231,3 +231,26 @@ def test_init_from_copies_a_checkpoint_and_refuses_another_architecture(tmp_path
     with pytest.raises(CheckpointError, match="does not fit the recipe's model") as info:
         _start_from(other, str(ckpt))
     assert "\n" not in str(info.value)
+
+
+def test_init_from_inflates_a_one_channel_checkpoint_to_adjacent_slices(tmp_path):
+    """A one-channel checkpoint starts a 2.5D model (``adjacent_slices``): the patch embedding on the channel
+    of offset 0, zeros on the others, so the new model's outputs equal the old model's on the centre slice
+    whatever the neighbours hold; every other weight is copied bit for bit."""
+    from medvit_explain.workflows.train import _start_from
+
+    from .models import tiny_model
+
+    ckpt = tiny_checkpoint(tmp_path / "start", seed=4)
+    config = tiny_config()
+    config["architecture"]["kwargs"]["in_chans"] = 3
+    config["preprocessing"].update(in_chans=3, channels={"recipe": "adjacent_slices", "offsets": [-2, 0, 2]})
+    model = build_model(config).eval()
+    _start_from(model, str(ckpt))
+    start = tiny_model(seed=4).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), start(x[:, 1:2]), rtol=1e-5, atol=1e-6)
+    weight = model.backbone.patch_embed.proj.weight
+    assert torch.equal(weight[:, 1], start.backbone.patch_embed.proj.weight[:, 0])
+    assert float(weight[:, [0, 2]].abs().max()) == 0.0

@@ -549,13 +549,27 @@ def _prepare(config: dict, data, val_data, seed: int, epochs: int, device: str, 
 
 def _start_from(model, checkpoint: str) -> None:
     """Copy the weights of ``checkpoint`` (a path or a shipped model's name; the same architecture and
-    outputs) into ``model``: the recipe's ``init_from``, to continue training a model on new data."""
+    outputs) into ``model``: the recipe's ``init_from``, to continue training a model on new data.
+
+    A one-channel checkpoint also starts a model that reads neighbouring slices (``adjacent_slices``, the
+    same architecture otherwise): its patch embedding goes to the channel of offset 0 and the other channels
+    start at zero, so the new model begins as exactly the old one on the centre slice (inflation)."""
     from ..errors import CheckpointError
     from ..model import load_model
 
     start = load_model(checkpoint, device="cpu")
+    state = start.state_dict()
+    channels = model.preprocessing.get("channels", {})
+    key = next((k for k, v in state.items() if k.endswith("patch_embed.proj.weight") and v.ndim == 4), None)
+    target = model.state_dict().get(key) if key else None
+    if channels.get("recipe") == "adjacent_slices" and target is not None and state[key].shape[1] == 1:
+        if target.shape[1] != len(channels["offsets"]) or target.shape[0] != state[key].shape[0]:
+            raise CheckpointError(f"training.init_from {checkpoint!r}: its patch embedding does not fit the recipe's")
+        inflated = torch.zeros_like(target)
+        inflated[:, list(channels["offsets"]).index(0)] = state[key][:, 0]
+        state = {**state, key: inflated}
     try:
-        model.load_state_dict(start.state_dict(), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc).strip())
         raise CheckpointError(f"training.init_from {checkpoint!r} does not fit the recipe's model: {first}") from None
