@@ -140,12 +140,11 @@ def test_default_config_gives_the_old_images(crop_body):
 
 
 def test_sample_model_preprocessing_is_unchanged():
-    """The shipped sample model's dict (no channels / mean / std) gets the copies recipe, no normalisation."""
+    """The first sample model's dict (``configs/sample_slice_v1``: one channel, no mean / std) gets the copies
+    recipe, no normalisation: its inputs are what they were before channel recipes existed."""
     from pathlib import Path
 
-    import medvit_explain
-
-    config = json.loads((Path(medvit_explain.__file__).parent / "assets/sample_model/config.json").read_text())
+    config = json.loads((Path(__file__).parents[1] / "configs/sample_slice_v1/config.json").read_text())
     pre = Preprocessing.from_config(validate_preprocessing(config["preprocessing"], (1, 256, 256)))
     assert pre.channels.recipe == "copies" and pre.mean is None and pre.std is None
     volume = make_volume(shape=(20, 18, 3), seed=2)

@@ -254,3 +254,23 @@ def test_init_from_inflates_a_one_channel_checkpoint_to_adjacent_slices(tmp_path
     weight = model.backbone.patch_embed.proj.weight
     assert torch.equal(weight[:, 1], start.backbone.patch_embed.proj.weight[:, 0])
     assert float(weight[:, [0, 2]].abs().max()) == 0.0
+
+
+def test_the_sample_slice_recipe_starts_from_the_first_sample_model():
+    """``configs/sample_model.yaml``: stage 2 of the shipped slice model starts from ``configs/sample_slice_v1``
+    (its ``init_from``) inflated to the recipe's neighbouring slices, outputs equal on the centre slice."""
+    from pathlib import Path
+
+    from medvit_explain.model import load_config, load_model
+    from medvit_explain.workflows.train import _start_from
+
+    root = Path(__file__).parents[1]
+    config = load_config(root / "configs" / "sample_model.yaml")
+    recipe = config["training"]
+    model = build_model(config, base_dir=root / "configs").eval()
+    _start_from(model, str(root / recipe["init_from"]))
+    first = load_model(root / recipe["init_from"], device="cpu").eval()
+    centre = config["preprocessing"]["channels"]["offsets"].index(0)
+    x = torch.randn(2, model.input_size[0], *model.input_size[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), first(x[:, centre : centre + 1]), rtol=1e-4, atol=1e-5)
