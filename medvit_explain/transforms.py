@@ -111,6 +111,12 @@ class ChannelRecipe:
         """The channels the recipe itself fixes (None for copies: any number)."""
         return {"hu_windows": len(self.windows), "adjacent_slices": len(self.offsets)}.get(self.recipe)
 
+    @property
+    def centre(self) -> int:
+        """The channel that holds the plane itself (``adjacent_slices``: offset 0; else the first): what a
+        figure of the model's input shows."""
+        return self.offsets.index(0) if self.recipe == "adjacent_slices" else 0
+
 
 @dataclass(frozen=True)
 class Preprocessing:

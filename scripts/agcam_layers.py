@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from medvit_explain.explainers import explain, upsample  # noqa: E402
 from medvit_explain.explainers.agcam import agcam_layers  # noqa: E402
 from medvit_explain.model import load_model  # noqa: E402
+from medvit_explain.transforms import Preprocessing  # noqa: E402
 from medvit_explain.workflows.evaluate import load_eval_slices  # noqa: E402
 from medvit_explain.workflows.studies import find_studies  # noqa: E402
 
@@ -45,6 +46,7 @@ def main() -> None:
     idx = sl.explained[malignant]
     nodule = sl.nodule[malignant]
     x = sl.images[idx]
+    centre = Preprocessing.from_config(model.preprocessing).channels.centre  # the slice itself
     layers = torch.cat([agcam_layers(model, x[i : i + 32], ["malignancy"])[:, 0] for i in range(0, len(x), 32)])
     cdam = torch.cat(
         [explain(model, x[i : i + 32], "cdam", targets=["malignancy"])[:, 0] for i in range(0, len(x), 32)]
@@ -64,7 +66,7 @@ def main() -> None:
     fig, axes = plt.subplots(len(order), 3 + K, figsize=(2.2 * (3 + K), 2.3 * len(order)), squeeze=False)
     cdam_up = upsample(cdam[:, None], size)[:, 0].numpy()
     for r, i in enumerate(order):
-        ct = x[i, 0].numpy()
+        ct = x[i, centre].numpy()
         panels = [("CT, nodule", None), ("CDAM", cdam_up[i]), ("AG-CAM (sum)", up[i].sum(0))]
         panels += [
             (f"block {k}: {share_of_map[i, k]:.0%} of mass,\n{share_inside[i, k]:.0%} in nodule", up[i, k])

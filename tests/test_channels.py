@@ -10,6 +10,7 @@ from medvit_explain.errors import CheckpointError
 from medvit_explain.model import build_model, validate_preprocessing
 from medvit_explain.model.preprocessing import DEFAULT_PREPROCESSING, defaults_used
 from medvit_explain.transforms import (
+    ChannelRecipe,
     Preprocessing,
     RoiInputs,
     SliceInputs,
@@ -393,3 +394,21 @@ def test_per_channel_fill_reaches_removed_pixels():
     assert torch.equal(batch[:, 1], fill.expand(2, 3, 4, 4))  # the fully removed image
     removed = batch[:, 2:] != images[:, None]
     assert torch.equal(batch[:, 2:][removed], fill.expand_as(batch[:, 2:])[removed])
+
+
+def test_the_centre_channel_holds_the_plane_itself():
+    """What figures of a model's inputs show: offset 0 of ``adjacent_slices``, else the first channel; on real
+    inputs that channel equals a one-channel model's input of the same slice."""
+    assert ChannelRecipe("adjacent_slices", offsets=(-2, -1, 0, 1, 2)).centre == 2
+    assert ChannelRecipe("adjacent_slices", offsets=(0, 3)).centre == 0
+    assert ChannelRecipe("copies").centre == 0
+    volume = make_volume(shape=(20, 18, 6), seed=4)
+    one = Preprocessing.from_config(validate_preprocessing({"mode": "slice", "image_size": [16, 16]}, (1, 16, 16)))
+    adjacent = Preprocessing.from_config(
+        validate_preprocessing(
+            {"mode": "slice", "image_size": [16, 16], "channels": {"recipe": "adjacent_slices", "offsets": [-1, 0, 2]}},
+            (3, 16, 16),
+        )
+    )
+    x = SliceInputs(volume, adjacent).images([3])
+    assert torch.equal(x[:, adjacent.channels.centre], SliceInputs(volume, one).images([3])[:, 0])

@@ -625,9 +625,11 @@ def _measure_all(
     from tqdm.auto import tqdm
 
     from ..explainers import upsample
+    from ..transforms import Preprocessing
 
     ex_idx = _example_indices(run.sl, n_examples)
-    examples = EvaluationExamples(run.images[ex_idx, 0].numpy(), run.sl.nodule[ex_idx])
+    centre = Preprocessing.from_config(run.model.preprocessing).channels.centre  # the slice itself
+    examples = EvaluationExamples(run.images[ex_idx, centre].numpy(), run.sl.nodule[ex_idx])
     n_batches = (len(run.images) + run.batch_size - 1) // run.batch_size
     bar = tqdm(total=len(methods) * n_batches, desc="evaluate", unit="batch", disable=not progress, leave=False)
     per_method = {}
