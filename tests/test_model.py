@@ -244,7 +244,8 @@ def test_sample_model_config_builds():
     cfg = load_config(ROOT / "configs" / "sample_model.yaml")
     model = build_model(cfg, base_dir=ROOT / "configs")
     assert isinstance(model, MedViT)
-    assert model.input_size == (1, 256, 256) and model.grid_size == (16, 16)
+    assert model.input_size == (5, 256, 256) and model.grid_size == (16, 16)  # the slice and four neighbours
+    assert model.preprocessing["channels"] == {"recipe": "adjacent_slices", "offsets": [-2, -1, 0, 1, 2]}
     assert model.preprocessing["scale_to"] == [-2.0, 2.0]
     assert model.targets == LIDC_NAMES
     training = model.config["training"]
