@@ -117,34 +117,32 @@ def model_card_markdown(config: dict, card: dict, recipe_path: str = "configs/sa
         what = f"{arch['img_size'][0]} px whole slices"
         if channels.get("recipe") == "adjacent_slices":
             what += f", each with the slices at offsets {channels['offsets']} as {len(channels['offsets'])} channels"
-        false_alarms = held.get("malignancy_false_positives_nodule_free")
         scores = [
             f"- slices: {held['n_slices']} ({held['n_nodule_slices']} through a nodule)",
             f"- **slice-level malignancy ROC AUC: {held['malignancy_auc']:.3f}** "
             f"(accuracy at 0.5: {held['malignancy_accuracy']:.3f})",
-            *(
-                []
-                if false_alarms is None
-                else [
-                    f"- nodule-free slices called malignant (P > 0.5): {false_alarms} "
-                    f"({false_alarms / held['phantoms']:.1f} per phantom)"
-                ]
-            ),
+        ]
+        false_alarms = held.get("malignancy_false_positives_nodule_free")
+        if false_alarms is not None:
+            scores.append(
+                f"- nodule-free slices called malignant (P > 0.5): {false_alarms} "
+                f"({false_alarms / held['phantoms']:.1f} per phantom)"
+            )
+        scores += [
             f"- malignancy ROC AUC on nodule slices only (malignant vs benign nodule): "
             f"{held['malignancy_auc_nodule_slices']:.3f}",
             "",
             "| biomarker (LIDC scale) | MAE on nodule slices |",
         ]
+    start = config["training"].get("init_from")
+    origin = f"from `{start}` (its weights as the start)" if start else "from scratch"
     lines = [
         f"# {config['name']}",
         "",
         f"A small timm ViT ({what}; patch {arch['patch_size']}, {arch['depth']} blocks, "
         f"{arch['embed_dim']} dims, {arch['num_heads']} heads) with one linear head for malignancy (binary logit) "
-        "and the eight LIDC biomarkers (normalised regression), trained "
-        + (f"from `{start}` (its weights as the start)" if (start := config["training"].get("init_from")) else "")
-        + ("" if start else "from scratch")
-        + " on synthetic chest-CT phantoms (`medvit_explain.phantom`). **It has never seen a real CT: it is a "
-        "demo and test model, not a "
+        f"and the eight LIDC biomarkers (normalised regression), trained {origin} on synthetic chest-CT "
+        "phantoms (`medvit_explain.phantom`). **It has never seen a real CT: it is a demo and test model, not a "
         f"clinical one.** Recipe and seeds: `{recipe_path}`; kept epoch {card['selected_epoch']}.",
         "",
         f"## Held-out phantoms (seed {held['seed']}, {held['phantoms']} phantoms, never used in training or selection)",

@@ -556,17 +556,18 @@ def _start_from(model, checkpoint: str) -> None:
     start at zero, so the new model begins as exactly the old one on the centre slice (inflation)."""
     from ..errors import CheckpointError
     from ..model import load_model
+    from ..transforms import ChannelRecipe
 
     start = load_model(checkpoint, device="cpu")
     state = start.state_dict()
-    channels = model.preprocessing.get("channels", {})
+    channels = ChannelRecipe.from_config(model.preprocessing.get("channels"))
     key = next((k for k, v in state.items() if k.endswith("patch_embed.proj.weight") and v.ndim == 4), None)
     target = model.state_dict().get(key) if key else None
-    if channels.get("recipe") == "adjacent_slices" and target is not None and state[key].shape[1] == 1:
-        if target.shape[1] != len(channels["offsets"]) or target.shape[0] != state[key].shape[0]:
+    if channels.recipe == "adjacent_slices" and target is not None and state[key].shape[1] == 1:
+        if target.shape[1] != len(channels.offsets) or target.shape[0] != state[key].shape[0]:
             raise CheckpointError(f"training.init_from {checkpoint!r}: its patch embedding does not fit the recipe's")
         inflated = torch.zeros_like(target)
-        inflated[:, list(channels["offsets"]).index(0)] = state[key][:, 0]
+        inflated[:, channels.centre] = state[key][:, 0]
         state = {**state, key: inflated}
     try:
         model.load_state_dict(state, strict=True)
