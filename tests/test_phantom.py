@@ -13,6 +13,7 @@ from medvit_explain.phantom import (
     NODULE_KEYS,
     _sample_attributes,
     generate_phantom,
+    make_phantom_groups,
     make_phantoms,
     malignancy_rule,
     malignancy_score,
@@ -63,6 +64,21 @@ def test_same_seed_identical_files_other_seed_differs(tmp_path):
     assert fa["phantom_000.nii.gz"] != fa["phantom_001.nii.gz"]
     assert _files(tmp_path / "c")["phantom_000.nii.gz"] != fa["phantom_000.nii.gz"]
     assert c[0]["json"].name == "phantom_000.json"
+
+
+def test_phantom_groups_nodule_count(tmp_path):
+    """A group's ``nodules`` puts that many nodules in each of its phantoms (the ROI recipe's dense
+    phantoms); without it the count is the generator's 0-3, the same phantoms as make_phantoms gives."""
+    groups = [
+        {"count": 2, "size": [128, 128, 48], "spacing": list(SPACING), "nodules": 5},
+        {"count": 2, "size": [64, 64, 24], "spacing": list(SPACING)},
+    ]
+    out = make_phantom_groups(tmp_path / "g", groups, seed=7)
+    assert [r["name"] for r in out] == ["grid0_000", "grid0_001", "grid1_000", "grid1_001"]
+    assert [len(r["nodules"]) for r in out[:2]] == [5, 5]
+    plain = make_phantoms(tmp_path / "p", seed=7 + 100, count=2, size=(64, 64, 24), spacing=SPACING)
+    assert [r["seed"] for r in out[2:]] == [r["seed"] for r in plain]
+    assert [r["nodules"] for r in out[2:]] == [r["nodules"] for r in plain]
 
 
 def test_in_memory_determinism():

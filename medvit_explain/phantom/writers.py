@@ -108,8 +108,8 @@ def make_phantom_groups(
     out_dir: str | os.PathLike, groups: Sequence[Mapping[str, Any]], seed: int, name_prefix: str = "grid"
 ) -> list[dict[str, Any]]:
     """Several :func:`make_phantoms` sets in one folder, one per grid: group ``g`` (``count``, ``size``,
-    ``spacing``) uses seed ``seed + 100 g`` and names ``<name_prefix><g>_000``, … (the recipes in
-    ``configs/sample_model.yaml``)."""
+    ``spacing``, optionally ``nodules``: that many nodules in each phantom instead of 0-3) uses seed
+    ``seed + 100 g`` and names ``<name_prefix><g>_000``, … (the recipes in ``configs/sample_model.yaml``)."""
     written = []
     for g, group in enumerate(groups):
         written += make_phantoms(
@@ -119,5 +119,6 @@ def make_phantom_groups(
             size=tuple(group["size"]),
             spacing=tuple(group["spacing"]),
             name_prefix=f"{name_prefix}{g}",
+            n_nodules=group.get("nodules"),
         )
     return written
