@@ -16,17 +16,14 @@ with an ``adjacent_slices`` slab of that many planes per view.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 import time
 
-import numpy as np
 import torch
 import yaml
 
 from medvit_explain.model import build_model
 from medvit_explain.workflows.studies import find_studies
-from medvit_explain.workflows.train import load_rois, roi_metrics, task_loss
+from medvit_explain.workflows.train import jitter_margin, load_rois, roi_metrics, task_loss
 
 
 def probe_cnn(in_chans: int, outputs: int) -> torch.nn.Module:
@@ -53,19 +50,6 @@ def probe_cnn(in_chans: int, outputs: int) -> torch.nn.Module:
     )
 
 
-def joined(sets):
-    """One ROI set of several (same model, same margin)."""
-    first = sets[0]
-    return dataclasses.replace(
-        first,
-        cubes=np.concatenate([s.cubes for s in sets]),
-        nodule_targets=torch.cat([s.nodule_targets for s in sets]),
-        study=np.concatenate([s.study + 10**6 * i for i, s in enumerate(sets)]),
-        token_cubes=None,
-        _images=None,
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="an ROI recipe (its preprocessing, model, training)")
@@ -88,13 +72,14 @@ def main() -> None:
         config["preprocessing"]["in_chans"] = config["architecture"]["kwargs"]["in_chans"] = len(offsets)
     recipe = config["training"]
     model = build_model(config)  # the preprocessing and task the probe is trained for (and the ViT)
-    spacing = float(config["preprocessing"]["roi"]["spacing_mm"])
-    margin = int(math.ceil(float(recipe.get("roi_jitter_mm", 3.0)) / spacing - 1e-9))
-    train = joined([load_rois(find_studies(d), model, margin=margin, what=d) for d in args.train])
+    studies = [study for folder in args.train for study in find_studies(folder)]
+    train = load_rois(studies, model, margin=jitter_margin(model, recipe), what="the --train folders")
     test = load_rois(find_studies(args.test), model, what=args.test)
     in_chans = int(config["preprocessing"]["in_chans"])
-    net = probe_cnn(in_chans, len(model.task_spec)) if args.net == "cnn" else model
-    net.task_spec = model.task_spec
+    net = model
+    if args.net == "cnn":
+        net = probe_cnn(in_chans, len(model.task_spec))
+        net.task_spec = model.task_spec  # what roi_metrics reads the targets from
     lr = args.lr or (2e-3 if args.net == "cnn" else 1e-3)
     batch = int(recipe.get("batch_size", 64))
     steps = (len(train) + batch - 1) // batch

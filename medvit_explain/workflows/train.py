@@ -61,6 +61,7 @@ __all__ = [
     "evaluate",
     "find_studies",
     "forward_with_tokens",
+    "jitter_margin",
     "load_labelled_study",
     "load_rois",
     "load_slices",
@@ -498,6 +499,13 @@ class _Run:
     best_metrics: dict = field(default_factory=dict)
 
 
+def jitter_margin(model, recipe: dict) -> int:
+    """The room for an ROI recipe's centre jitter (``roi_jitter_mm``, default 3): whole cube samples on every
+    side, ``ceil(roi_jitter_mm / spacing_mm)``."""
+    spacing = float(model.preprocessing["roi"]["spacing_mm"])
+    return int(math.ceil(float(recipe.get("roi_jitter_mm", 3.0)) / spacing - 1e-9))
+
+
 def _prepare(config: dict, data, val_data, seed: int, epochs: int, device: str, progress: bool) -> _Run:
     """Seed, studies (split unless ``val_data``), model, token head and the preprocessed slices."""
     from ..model import build_model, resolve_device
@@ -519,9 +527,7 @@ def _prepare(config: dict, data, val_data, seed: int, epochs: int, device: str, 
     features = roi_mode and bool(recipe.get("token_label_features", False))
     token_head = TokenLabelHead(model, 2 + len(TOKEN_FEATURES) * features).to(dev)
     if roi_mode:
-        # room for the centre jitter: whole cube samples on every side
-        spacing = float(model.preprocessing["roi"]["spacing_mm"])
-        margin = int(math.ceil(float(recipe.get("roi_jitter_mm", 3.0)) / spacing - 1e-9))
+        margin = jitter_margin(model, recipe)
         tokens = bool(float(recipe.get("token_label_weight", 0.0)))
         train_set = load_rois(
             train_studies,
