@@ -26,7 +26,7 @@ from tests.vit_models import make_images, make_model
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
 TA_FLOAT32_TOL = 2e-3
-VARIANTS = ["plain", "reg4", "nonsquare", "qknorm-layerscale-mlphead", "distilled", "avgpool"]
+VARIANTS = ["plain", "reg4", "nonsquare", "qknorm-layerscale-mlphead", "distilled", "avgpool", "convstem"]
 
 # ------------------------------------------------------------------------------------ explicit forward
 
@@ -65,6 +65,8 @@ def forward(model, img: torch.Tensor) -> dict:
     d = bb.embed_dim
     ph, pw = bb.patch_embed.patch_size
     patches = F.unfold(img[None], (ph, pw), stride=(ph, pw))[0].T  # [N, C·ph·pw], grid row-major
+    if hasattr(bb.patch_embed, "stem"):  # a convolutional stem: relevance stops at its output, the 1×1 proj's input
+        patches = bb.patch_embed.stem(img[None])[0].flatten(1).T  # [N, C'], grid row-major
     w_pe = bb.patch_embed.proj.weight.reshape(d, -1)
     z = patches @ w_pe.T + bb.patch_embed.proj.bias
     prefix = [bb.cls_token[0]] + ([bb.reg_token[0]] if getattr(bb, "reg_token", None) is not None else [])

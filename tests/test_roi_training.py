@@ -45,8 +45,12 @@ def _nodules(study) -> list[dict]:
     return json.loads(open(study.labels).read())["nodules"]
 
 
-def test_roi_training_one_epoch_gives_a_checkpoint_that_predicts_rois(tmp_path, phantoms):
+@pytest.mark.parametrize("stem", [None, [8, 8]], ids=["patchify", "convstem"])
+def test_roi_training_one_epoch_gives_a_checkpoint_that_predicts_rois(tmp_path, phantoms, stem):
     config = roi_config()
+    if stem:  # a convolutional stem: its batch-norm statistics are learnt and saved with the weights
+        config["architecture"].update(patch_embed="convstem", stem_widths=stem)
+        config["architecture"]["kwargs"]["patch_size"] = 4
     config["training"] = {"seed": 1, "epochs": 1, "batch_size": 8, "val_fraction": 0.34, "token_label_weight": 1.0}
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(config))
@@ -62,6 +66,9 @@ def test_roi_training_one_epoch_gives_a_checkpoint_that_predicts_rois(tmp_path, 
     assert set(provenance["validation"]["mae"]) == set(TaskSpec.default().names[1:])
 
     model = load_model(out, device="cpu")
+    if stem:
+        assert model.grid_size == (6, 6) and model.config["architecture"]["stem_widths"] == stem
+        assert model.backbone.patch_embed.stem[1].running_mean.abs().sum() > 0
     study = find_studies(phantoms)[0]
     centres = np.array([n["center_mm"] for n in _nodules(study)])
     table = predict(model, load_volume(study.path), roi_centers=centres)

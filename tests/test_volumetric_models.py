@@ -150,7 +150,7 @@ def test_build_model_from_a_volumetric_config():
         (lambda c: c["architecture"]["kwargs"].pop("depth"), r"needs architecture.kwargs \['depth'\]"),
         (
             lambda c: c["architecture"].update(patch_embed="conv4d"),
-            r"expected architecture.patch_embed conv2d or conv3d",
+            r"expected architecture.patch_embed conv2d, conv3d \(3D volumes\) or convstem",
         ),
         (lambda c: c["architecture"]["kwargs"].update(img_size=[16, 32]), r"img_size \(patch_embed conv3d\): expected"),
         (lambda c: c["architecture"]["kwargs"].update(img_size=[16, 30, 16]), r"not a whole number of patches"),

@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from medvit_explain.model.patch_embed import PatchEmbed3d
+from medvit_explain.model.patch_embed import ConvStem, PatchEmbed3d
 
 TARGETS = ["malignancy", "subtlety", "calcification"]
 
@@ -36,6 +38,7 @@ class TinyViTClassifier(nn.Module):
         init_values=None,
         mlp_head=False,
         volumetric=False,
+        stem_widths=None,
         seed=0,
     ):
         super().__init__()
@@ -58,6 +61,8 @@ class TinyViTClassifier(nn.Module):
             kwargs["reg_tokens"] = reg_tokens
         if volumetric:  # a 3D patch embedding: img_size / patch_size are (D, H, W)
             kwargs["embed_layer"] = PatchEmbed3d
+        if stem_widths:  # a convolutional stem in place of the patchify convolution
+            kwargs["embed_layer"] = partial(ConvStem, widths=stem_widths)
         self.backbone = cls(**kwargs)
         d, k = embed_dim, len(targets)
         mlp = nn.Sequential(nn.Linear(d, 16), nn.GELU(), nn.Linear(16, k))
@@ -90,6 +95,7 @@ VARIANTS = {
     "distilled": dict(distilled=True),
     "qknorm-layerscale-mlphead": dict(qk_norm=True, init_values=0.5, mlp_head=True, depth=3),
     "avgpool": dict(global_pool="avg"),
+    "convstem": dict(stem_widths=[4, 6, 8], patch_size=4, img_size=16),  # three 3×3 convs, two of stride 2
     "3d": dict(volumetric=True, img_size=16, patch_size=8),  # a 2 × 2 × 2 token grid
     "3d-noncubic-reg2": dict(volumetric=True, img_size=(8, 24, 16), patch_size=(4, 8, 4), reg_tokens=2, depth=3),
 }
@@ -102,4 +108,4 @@ def make_model(variant: str = "plain", **overrides) -> TinyViTClassifier:
 def make_images(model: TinyViTClassifier, batch: int = 2, seed: int = 1) -> torch.Tensor:
     pe = model.backbone.patch_embed
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, pe.proj.in_channels, *pe.img_size, generator=gen)
+    return torch.randn(batch, model.backbone.in_chans, *pe.img_size, generator=gen)

@@ -243,7 +243,9 @@ def _stock_forward(m: nn.Module, classes: tuple[type, ...]) -> bool:
 
 def patch_convolution(backbone: nn.Module) -> nn.Conv2d | nn.Conv3d:
     """The patch embedding's convolution; ``ModelNotSupportedError`` unless its patches do not overlap
-    (stride = kernel, no padding), so that a token's relevance is that of its own pixels."""
+    (stride = kernel, no padding), so that a token's relevance is that of its own pixels. A convolutional
+    stem's is its final 1×1 projection: the relevance then stops at the stem's output (one feature vector
+    per token), as no attention-aware rule covers the stem's overlapping 3×3 convolutions."""
     conv = getattr(backbone.patch_embed, "proj", None)
     ok = (
         isinstance(conv, (nn.Conv2d, nn.Conv3d))

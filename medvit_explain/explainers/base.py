@@ -95,7 +95,7 @@ def inspect_model(model: nn.Module) -> ViTSpec:
             )
     pe = backbone.patch_embed
     grid = tuple(int(g) for g in pe.grid_size)
-    in_chans = int(pe.proj.in_channels)
+    in_chans = int(getattr(pe, "in_chans", None) or pe.proj.in_channels)  # a stem's, else the patch conv's
     dynamic = bool(getattr(pe, "dynamic_img_size", False) or getattr(backbone, "dynamic_img_size", False))
     img_size = None if dynamic or pe.img_size is None else tuple(int(s) for s in pe.img_size)
     read_rows: tuple[int, ...] | None = None

@@ -38,7 +38,7 @@ from medvit_explain.errors import CheckpointError, ModelNotSupportedError
 from medvit_explain.model.checkpoint import state_mismatch
 from medvit_explain.model.keymaps import monai_vit_keys, pair, torchvision_vit_keys
 from medvit_explain.model.network import MedViT, build_backbone
-from medvit_explain.model.patch_embed import PatchEmbed3d, triple
+from medvit_explain.model.patch_embed import ConvStem, PatchEmbed3d, input_channels, triple
 from medvit_explain.model.task import TaskSpec, load_task_spec
 
 __all__ = ["monai_vit_keys", "wrap_model"]
@@ -117,7 +117,11 @@ def wrap_model(
     spec = _task_spec(targets, task_spec, description.num_outputs)
     arch = description.architecture
     backbone = build_backbone(
-        arch["timm_name"], arch["kwargs"], arch.get("norm_eps"), arch.get("patch_embed", "conv2d")
+        arch["timm_name"],
+        arch["kwargs"],
+        arch.get("norm_eps"),
+        arch.get("patch_embed", "conv2d"),
+        arch.get("stem_widths"),
     )
     if description.kind == "timm":
         _compare_structure(backbone, module, arch)
@@ -223,7 +227,7 @@ def _describe_timm(vit: VisionTransformer) -> _Description:
     kwargs: dict[str, Any] = {
         "img_size": [int(s) for s in pe.img_size],
         "patch_size": [int(s) for s in pe.patch_size],
-        "in_chans": int(pe.proj.in_channels),
+        "in_chans": input_channels(pe),
         "embed_dim": int(vit.embed_dim),
         "depth": len(vit.blocks),
         "num_heads": int(attn.num_heads),
@@ -291,6 +295,9 @@ def _describe_timm(vit: VisionTransformer) -> _Description:
     arch = _architecture(timm_name, kwargs, eps)
     if isinstance(pe, PatchEmbed3d):  # a timm ViT given our volumetric patch embedding
         arch["patch_embed"] = "conv3d"
+    elif isinstance(pe, ConvStem):  # or our convolutional stem
+        arch["patch_embed"] = "convstem"
+        arch["stem_widths"] = [int(m.out_channels) for m in pe.stem if isinstance(m, nn.Conv2d)]
     return _Description(
         "timm",
         arch,

@@ -317,6 +317,7 @@ def _shape_hint(state: Mapping[str, torch.Tensor], model: MedViT) -> str:
     proj = state.get("backbone.patch_embed.proj.weight")
     if (
         proj is not None
+        and "stem_widths" not in model.config["architecture"]  # a stem's proj is 1x1: not the patch
         and proj.ndim == 4
         and tuple(proj.shape[1:]) != tuple(model.backbone.patch_embed.proj.weight.shape[1:])
     ):

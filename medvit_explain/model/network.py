@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from medvit_explain.errors import CheckpointError, ModelNotSupportedError
 from medvit_explain.model.heads import build_head, head_config
-from medvit_explain.model.patch_embed import PATCH_EMBEDS, PatchEmbed3d, triple
+from medvit_explain.model.patch_embed import PATCH_EMBEDS, ConvStem, PatchEmbed3d, input_channels, triple
 from medvit_explain.model.preprocessing import defaults_used, validate_preprocessing
 from medvit_explain.model.task import TaskSpec, load_task_spec
 from medvit_explain.vocabulary import jsonable
@@ -101,7 +102,7 @@ class MedViT(nn.Module):
     def input_size(self) -> tuple[int, ...]:
         """``(C, H, W)`` the backbone expects (``(C, D, H, W)`` for a volumetric model)."""
         pe = self.backbone.patch_embed
-        return (int(pe.proj.in_channels), *(int(s) for s in pe.img_size))
+        return (input_channels(pe), *(int(s) for s in pe.img_size))
 
     @property
     def patch_size(self) -> tuple[int, ...]:
@@ -147,24 +148,28 @@ class MedViT(nn.Module):
         return values
 
 
-def _architecture(config: Mapping[str, Any]) -> tuple[str, dict[str, Any], float | None, str]:
-    """(timm name, kwargs, LayerNorm eps or None, patch embedding) from the config's ``architecture``."""
+def _architecture(config: Mapping[str, Any]) -> tuple[str, dict[str, Any], float | None, str, list[int] | None]:
+    """(timm name, kwargs, LayerNorm eps or None, patch embedding, stem widths or None) from the config's
+    ``architecture``."""
     arch = config.get("architecture")
     if not isinstance(arch, Mapping):
         raise CheckpointError(
             "config: expected 'architecture: {timm_name: vit_base_patch16_224, "
             f"kwargs: {{img_size: ..., in_chans: ...}}}}', got {arch!r}"
         )
-    unknown = sorted(set(arch) - {"timm_name", "kwargs", "norm_eps", "patch_embed"})
+    unknown = sorted(set(arch) - {"timm_name", "kwargs", "norm_eps", "patch_embed", "stem_widths"})
     if unknown:
         raise CheckpointError(
-            f"config: unknown architecture key(s) {unknown}; expected timm_name, kwargs, norm_eps, patch_embed"
+            f"config: unknown architecture key(s) {unknown}; expected timm_name, kwargs, norm_eps, patch_embed, "
+            "stem_widths"
         )
     patch_embed = arch.get("patch_embed", "conv2d")
     if patch_embed not in PATCH_EMBEDS:
         raise CheckpointError(
-            f"config: expected architecture.patch_embed {' or '.join(PATCH_EMBEDS)} (3D volumes), got {patch_embed!r}"
+            "config: expected architecture.patch_embed conv2d, conv3d (3D volumes) or convstem (a convolutional "
+            f"stem), got {patch_embed!r}"
         )
+    stem_widths = _stem_widths(arch.get("stem_widths"), patch_embed)
     name = arch.get("timm_name")
     if not isinstance(name, str) or not name:
         raise CheckpointError(f"config: expected architecture.timm_name (a timm model name), got {name!r}")
@@ -189,7 +194,27 @@ def _architecture(config: Mapping[str, Any]) -> tuple[str, dict[str, Any], float
         raise CheckpointError("config: remove embed_layer from architecture.kwargs; set architecture.patch_embed")
     kwargs = jsonable(kwargs)
     kwargs.setdefault("global_pool", "token")
-    return name, kwargs, None if eps is None else float(eps), patch_embed
+    return name, kwargs, None if eps is None else float(eps), patch_embed, stem_widths
+
+
+def _stem_widths(widths: Any, patch_embed: str) -> list[int] | None:
+    """``architecture.stem_widths``: the 3×3 convolutions' channel counts, given with (and only with)
+    ``patch_embed: convstem``."""
+    if patch_embed != "convstem":
+        if widths is not None:
+            raise CheckpointError("config: architecture.stem_widths is for patch_embed convstem; remove it or set that")
+        return None
+    if (
+        not isinstance(widths, Sequence)
+        or isinstance(widths, str)
+        or not widths
+        or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths)
+    ):
+        raise CheckpointError(
+            f"config: patch_embed convstem needs architecture.stem_widths, channel counts like [32, 32, 64, 96]; "
+            f"got {widths!r}"
+        )
+    return [int(w) for w in widths]
 
 
 REMOTE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:", "http://", "https://")
@@ -207,17 +232,26 @@ def check_not_remote(name: str, where: str, advice: str = "") -> None:
 
 
 def build_backbone(
-    timm_name: str, kwargs: Mapping[str, Any], norm_eps: float | None = None, patch_embed: str = "conv2d"
+    timm_name: str,
+    kwargs: Mapping[str, Any],
+    norm_eps: float | None = None,
+    patch_embed: str = "conv2d",
+    stem_widths: Sequence[int] | None = None,
 ) -> VisionTransformer:
     """``timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)``, checked to be a ViT.
     ``norm_eps`` sets every LayerNorm's epsilon afterwards (timm's ViT uses 1e-6; MONAI's and PyTorch's
     default is 1e-5), so a converted model computes exactly what the original did. ``patch_embed="conv3d"``
     gives it a :class:`~medvit_explain.model.patch_embed.PatchEmbed3d` (``img_size``/``patch_size`` then
-    ``[D, H, W]``): a volumetric ViT (:func:`_volumetric_backbone`)."""
+    ``[D, H, W]``): a volumetric ViT (:func:`_volumetric_backbone`); ``patch_embed="convstem"`` a
+    :class:`~medvit_explain.model.patch_embed.ConvStem` with ``stem_widths`` (a 2D ViT whose tokens see their
+    pixels through convolutions)."""
     check_not_remote(timm_name, "timm model")
     try:
         if patch_embed == "conv3d":
             backbone = _volumetric_backbone(timm_name, kwargs)
+        elif patch_embed == "convstem":
+            stem = partial(ConvStem, widths=list(stem_widths or ()))
+            backbone = timm.create_model(timm_name, pretrained=False, num_classes=0, embed_layer=stem, **kwargs)
         else:
             backbone = timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
     except (RuntimeError, TypeError, ValueError, AssertionError, KeyError) as exc:
@@ -267,14 +301,15 @@ def build_model(config: Mapping[str, Any], base_dir: str | Path | None = None) -
     fmt = config.get("format", FORMAT)
     if fmt != FORMAT:
         raise CheckpointError(f"config: expected format {FORMAT!r}, got {fmt!r}")
-    name, kwargs, eps, patch_embed = _architecture(config)
+    name, kwargs, eps, patch_embed, stem_widths = _architecture(config)
     task_spec = load_task_spec(config.get("task_spec"), base_dir=base_dir)
-    backbone = build_backbone(name, kwargs, eps, patch_embed)
+    backbone = build_backbone(name, kwargs, eps, patch_embed, stem_widths)
     full = dict(config)
     full["architecture"] = (
         {"timm_name": name, "kwargs": kwargs}
         | ({} if eps is None else {"norm_eps": eps})
         | ({} if patch_embed == "conv2d" else {"patch_embed": patch_embed})
+        | ({} if stem_widths is None else {"stem_widths": stem_widths})
     )
     full.setdefault("name", name)
     return MedViT(backbone, task_spec, preprocessing=config.get("preprocessing"), config=full)
