@@ -48,10 +48,8 @@ def main() -> None:
         recipe["num_threads"] = args.threads
     work = Path(args.work or ROOT / "runs" / stem)
     t0 = time.perf_counter()
-    if not (work / "train").exists():
-        make_phantom_groups(work / "train", recipe["phantoms"]["groups"], recipe["phantoms"]["train_seed"])
-    if not (work / "test").exists():
-        make_phantom_groups(work / "test", recipe["phantoms"]["test_groups"], recipe["phantoms"]["test_seed"])
+    for part, groups, seed in (("train", "groups", "train_seed"), ("test", "test_groups", "test_seed")):
+        phantoms(work / part, recipe["phantoms"][groups], recipe["phantoms"][seed])
     t_data = time.perf_counter() - t0
     result = train(config, work / "train", args.out, epochs=args.epochs, device="cpu", resume=args.resume)
     model = load_model(args.out, device="cpu")
@@ -89,11 +87,39 @@ def main() -> None:
     shutil.rmtree(out.parent / f".{out.name}.train_state", ignore_errors=True)  # resume state, not shipped
 
 
+def phantoms(folder: Path, groups: list[dict], seed: int) -> None:
+    """Make the recipe's phantoms in ``folder``, or reuse them if it holds exactly those: the same
+    ``phantoms.json`` stamp (seed and groups), or, for a folder made before the stamp, the same phantom names.
+    A folder of another recipe (say the last one's, under the same ``runs/<config name>``) stops the run."""
+    stamp = {"seed": seed, "groups": groups}
+    names = {f"grid{g}_{i:03d}" for g, group in enumerate(groups) for i in range(int(group["count"]))}
+    if folder.exists():
+        path = folder / "phantoms.json"
+        found = {p.name.removesuffix(".json") for p in folder.glob("grid*_[0-9][0-9][0-9].json")}
+        same = json.loads(path.read_text()) == stamp if path.exists() else found == names
+        if not same:
+            raise SystemExit(
+                f"error: {folder} holds phantoms of another recipe ({len(found)} there, this one makes "
+                f"{len(names)}): remove it or give --work"
+            )
+        return
+    make_phantom_groups(folder, groups, seed)
+    (folder / "phantoms.json").write_text(json.dumps(stamp))
+
+
 def model_card_markdown(config: dict, card: dict, recipe_path: str = "configs/sample_model.yaml") -> str:
     held, arch = card["held_out"], config["architecture"]["kwargs"]
     t = card["timings_s"]
     roi = config["preprocessing"].get("mode") == "roi"
     volumetric = config["architecture"].get("patch_embed") == "conv3d"
+    channels = config["preprocessing"].get("channels") or {}
+    slab = (
+        f", each with the planes at offsets {channels['offsets']} as {len(channels['offsets'])} channels"
+        if channels.get("recipe") == "adjacent_slices"
+        else ""
+    )
+    stem = config["architecture"].get("stem_widths")
+    patch = f"patch {arch['patch_size']}" + (f" through a convolutional stem {stem}" if stem else "")
     if roi:
         box = config["preprocessing"]["roi"]
         what = (
@@ -101,7 +127,7 @@ def model_card_markdown(config: dict, card: dict, recipe_path: str = "configs/sa
             f"{' x '.join(map(str, arch['img_size']))} voxel input: a volumetric ViT with 3D patches"
             if volumetric
             else f"{box['size_mm']} mm nodule ROIs sampled every {box['spacing_mm']} mm, cut in "
-            f"{len(box['views'])} views ({', '.join(box['views'])}) of {arch['img_size'][0]} px"
+            f"{len(box['views'])} views ({', '.join(box['views'])}) of {arch['img_size'][0]} px{slab}"
         )
         scores = [
             f"- nodules: {held['n_nodules']}" + ("" if volumetric else f" ({held['n_views']} views)"),
@@ -113,10 +139,7 @@ def model_card_markdown(config: dict, card: dict, recipe_path: str = "configs/sa
             f"| biomarker (LIDC scale; diameter in mm) | MAE per nodule{'' if volumetric else ' (views averaged)'} |",
         ]
     else:
-        channels = config["preprocessing"].get("channels") or {}
-        what = f"{arch['img_size'][0]} px whole slices"
-        if channels.get("recipe") == "adjacent_slices":
-            what += f", each with the slices at offsets {channels['offsets']} as {len(channels['offsets'])} channels"
+        what = f"{arch['img_size'][0]} px whole slices{slab.replace('planes', 'slices')}"
         scores = [
             f"- slices: {held['n_slices']} ({held['n_nodule_slices']} through a nodule)",
             f"- **slice-level malignancy ROC AUC: {held['malignancy_auc']:.3f}** "
@@ -139,7 +162,7 @@ def model_card_markdown(config: dict, card: dict, recipe_path: str = "configs/sa
     lines = [
         f"# {config['name']}",
         "",
-        f"A small timm ViT ({what}; patch {arch['patch_size']}, {arch['depth']} blocks, "
+        f"A small timm ViT ({what}; {patch}, {arch['depth']} blocks, "
         f"{arch['embed_dim']} dims, {arch['num_heads']} heads) with one linear head for malignancy (binary logit) "
         f"and the eight LIDC biomarkers (normalised regression), trained {origin} on synthetic chest-CT "
         "phantoms (`medvit_explain.phantom`). **It has never seen a real CT: it is a demo and test model, not a "

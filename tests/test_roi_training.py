@@ -343,3 +343,28 @@ def test_roi_probe_script_trains_and_scores(tmp_path, phantoms, capsys, monkeypa
     assert [r.split(" (")[0] for r in reports] == ["epoch 1", "epoch 2"]
     for report in reports:
         assert "AUC " in report and all(f" {name} " in report + " " for name in TaskSpec.default().names[1:])
+
+
+def test_make_sample_model_reuses_only_its_own_recipes_phantoms(tmp_path):
+    """scripts/make_sample_model.py makes a recipe's phantoms once (stamped with its seed and groups), reuses
+    them on the next run, and stops with one line on a folder of another recipe instead of training on it."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_sample_model.py"
+    phantoms = runpy.run_path(str(script))["phantoms"]
+    groups = [{"count": 2, "nodules": 1, "size": [48, 48, 16], "spacing": [4.0, 4.0, 6.0]}]
+    folder = tmp_path / "train"
+    phantoms(folder, groups, 5)
+    made = sorted(p.name for p in folder.glob("*.json"))
+    assert made == ["grid0_000.json", "grid0_001.json", "phantoms.json"]
+    assert all(len(_nodules(s)) == 1 for s in find_studies(folder))
+    before = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
+    phantoms(folder, groups, 5)  # the same recipe: nothing is made again
+    assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    for other_groups, other_seed in (([{**groups[0], "count": 3}], 5), (groups, 6)):
+        with pytest.raises(SystemExit, match=r"holds phantoms of another recipe .* remove it or give --work"):
+            phantoms(folder, other_groups, other_seed)
+    (folder / "phantoms.json").unlink()  # a folder made before the stamp: judged by its phantoms' names
+    phantoms(folder, groups, 5)
+    with pytest.raises(SystemExit, match=r"\(2 there, this one makes 3\)"):
+        phantoms(folder, [{**groups[0], "count": 3}], 5)
