@@ -40,16 +40,32 @@ def input_channels(patch_embed: nn.Module) -> int:
 
 def triple(value: Any, what: str) -> tuple[int, int, int]:
     """An int (a cube) or three positive ints ``[D, H, W]``; :class:`CheckpointError` otherwise."""
+    return _sizes(value, ("D", "H", "W"), what)
+
+
+def _sizes(value: Any, axes: tuple[str, ...], what: str) -> tuple[int, ...]:
+    """An int (the same along every axis) or one positive int per axis; :class:`CheckpointError` otherwise."""
     if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value, value)
+        value = (value,) * len(axes)
     if (
         not isinstance(value, Sequence)
         or isinstance(value, str)
-        or len(value) != 3
+        or len(value) != len(axes)
         or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
     ):
-        raise CheckpointError(f"{what}: expected a positive integer or three of them [D, H, W], got {value!r}")
-    return int(value[0]), int(value[1]), int(value[2])
+        count = {2: "two", 3: "three"}[len(axes)]
+        raise CheckpointError(
+            f"{what}: expected a positive integer or {count} of them [{', '.join(axes)}], got {value!r}"
+        )
+    return tuple(int(v) for v in value)
+
+
+def _fixed_size_only(layer: str, unused: dict[str, Any], dynamic_img_pad: bool) -> None:
+    """Refuse the timm patch-embedding options a fixed-size embedding does not have."""
+    if unused:
+        raise CheckpointError(f"{layer}: options {sorted(unused)} are not supported (fixed-size inputs only)")
+    if dynamic_img_pad:
+        raise CheckpointError(f"{layer}: dynamic_img_pad is not supported: the input must tile into patches")
 
 
 class PatchEmbed3d(nn.Module):
@@ -76,10 +92,7 @@ class PatchEmbed3d(nn.Module):
         **unused: Any,
     ) -> None:
         super().__init__()
-        if unused:
-            raise CheckpointError(f"PatchEmbed3d: options {sorted(unused)} are not supported (fixed-size volumes only)")
-        if dynamic_img_pad:
-            raise CheckpointError("PatchEmbed3d: dynamic_img_pad is not supported: the volume must tile into patches")
+        _fixed_size_only("PatchEmbed3d", unused, dynamic_img_pad)
         self.img_size = triple(img_size, "img_size")
         self.patch_size = triple(patch_size, "patch_size")
         rest = [s % p for s, p in zip(self.img_size, self.patch_size)]
@@ -134,12 +147,9 @@ class ConvStem(nn.Module):
         **unused: Any,
     ) -> None:
         super().__init__()
-        if unused:
-            raise CheckpointError(f"ConvStem: options {sorted(unused)} are not supported (fixed-size images only)")
-        if dynamic_img_pad:
-            raise CheckpointError("ConvStem: dynamic_img_pad is not supported: the image must tile into patches")
-        self.img_size = _pair(img_size, "img_size")
-        self.patch_size = _pair(patch_size, "patch_size")
+        _fixed_size_only("ConvStem", unused, dynamic_img_pad)
+        self.img_size = _sizes(img_size, ("H", "W"), "img_size")
+        self.patch_size = _sizes(patch_size, ("H", "W"), "patch_size")
         p = self.patch_size[0]
         halvings = p.bit_length() - 1
         if self.patch_size[1] != p or p != 1 << halvings:
@@ -178,16 +188,3 @@ class ConvStem(nn.Module):
         if x.ndim != 4 or tuple(x.shape[2:]) != self.img_size:
             raise ValueError(f"expected images [B, C, {', '.join(map(str, self.img_size))}], got {tuple(x.shape)}")
         return self.norm(self.proj(self.stem(x)).flatten(2).transpose(1, 2))
-
-
-def _pair(value: Any, what: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (
-        not isinstance(value, Sequence)
-        or isinstance(value, str)
-        or len(value) != 2
-        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
-    ):
-        raise CheckpointError(f"{what}: expected a positive integer or two of them [H, W], got {value!r}")
-    return int(value[0]), int(value[1])
