@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def main() -> None:
     recipe = config["training"]
     if args.threads:  # recorded in the checkpoint's provenance with the rest of the recipe
         recipe["num_threads"] = args.threads
-    work = Path(args.work or ROOT / "runs" / stem)
+    # relative to the working directory, so the checkpoint's provenance names no machine's absolute path
+    work = Path(args.work or os.path.relpath(ROOT / "runs" / stem))
     t0 = time.perf_counter()
     for part, groups, seed in (("train", "groups", "train_seed"), ("test", "test_groups", "test_seed")):
         phantoms(work / part, recipe["phantoms"][groups], recipe["phantoms"][seed])
@@ -114,7 +116,8 @@ def model_card_markdown(config: dict, card: dict, recipe_path: str = "configs/sa
     volumetric = config["architecture"].get("patch_embed") == "conv3d"
     channels = config["preprocessing"].get("channels") or {}
     slab = (
-        f", each with the planes at offsets {channels['offsets']} as {len(channels['offsets'])} channels"
+        f", each with the {'planes' if roi else 'slices'} at offsets {channels['offsets']} as "
+        f"{len(channels['offsets'])} channels"
         if channels.get("recipe") == "adjacent_slices"
         else ""
     )
@@ -139,7 +142,7 @@ def model_card_markdown(config: dict, card: dict, recipe_path: str = "configs/sa
             f"| biomarker (LIDC scale; diameter in mm) | MAE per nodule{'' if volumetric else ' (views averaged)'} |",
         ]
     else:
-        what = f"{arch['img_size'][0]} px whole slices{slab.replace('planes', 'slices')}"
+        what = f"{arch['img_size'][0]} px whole slices{slab}"
         scores = [
             f"- slices: {held['n_slices']} ({held['n_nodule_slices']} through a nodule)",
             f"- **slice-level malignancy ROC AUC: {held['malignancy_auc']:.3f}** "
