@@ -115,6 +115,11 @@ def test_evaluate_cli_writes_metrics_and_report(data, checkpoint, tmp_path):
     html = (out / "evaluation.html").read_text()
     assert html.count("data:image/png;base64") >= 3
     assert not list(out.glob(".*"))  # no temporary files left
+    # the ceiling: the nodule mask on the token grid, scored like a map
+    ref = metrics["token_grid_reference"]
+    assert ref["grid"] == [4, 4] and 0.0 < ref["localization"]["dice"] <= 1.0
+    assert ref["localization_sweep"]["thresholds"] == metrics["localization_sweep"]["cdam"]["thresholds"]
+    assert "ceiling on the 4 x 4 token grid" in result.output and "ceiling on the 4 x 4 token grid" in html
 
 
 def test_evaluate_bad_input_exit_2_and_writes_nothing(data, checkpoint, tmp_path):
@@ -315,3 +320,48 @@ def test_negated_output_flips_one_column_of_any_head():
             a, b = model(x), flipped(x)
         torch.testing.assert_close(b[:, 0], -a[:, 0])
         torch.testing.assert_close(b[:, 1:], a[:, 1:])
+
+
+def test_token_grid_mask_is_each_patch_share_and_its_scores_are_the_protocols():
+    """token_grid_mask against a loop over patches; token_grid_reference against localization_scores on
+    that map upsampled as the methods' maps are."""
+    from medvit_explain.explainers import upsample
+    from medvit_explain.metrics.localization import localization_scores
+    from medvit_explain.workflows.evaluate import token_grid_mask, token_grid_reference
+
+    rng = np.random.default_rng(3)
+    masks = torch.from_numpy(rng.random((3, 32, 48)) > 0.7)
+    masks[2] = False
+    masks[2, 5:13, 20:31] = True  # one block across token borders
+    got = token_grid_mask(masks, (4, 6))
+    want = torch.zeros(3, 4, 6)
+    for i in range(4):
+        for j in range(6):
+            want[:, i, j] = masks[:, 8 * i : 8 * i + 8, 8 * j : 8 * j + 8].float().mean((1, 2))
+    assert torch.allclose(got, want, atol=1e-7)
+
+    class _Embed:
+        grid_size = (4, 6)
+
+    class _Backbone:
+        patch_embed = _Embed()
+
+    class _Model:
+        backbone = _Backbone()
+
+    class _Sl:
+        nodule = masks[1:].numpy()
+        targets = torch.tensor([[1.0], [0.0]])
+        explained = np.array([0, 1])
+        lungs = None
+
+    class _Run:
+        model, sl, primary, threshold, protocol = _Model(), _Sl(), 0, 0.5, "default"
+        images = torch.zeros(2, 1, 32, 48)
+
+    ref = token_grid_reference(_Run())
+    scores = localization_scores(upsample(want[1:, None], (32, 48))[:, 0], masks[1:], threshold=0.5)
+    assert ref["localization"]["dice"] == pytest.approx(float(scores["dice"].double().mean()))
+    assert ref["localization"]["dice_malignant"] == pytest.approx(float(scores["dice"][0]))
+    assert ref["localization_sweep"]["dice"][0] == pytest.approx(float(scores["dice@0.1"].double().mean()))
+    assert ref["localization"]["dice"] > 0.5  # the mask's own token map finds the block

@@ -104,7 +104,7 @@ def evaluate(
     """
     import torch
 
-    from ..report.evaluation import format_table, write_evaluation
+    from ..report.evaluation import ceiling_line, format_table, write_evaluation
     from ..workflows.evaluate import evaluate_explanations
 
     methods = list(methods) if methods else _all_methods()
@@ -141,6 +141,8 @@ def evaluate(
         f"malignancy AUC {_num(m['model'].get('malignancy_auc'))} on {m['n_model_slices']} slices"
     )
     click.echo(format_table(m))
+    if ceiling_line(m):
+        click.echo(ceiling_line(m))
     if m["randomization_flagged"]:
         click.echo(f"sanity check flagged: {', '.join(m['randomization_flagged'])}")
     click.echo(f"wrote {written['metrics']} and {written['report']}")

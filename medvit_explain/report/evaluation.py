@@ -28,6 +28,7 @@ from .html import _CSS, _e, _fmt, _img, _kv, _table
 
 __all__ = [
     "format_table",
+    "ceiling_line",
     "markdown_table",
     "render_audit",
     "render_evaluation",
@@ -98,11 +99,15 @@ def curve_plot(curves: dict[str, dict[str, list[float]]], target: str) -> bytes:
     return figures._png(fig)
 
 
-def sweep_plot(sweep: dict[str, dict[str, list[float]]]) -> bytes:
+def sweep_plot(sweep: dict[str, dict[str, list[float]]], ceiling: dict[str, list[float]] | None = None) -> bytes:
+    """Dice against the threshold for each method; ``ceiling`` (a sweep of the nodule mask on the token
+    grid) dashed and grey."""
     fig = Figure(figsize=(5.5, 3.2))
     ax = fig.add_subplot(1, 1, 1)
     for method, s in sweep.items():
         ax.plot(s["thresholds"], s["dice"], marker=".", lw=2.2 if method in ("cdam", "agcam") else 1.0, label=method)
+    if ceiling:
+        ax.plot(ceiling["thresholds"], ceiling["dice"], ls="--", color="0.4", lw=1.2, label="mask on token grid")
     ax.set_xlabel("binarisation threshold (min–max map)")
     ax.set_ylabel("Dice vs nodule mask")
     ax.grid(alpha=0.3)
@@ -244,6 +249,22 @@ def table_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def ceiling_line(metrics: dict[str, Any]) -> str | None:
+    """One sentence on the token-grid ceiling of the localization scores (None without one)."""
+    ref = metrics.get("token_grid_reference")
+    if not ref:
+        return None
+    loc = ref["localization"]
+    gh, gw = ref["grid"]
+    malig = loc.get("dice_malignant")
+    return (
+        f"ceiling on the {gh} x {gw} token grid (the nodule mask averaged over each token's patch, scored like "
+        f"a map): Dice {_cell(_or_nan(loc.get('dice')))}"
+        + ("" if malig is None else f", dice_malig {_cell(float(malig))}")
+        + f", IoU {_cell(_or_nan(loc.get('iou')))}"
+    )
+
+
 def _or_nan(v) -> float:
     return float("nan") if v is None else float(v)
 
@@ -325,6 +346,9 @@ def _evaluation_summary(m: dict[str, Any], rows: list[dict[str, Any]]) -> list[s
         f"&gt; {_e(m['settings']['randomization_flag_above'])}).</p>",
         _table(header, [[r[h] for h in header] for r in rows], left=1),
     ]
+    ceiling = ceiling_line(m)
+    if ceiling:
+        body.append(f'<p class="note">{_e(ceiling)}</p>')
     if m.get("randomization_flagged"):
         body.append(
             f'<p class="hot">Sanity check flagged (maps barely change after randomisation): '
@@ -335,7 +359,11 @@ def _evaluation_summary(m: dict[str, Any], rows: list[dict[str, Any]]) -> list[s
 
 def _evaluation_details(m: dict[str, Any]) -> list[str]:
     """Localization sweep, faithfulness tables and curves, randomisation cascade and timings."""
-    body = ["<h2>Localization threshold sweep</h2>", _img(sweep_plot(m["localization_sweep"]), "Dice vs threshold")]
+    ceiling = (m.get("token_grid_reference") or {}).get("localization_sweep")
+    body = [
+        "<h2>Localization threshold sweep</h2>",
+        _img(sweep_plot(m["localization_sweep"], ceiling), "Dice vs threshold"),
+    ]
     loc_keys = list(next(iter(m["localization"].values())))
     body.append(_table(["method", *loc_keys], [[k, *v.values()] for k, v in m["localization"].items()], left=1))
     body.append("<h2>Faithfulness</h2>")

@@ -156,6 +156,8 @@ class EvaluationResult:
     settings: dict[str, Any]
     total_seconds: float
     examples: EvaluationExamples = field(default_factory=EvaluationExamples)
+    # the nodule mask itself as a token map, scored like the methods (:func:`token_grid_reference`)
+    reference: dict[str, Any] | None = None
 
     @property
     def randomization_flagged(self) -> list[str]:
@@ -170,6 +172,8 @@ class EvaluationResult:
             key: {m: getattr(r, attr) for m, r in self.methods.items()} for key, attr in METHOD_KEYS.items()
         }
         out["randomization_flagged"] = self.randomization_flagged
+        if self.reference is not None:
+            out["token_grid_reference"] = self.reference
         out["model"] = self.model
         out.update(self.counts)
         out.update(
@@ -433,6 +437,28 @@ def _localization(run: _Run, loc_t: torch.Tensor) -> tuple[dict[str, float], dic
     return at_threshold, swept
 
 
+def token_grid_mask(nodule: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[M, gh, gw]: the share of each token's patch that lies in the nodule, for masks [M, H, W].
+
+    The best a token-level map can say: the localization scores of this map, upsampled and binarised like
+    the methods' maps, are the ceiling the token grid sets on them (a 16 × 16 grid over a slice makes a
+    token ~22 mm, about a whole nodule)."""
+    return torch.nn.functional.adaptive_avg_pool2d(nodule.float()[:, None], tuple(grid))[:, 0]
+
+
+def token_grid_reference(run: _Run) -> dict[str, Any]:
+    """The localization scores (at the threshold, and the sweep) of :func:`token_grid_mask` on the
+    explained slices: what a perfect token map would score under the same protocol."""
+    grid = tuple(int(g) for g in run.model.backbone.patch_embed.grid_size)
+    at_threshold, sweep = _localization(run, token_grid_mask(torch.from_numpy(run.sl.nodule), grid))
+    keep = ("iou", "dice", "precision", "recall", "box_iou", "dice_malignant", "n_malignant")
+    return {
+        "localization": {k: v for k, v in at_threshold.items() if k in keep},
+        "localization_sweep": sweep,
+        "grid": list(grid),
+    }
+
+
 def _measure(run: _Run, method: str, opts: dict, sensitive: bool, bar) -> tuple[MethodEvaluation, torch.Tensor]:
     """One method's :class:`MethodEvaluation` and its localization maps [M, gh, gw]."""
     t_method = time.perf_counter()
@@ -575,7 +601,15 @@ def evaluate_explanations(
     total = round(time.perf_counter() - t0, 1)
     counts = _counts(run, len(studies))
     return EvaluationResult(
-        per_method, _model_block(overall, run.spec), run.names, counts, int(seed), settings, total, examples
+        per_method,
+        _model_block(overall, run.spec),
+        run.names,
+        counts,
+        int(seed),
+        settings,
+        total,
+        examples,
+        reference=token_grid_reference(run),
     )
 
 
