@@ -368,3 +368,31 @@ def test_make_sample_model_reuses_only_its_own_recipes_phantoms(tmp_path):
     phantoms(folder, groups, 5)
     with pytest.raises(SystemExit, match=r"\(2 there, this one makes 3\)"):
         phantoms(folder, [{**groups[0], "count": 3}], 5)
+
+
+def test_shape_oracle_features_and_script(tmp_path, phantoms, capsys, monkeypatch):
+    """scripts/shape_oracle.py (the README's shape-grade bound): the axis ratio of a drawn ellipsoid's
+    moments is its axis ratio, a view's planes see the in-plane ratio, and the script reports both graders
+    for both biomarkers."""
+    import runpy
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "shape_oracle.py"
+    oracle = runpy.run_path(str(script), run_name="shape_oracle")
+    g = np.mgrid[-20:21, -20:21, -20:21].reshape(3, -1).T.astype(float) * 0.5  # 0.5 mm voxels
+    solid = g[(g[:, 0] / 9.0) ** 2 + (g[:, 1] / 6.0) ** 2 + (g[:, 2] / 3.0) ** 2 <= 1.0]  # axes 9, 6, 3 mm
+    feats = oracle["_volume_features"](solid - solid.mean(0), 12.0)
+    assert feats[0] == 12.0
+    assert feats[1] == pytest.approx(3.0, rel=0.03) and feats[2] == pytest.approx(1.5, rel=0.03)
+    assert feats[3] == pytest.approx(2.0, rel=0.03) and feats[5] < 0.02  # (almost) nothing beyond the ellipsoid
+    # the axial view (normal z) of that ellipsoid: planes at -6 (empty), 0 (ratio 9 : 6) and +1 mm
+    planes = oracle["_plane_features"](solid[:, :2], solid[:, 2], [-6.0, 0.0, 1.0], 0.25)
+    assert planes[0] == 0.0 and planes[1:3] == [1.0, 0.0]
+    assert planes[4] == pytest.approx(1.5, rel=0.05) and planes[3] > planes[6] > 0
+    monkeypatch.setattr(sys, "argv", [str(script), "--train", str(phantoms), "--test", str(phantoms)])
+    runpy.run_path(str(script), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    n = sum(len(_nodules(s)) for s in find_studies(phantoms))
+    assert lines[0].endswith("held-out nodules") and int(lines[0].split()[0]) <= n
+    for target, line in zip(("sphericity", "lobulation"), lines[1:], strict=True):
+        assert line.startswith(target) and "3D mask" in line and "per view (mean of 3)" in line
