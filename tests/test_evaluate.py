@@ -365,3 +365,43 @@ def test_token_grid_mask_is_each_patch_share_and_its_scores_are_the_protocols():
     assert ref["localization"]["dice_malignant"] == pytest.approx(float(scores["dice"][0]))
     assert ref["localization_sweep"]["dice"][0] == pytest.approx(float(scores["dice@0.1"].double().mean()))
     assert ref["localization"]["dice"] > 0.5  # the mask's own token map finds the block
+
+
+def test_localization_maps_are_the_maps_evaluate_scores(data, checkpoint, capsys, monkeypatch):
+    """localization_maps per slice gives evaluate's localization means (the predicted class's map, the
+    benign logit's for a class-sensitive method where the model says benign); scripts/compare_maps.py
+    prints its per-method lines and paired differences from them."""
+    import runpy
+    import sys
+
+    from medvit_explain.explainers import upsample
+    from medvit_explain.metrics.localization import localization_scores
+    from medvit_explain.workflows.evaluate import load_eval_slices, localization_maps
+    from medvit_explain.workflows.studies import find_studies
+
+    model = tiny_model(crop_body=True)
+    sl = load_eval_slices(find_studies(data), model, max_slices=6, seed=0, progress=False)
+    with torch.no_grad():  # move the malignancy bias so that the model calls some slices benign
+        model.head.bias[0] -= model(sl.images[sl.explained])[:, 0].median()
+    kwargs = dict(max_slices=6, seed=0, batch_size=4, progress=False)
+    metrics = evaluate_explanations(
+        model, data, methods=["cdam", "agcam", "attention"], targets=["malignancy"], randomize_blocks=0, **kwargs
+    ).metrics
+    logits = model(sl.images[sl.explained])[:, 0]
+    assert (logits < 0).any() and (logits > 0).any()  # both classes, so the benign maps are exercised
+    for method in ("cdam", "agcam", "attention"):
+        maps = localization_maps(model, sl, method, batch_size=4)
+        assert maps.shape == (len(sl.explained), 4, 4)
+        up = upsample(maps[:, None], sl.images.shape[-2:])[:, 0]
+        scores = localization_scores(up, torch.from_numpy(sl.nodule))
+        for key in ("dice", "iou", "pointing_game", "evidence_in_nodule"):
+            assert float(scores[key].double().mean()) == pytest.approx(metrics["localization"][method][key], abs=1e-9)
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compare_maps.py"
+    argv = [str(script), "--data", str(data), "--model", str(checkpoint), "--method", "cdam", "--method", "attention"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert "malignant nodule slices (default protocol)" in lines[0] and "token-grid ceiling" in lines[0]
+    assert lines[1].startswith("cdam") and lines[2].startswith("attention") and "peak token on the nodule" in lines[1]
+    assert lines[3].startswith("cdam - attention: Dice") and "95 % CI" in lines[3]

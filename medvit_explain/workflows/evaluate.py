@@ -53,7 +53,9 @@ __all__ = [
     "MethodEvaluation",
     "evaluate_explanations",
     "load_eval_slices",
+    "localization_maps",
     "lung_mask_path",
+    "token_grid_mask",
     "correctly_classified",
     "model_metrics",
 ]
@@ -383,6 +385,31 @@ def _localization_map(
             run.negated, x[flip.to(x.device)], method, targets=[primary], **opts
         ).float()[:, 0]
     return loc
+
+
+def localization_maps(
+    model, sl: EvalSlices, method: str, *, batch_size: int = 16, seed: int = 0, options: dict | None = None
+) -> torch.Tensor:
+    """[M, gh, gw]: the map ``evaluate`` scores for localization on each explained slice of ``sl``, the
+    primary target's map of the class the model predicts (for a class-sensitive method the benign logit's map
+    where the model says benign); per slice, with no other measurement. ``localization_scores`` on these
+    maps upsampled to the slices gives ``evaluate``'s localization per slice (``scripts/compare_maps.py``)."""
+    from ..explainers import explain
+    from ..registry import explainer_class
+
+    model.eval()
+    spec = model.task_spec
+    primary = primary_target(spec.names, spec.score_kinds)
+    run = _start(model, sl, [primary], 0, batch_size=batch_size, seed=seed, threshold=0.5, fill=0.0, steps=11)
+    opts = _method_opts(method, seed, options)
+    sensitive = explainer_class(method).class_sensitive
+    out = []
+    for start in range(0, len(run.images), batch_size):
+        rows = slice(start, start + batch_size)
+        x = run.images[rows].to(run.device)
+        m = explain(model, x, method, targets=[primary], **opts).float()
+        out.append(_localization_map(run, x, m, rows, method, opts, sensitive).cpu())
+    return torch.cat(out)
 
 
 def _explain_all(run: _Run, method: str, opts: dict, sensitive: bool, bar):
