@@ -85,8 +85,14 @@ def test_loops_give_the_batched_maps(variant, method, loop):
 
 
 def test_run_bench_reports_positive_finite_ratios():
+    import warnings
+
     model = tiny_model()
-    bench = run_bench(model, **TINY)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bench = run_bench(model, **TINY)
+    # the end-to-end runs (warm-up + repeats) each write a fresh folder: none replaces another's outputs
+    assert not [w for w in caught if "earlier output" in str(w.message)]
     result = bench.to_dict()
     assert _positive_finite(bench.forward_s) and result["forward_s"] == bench.forward_s
     assert set(result["methods"]) == set(method_names())

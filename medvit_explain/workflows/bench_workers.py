@@ -7,6 +7,7 @@ subprocesses (``python -m medvit_explain.bench --memory-worker|--clinical-worker
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -79,9 +80,10 @@ def _end_to_end(
 ) -> dict[str, Any]:
     path = _write_phantom(tmp / "e2e.nii.gz", volume)
     parts: dict[str, Any] = {}
+    runs = itertools.count()
 
     def once() -> None:
-        out = tmp / "e2e_out"
+        out = tmp / f"e2e_out_{next(runs)}"  # a fresh folder each run: every run writes, none replaces
         parts.clear()
         parts.update(_explain_file(model, path, out, batch_size, precision))
 
