@@ -35,17 +35,25 @@ VIEW_NORMALS = {"axial": 2, "coronal": 1, "sagittal": 0}  # the patient axis eac
 
 def _plane_features(points: np.ndarray, normal: np.ndarray, offsets, half: float) -> list[float]:
     """Per plane at ``offsets`` mm along the normal (a slab ± ``half`` mm): voxel count, axis ratio of the
-    in-plane second moments, and the spread of the normalised radius (roughness)."""
+    in-plane second moments, the spread of the radius, and (roughness) the spread of the radius in the frame
+    where the section's moment ellipse is a circle, with the share of voxels beyond that ellipse."""
     out: list[float] = []
     for off in offsets:
         p = points[np.abs(normal - off) <= half]
         if len(p) < 4:
-            out += [float(len(p)), 1.0, 0.0]
+            out += [float(len(p)), 1.0, 0.0, 0.0, 0.0]
             continue
         c = p - p.mean(0)
-        ev = np.linalg.eigvalsh(np.cov(c.T) + 1e-3 * np.eye(2))
+        ev, vec = np.linalg.eigh(np.cov(c.T) + 1e-3 * np.eye(2))
         r = np.linalg.norm(c, axis=1)
-        out += [float(len(p)), float(np.sqrt(ev[-1] / ev[0])), float(r.std() / (r.mean() + 1e-6))]
+        w = np.linalg.norm((c @ vec) / np.sqrt(ev[None]), axis=1)  # a disc of radius 2 for a solid ellipse
+        out += [
+            float(len(p)),
+            float(np.sqrt(ev[-1] / ev[0])),
+            float(r.std() / (r.mean() + 1e-6)),
+            float(w.std() / (w.mean() + 1e-6)),
+            float(np.mean(w > 2.0)),
+        ]
     return out
 
 

@@ -387,8 +387,9 @@ def test_shape_oracle_features_and_script(tmp_path, phantoms, capsys, monkeypatc
     assert feats[3] == pytest.approx(2.0, rel=0.03) and feats[5] < 0.02  # (almost) nothing beyond the ellipsoid
     # the axial view (normal z) of that ellipsoid: planes at -6 (empty), 0 (ratio 9 : 6) and +1 mm
     planes = oracle["_plane_features"](solid[:, :2], solid[:, 2], [-6.0, 0.0, 1.0], 0.25)
-    assert planes[0] == 0.0 and planes[1:3] == [1.0, 0.0]
-    assert planes[4] == pytest.approx(1.5, rel=0.05) and planes[3] > planes[6] > 0
+    assert planes[0] == 0.0 and planes[1:5] == [1.0, 0.0, 0.0, 0.0]
+    assert planes[6] == pytest.approx(1.5, rel=0.05) and planes[5] > planes[10] > 0
+    assert planes[9] < 0.02  # (almost) nothing beyond the central section's ellipse
     monkeypatch.setattr(sys, "argv", [str(script), "--train", str(phantoms), "--test", str(phantoms)])
     runpy.run_path(str(script), run_name="__main__")
     lines = capsys.readouterr().out.splitlines()
