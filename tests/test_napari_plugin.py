@@ -469,3 +469,69 @@ def test_widget_reports_errors_in_its_status(viewer, plugin, qtbot, tmp_path):
     assert widget.run() is None and widget.status.value == "choose at least one method"
     widget.cancel()  # nothing runs: a no-op
     assert widget.status.value == "choose at least one method"
+
+
+def test_widget_explains_rois_at_the_points_of_a_points_layer(viewer, plugin, qtbot):
+    """Points on the sample CT's two nodules: the shipped sample-roi explains an ROI around each (the CLI's
+    --roi-centers, same scores), the maps lie on the CT grid and vanish away from the ROIs, the view goes to
+    the most malignant nodule's centre and a click on a row of the other nodule goes to that one."""
+    import json
+
+    from medvit_explain.model import load_model
+    from medvit_explain.napari._widget import ExplainWidget, centres_from_points
+    from medvit_explain.pipeline import explain_volume
+
+    sample = Path(__file__).resolve().parents[1] / "sample_data"
+    ct = next(layer for layer in viewer.open(str(sample / "phantom_001.nii.gz"), plugin=plugin) if layer.ndim == 3)
+    nodules = json.loads((sample / "phantom_001.json").read_text())["nodules"]
+    lps = np.array([n["center_mm"] for n in nodules], dtype=np.float64)
+    points = viewer.add_points(lps[:, ::-1], name="nodules", ndim=3)  # napari world: LPS as (z, y, x)
+    np.testing.assert_allclose(centres_from_points(points), lps, atol=1e-9)
+
+    widget = ExplainWidget(viewer)
+    qtbot.addWidget(widget.native)
+    assert widget.centres.value is None  # never picked for the user: slices unless a points layer is chosen
+    widget.centres.value = points
+    widget.methods.value = ["cdam"]
+    widget.targets.value = ["malignancy", "spiculation"]
+    widget.device.value = "cpu"
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.status.value.startswith("done; highest malignancy_prob"), widget.status.value
+
+    direct = explain_volume(
+        load_model("sample-roi", device="cpu"),
+        load_volume(sample / "phantom_001.nii.gz"),
+        ["cdam"],
+        ["malignancy", "spiculation"],
+        roi_centers=lps,
+    )
+    assert [r["view"] for r in widget._rows] == [r["view"] for r in direct.predictions.rows]
+    np.testing.assert_allclose(
+        [r["malignancy_prob"] for r in widget._rows], [r["malignancy_prob"] for r in direct.predictions.rows], rtol=1e-5
+    )
+    assert widget.progress.value == widget.progress.max == 2 * 3  # two nodules, three views each
+    assert widget.scores.column_headers[:3] == ("roi", "label", "view")
+    assert len(widget.added_layers) == 2
+    data = np.asarray(widget.added_layers[1].data)
+    assert data.shape == ct.data.shape and np.abs(data).max() > 0
+    assert data[0].max() == 0 and data[-1].max() == 0  # the first and last slices are far from both ROIs
+    np.testing.assert_allclose(
+        data, np.asarray(direct.map_array("cdam", "spiculation")).transpose(2, 1, 0), rtol=1e-5, atol=1e-7
+    )
+    # the window is the shown map's, as for the CLI's overlay file opened in napari (not the wider one of
+    # the model-resolution maps, which the views' average inside the cubes never reaches)
+    from medvit_explain.napari._layers import overlay_layer_data
+
+    _, file_kwargs, _ = overlay_layer_data(direct.map_volume("cdam", "spiculation"), "cdam", "spiculation")
+    np.testing.assert_allclose(widget.added_layers[1].contrast_limits, file_kwargs["contrast_limits"], rtol=1e-5)
+
+    means = [r for r in widget._rows if r["view"] == "mean"]
+    best = max(means, key=lambda r: r["malignancy_prob"])
+    np.testing.assert_allclose(viewer.dims.point[-3:], lps[best["roi"]][::-1], atol=1e-6)
+    other = next(i for i, r in enumerate(widget._rows) if r["view"] == "mean" and r["roi"] != best["roi"])
+    assert widget.go_to_row(other)
+    np.testing.assert_allclose(viewer.dims.point[-3:], lps[widget._rows[other]["roi"]][::-1], atol=1e-6)
+
+    points.data = np.zeros((0, 3))
+    assert widget.run() is None and "has no points" in widget.status.value

@@ -150,12 +150,15 @@ def overlay_layer_data(
     window_values: Any = None,
 ) -> tuple[Any, dict[str, Any], str]:
     """A napari ``LayerDataTuple`` for a signed map: diverging colormap centred at 0 (window ± the
-    99.5th percentile of |map|, or of ``window_values`` when given), ``translucent`` or ``additive``
+    99.5th percentile of |map|, or of ``window_values`` when given; of the non-zero values of a map that
+    is mostly zero, as an ROI overlay outside its cubes), ``translucent`` or ``additive``
     blending, the volume's geometry. ``data`` replaces the ``[Z, Y, X]`` view of ``volume.array`` (a
     lazy array of the same shape, see :func:`lazy_overlay_layer_data`)."""
     if blending not in OVERLAY_BLENDINGS:
         raise ValueError(f"expected blending in {OVERLAY_BLENDINGS}, got {blending!r}")
-    lo, hi = color_range(volume.array if window_values is None else window_values, percentile=OVERLAY_PERCENTILE)
+    lo, hi = color_range(
+        _window_values(volume.array if window_values is None else window_values), percentile=OVERLAY_PERCENTILE
+    )
     return (
         layer_data(volume) if data is None else data,
         {
@@ -172,6 +175,14 @@ def overlay_layer_data(
     )
 
 
+def _window_values(values) -> Any:
+    """The values a map's window is taken from: all of them, or, for a map that is mostly exactly 0 (an ROI
+    overlay, zero outside its cubes), its non-zero values, so the zeros outside do not squeeze the window."""
+    values = np.asarray(values)
+    nonzero = values[values != 0]
+    return nonzero if 0 < nonzero.size < values.size / 2 else values
+
+
 LAZY_PLANES = 8  # source planes computed together when napari shows one of them
 
 
@@ -181,7 +192,8 @@ def lazy_overlay_layer_data(result, method: str, target: str, name: str | None =
     planes are projected on demand (:meth:`ExplainResult.map_planes`), so 18 maps of a 512 × 512 × 300 CT
     cost what the shown planes cost instead of 5.7 GB. The window comes from the model-resolution map
     (the same values, before bilinear upsampling). The layout is ``result.volume``'s as it is (not
-    reoriented): the volume came from the CT layer (:func:`volume_from_layer`), so the map lies on it."""
+    reoriented): the volume came from the CT layer (:func:`volume_from_layer`), so the map lies on it. An
+    ROI result's window is that of its projected map (the overlay file's)."""
     import dask
     import dask.array as da
 
@@ -192,7 +204,15 @@ def lazy_overlay_layer_data(result, method: str, target: str, name: str | None =
         planes = dask.delayed(_planes_zyx)(result, method, target, z0, z1)
         blocks.append(da.from_delayed(planes, shape=(z1 - z0, shape[1], shape[0]), dtype=np.float32))
     data = da.concatenate(blocks, axis=0)
-    window = result.model_map(method, target).float().cpu().numpy()
+    from ..transforms import RoiInputs  # here: the reader imports this module and must not import torch
+
+    if isinstance(getattr(result, "inputs", None), RoiInputs):
+        # ROI maps are zero outside their cubes and averaged over the views inside: the window of the model-
+        # resolution maps would be too wide for them. Their projection is cheap: the window of what is shown,
+        # as the CLI's overlay file opened here gets.
+        window = result.map_array(method, target)
+    else:
+        window = result.model_map(method, target).float().cpu().numpy()
     return overlay_layer_data(
         result.volume, method, target, name=name, blending=blending, data=data, window_values=window
     )

@@ -1,5 +1,10 @@
 """The napari dock widget: pick a CT layer, a model, methods, targets and a device, then explain.
 
+With a Points layer chosen as *Nodule centres*, each point is a nodule centre and the run explains an ROI
+around each (the CLI's ``--roi-centers``; an empty model field then means the shipped ``sample-roi``): the
+maps are zero outside the ROI cubes, the table has a row per view and a ``mean`` row per nodule, the view
+goes to the centre of the nodule with the highest malignancy, and a click on a row goes to that nodule.
+
 The explainer (model loading included, so torch is imported only then) runs in a worker thread
 (``napari.qt.threading.create_worker``); the UI stays responsive and a progress bar advances after
 each batch of slices. Each method × target map is added as an image layer on the CT layer's world grid
@@ -39,7 +44,9 @@ from ..viewer_logic import top_slice
 from ..vocabulary import DEVICE_CHOICES
 from ._layers import OVERLAY_BLENDINGS, layer_kind, lazy_overlay_layer_data, volume_from_layer
 
-SCORE_COLUMNS_FIRST = ("slice", "source_index", "z_mm", "malignancy_prob")
+SCORE_COLUMNS_FIRST = ("slice", "source_index", "z_mm", "roi", "label", "view", "malignancy_prob")
+CENTRE_COLUMNS = ("center_x_mm", "center_y_mm", "center_z_mm")  # an ROI row's nodule centre, LPS mm
+ROI_MODEL = "sample-roi"  # the model of an ROI run when the model field is empty (as the CLI's default)
 DEFAULT_TARGETS = ("malignancy",)
 
 
@@ -59,6 +66,7 @@ class _Relay(QObject):
     """Carries progress from the worker thread to the GUI thread (a queued Qt connection)."""
 
     advanced = Signal(int)
+    sized = Signal(int)  # the run's item count, once the worker knows it (ROI runs: nodules x views)
 
 
 class ExplainWidget(Container):
@@ -72,7 +80,14 @@ class ExplainWidget(Container):
             mode="d",
             nullable=True,
             value=None,
-            tooltip="checkpoint folder or weights file; empty = the shipped model",
+            tooltip="checkpoint folder or weights file; empty = the shipped model (sample-roi with nodule centres)",
+        )
+        self.centres = ComboBox(
+            label="Nodule centres",
+            choices=self._points_choices,
+            nullable=True,
+            value=None,
+            tooltip="a Points layer: explain an ROI around each point (an ROI model); empty = every slice",
         )
         self.methods = Select(label="Methods", choices=method_names(), value=["cdam"])
         targets = default_target_names()
@@ -91,6 +106,7 @@ class ExplainWidget(Container):
         super().__init__(
             widgets=[
                 self.ct_layer,
+                self.centres,
                 self.model_path,
                 self.methods,
                 self.targets,
@@ -112,6 +128,7 @@ class ExplainWidget(Container):
         self._cancel = threading.Event()  # a new one per run: a late Cancel never reaches the next run
         self._relay = _Relay()
         self._relay.advanced.connect(self._advance)
+        self._relay.sized.connect(self._sized)
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.scores.native.cellClicked.connect(lambda row, _col: self.go_to_row(row))
@@ -134,6 +151,11 @@ class ExplainWidget(Container):
             and layer_kind(layer) != "overlay"
         ]
 
+    def _points_choices(self, _widget=None) -> list[tuple[str, Any]]:
+        from napari.layers import Points
+
+        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Points)]
+
     def _refresh(self, _event=None) -> None:
         current = self.ct_layer.value
         self.ct_layer.reset_choices()
@@ -142,6 +164,9 @@ class ExplainWidget(Container):
             self.ct_layer.value = current
         elif choices:
             self.ct_layer.value = choices[-1]
+        centres = self.centres.value
+        self.centres.reset_choices()  # a Points layer is used only when chosen: never picked for the user
+        self.centres.value = centres if centres in [value for _, value in self._points_choices()] else None
 
     # -- running -----------------------------------------------------------------------------------
     def run(self, _=None):
@@ -167,29 +192,36 @@ class ExplainWidget(Container):
             return None
         try:
             volume = volume_from_layer(layer)
+            centres = None if self.centres.value is None else centres_from_points(self.centres.value)
         except ValueError as exc:
             self._say(str(exc))
             return None
+        model_path = self.model_path.value
+        if centres is not None and model_path is None:
+            model_path = ROI_MODEL
         # torch / timm / torchvision are imported here, on the GUI thread: importing them for the first
         # time inside the worker thread while Qt runs its event loop can crash the process
         from .. import model as _model  # noqa: F401
         from .. import pipeline as _pipeline  # noqa: F401
 
-        self.progress.max = max(1, _slice_count(volume))
+        self.progress.max = max(1, _slice_count(volume)) if centres is None else 0  # 0: busy until sized
         self.progress.value = 0
-        self._say(f"explaining {layer.name} ({', '.join(methods)} × {', '.join(targets)}) …")
+        where = layer.name if centres is None else f"{len(centres)} ROI(s) of {layer.name}"
+        self._say(f"explaining {where} ({', '.join(methods)} × {', '.join(targets)}) …")
         self.run_button.enabled = False
         self._cancel = cancel = threading.Event()
         self.worker = create_worker(
             _explain,
             volume,
-            self.model_path.value,
+            model_path,
             self.device.value,
             methods,
             targets,
             int(self.batch_size.value),
             self._relay.advanced.emit,
             cancel,
+            centres,
+            self._relay.sized.emit,
             _start_thread=False,
             _connect={"errored": self._failed},  # handled here: shown, not re-raised in the event loop
         )
@@ -207,6 +239,9 @@ class ExplainWidget(Container):
         self.worker.quit()  # superqt: the worker's result, if it is already computed, is not emitted
         self.cancel_button.enabled = False
         self._say("cancelling after the current batch …")
+
+    def _sized(self, n: int) -> None:
+        self.progress.max = max(1, int(n))
 
     def _advance(self, n: int) -> None:
         self.progress.value = min(self.progress.max, self.progress.value + int(n))
@@ -250,6 +285,7 @@ class ExplainWidget(Container):
         self.added_layers.extend(added)
         if added and hasattr(added[-1], "colorbar"):
             self._follow_colorbar(layer=added[-1])
+        self.progress.max = max(1, self.progress.max)
         self.progress.value = self.progress.max
         table = result.predictions
         columns = [c for c in SCORE_COLUMNS_FIRST if c in table.columns]
@@ -261,11 +297,13 @@ class ExplainWidget(Container):
             "columns": columns,
         }
         best = top_slice(self._rows)
-        if best is not None and "z_mm" in best and self._go_to(best):
-            self._say(
-                f"done; highest malignancy_prob {best.get('malignancy_prob', float('nan')):.3f} at "
+        if best is not None and self._go_to(best):
+            where = (
                 f"slice {best.get('slice')} (z = {best['z_mm']:.1f} mm)"
+                if "z_mm" in best
+                else f"ROI {best.get('roi')} (centre {', '.join(f'{best[c]:.1f}' for c in CENTRE_COLUMNS)} mm LPS)"
             )
+            self._say(f"done; highest malignancy_prob {best.get('malignancy_prob', float('nan')):.3f} at {where}")
         else:
             self._say("done")
 
@@ -277,7 +315,8 @@ class ExplainWidget(Container):
         return self._go_to(self._rows[row])
 
     def _go_to(self, row) -> bool:
-        """Move the slider to the row's slice of the CT layer as it is shown.
+        """Move the slider to the row's slice of the CT layer as it is shown (an ROI row: to its nodule's
+        centre, :meth:`_go_to_centre`).
 
         The row's ``source_index`` counts along the volume axis the explain sliced (the one that became
         the canonical k); in the layer's ``[Z, Y, X]`` data that is axis ``2 - axis``. The viewer's current
@@ -285,14 +324,26 @@ class ExplainWidget(Container):
         back to the world, so the other coordinates stay where they are (and an oblique layer lands on
         exactly that slice: napari slices at the data coordinate of the world point)."""
         layer, result = self._shown_on, self.result
-        if layer is None or result is None or layer not in self._viewer.layers or "source_index" not in row:
+        if layer is None or result is None or layer not in self._viewer.layers:
             return False
+        if "source_index" not in row:
+            return self._go_to_centre(row)
         data_axis = 2 - _slice_axis(result)
         shape = np.array(layer.data.shape, dtype=np.float64)
         point = np.array(self._viewer.dims.point, dtype=np.float64)
         data = np.clip(np.asarray(layer.world_to_data(point[-3:]), dtype=np.float64), 0, shape - 1)
         data[data_axis] = row["source_index"]
         point[-3:] = np.asarray(layer.data_to_world(data), dtype=np.float64)
+        self._viewer.dims.point = tuple(float(v) for v in point)
+        return True
+
+    def _go_to_centre(self, row) -> bool:
+        """Put the viewer's point on an ROI row's nodule centre (LPS mm; napari's world is LPS in the
+        order z, y, x), every slider on it."""
+        if not all(isinstance(row.get(c), (int, float)) for c in CENTRE_COLUMNS):
+            return False
+        point = np.array(self._viewer.dims.point, dtype=np.float64)
+        point[-3:] = [float(row[c]) for c in reversed(CENTRE_COLUMNS)]
         self._viewer.dims.point = tuple(float(v) for v in point)
         return True
 
@@ -306,10 +357,35 @@ class ExplainWidget(Container):
                 other.colorbar.visible = other is layer
 
 
-def _explain(volume, model_path, device, methods, targets, batch_size, progress, cancel: threading.Event):
-    """The worker: the result, or None when ``cancel`` was set (checked after loading and after each batch)."""
+def centres_from_points(layer) -> np.ndarray:
+    """A Points layer's points as nodule centres, LPS mm ``[R, 3]``: each point taken to napari's world
+    (the layer's own scale / translate / affine), whose axes are LPS in the order (z, y, x). ValueError
+    (one line) for a layer without points or not 3D."""
+    data = np.asarray(layer.data, dtype=np.float64)
+    if data.ndim != 2 or len(data) == 0:
+        raise ValueError(f"the points layer {layer.name!r} has no points: add one on each nodule centre")
+    if data.shape[1] < 3:
+        raise ValueError(f"the points layer {layer.name!r} is {data.shape[1]}D: nodule centres need 3D points")
+    world = np.array([np.asarray(layer.data_to_world(p), dtype=np.float64)[-3:] for p in data])
+    return np.ascontiguousarray(world[:, ::-1])
+
+
+def _explain(
+    volume,
+    model_path,
+    device,
+    methods,
+    targets,
+    batch_size,
+    progress,
+    cancel: threading.Event,
+    centres=None,
+    sized=None,
+):
+    """The worker: the result, or None when ``cancel`` was set (checked after loading and after each batch).
+    With ``centres`` (LPS mm) the ROIs around them; ``sized`` gets the item count before the first batch."""
     from ..model import load_model
-    from ..pipeline import explain_volume
+    from ..pipeline import explain_volume, input_count
 
     def step(n: int) -> None:
         if cancel.is_set():
@@ -320,7 +396,11 @@ def _explain(volume, model_path, device, methods, targets, batch_size, progress,
         model = load_model(model_path, device=device)
         if cancel.is_set():
             return None
-        return explain_volume(model, volume, methods, targets, batch_size=batch_size, progress=step)
+        if centres is not None and sized is not None:
+            sized(input_count(model, volume, roi_centers=centres))
+        return explain_volume(
+            model, volume, methods, targets, batch_size=batch_size, progress=step, roi_centers=centres
+        )
     except ExplainCancelled:
         return None
 
