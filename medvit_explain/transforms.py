@@ -678,11 +678,24 @@ class RoiInputs(ModelInputs):
     def project(self, maps: torch.Tensor) -> np.ndarray:
         """One map on the source grid: [R·V, h, w] view maps → [X, Y, Z] float32 (a view of a [Z, Y, X]
         buffer), trilinear from each ROI's cube map inside its cube, zero outside every cube."""
+        out = new_source_buffer(self.volume.shape)
+        for region, inside, values in self._cube_regions(maps):
+            out[region] = np.where(inside, values, out[region])
+        return out
+
+    def projected_values(self, maps: torch.Tensor) -> np.ndarray:
+        """The values :meth:`project` writes inside the ROI cubes (1-D float32; where cubes overlap, each
+        cube's own), without the source-grid buffer: what a display window of the map is taken from."""
+        parts = [values[inside] for _, inside, values in self._cube_regions(maps)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def _cube_regions(self, maps: torch.Tensor):
+        """Per ROI whose cube meets the source grid: ``(region, inside, values)``, the source-voxel box
+        around the cube, which of its voxels lie in the cube, and the cube map trilinear at each voxel."""
         from scipy.ndimage import map_coordinates
 
         if maps.shape[0] != self.n_inputs:
             raise ValueError(f"expected maps for all {self.n_inputs} ROI views, got {maps.shape[0]}")
-        out = new_source_buffer(self.volume.shape)
         cubes = self.cube_maps(maps)
         for r in range(len(self.centers_mm)):
             corners = self._cube_coords(r)[:, [0, -1]][:, :, [0, -1]][:, :, :, [0, -1]].reshape(3, -1)
@@ -696,8 +709,7 @@ class RoiInputs(ModelInputs):
             inside = np.all((coords >= -0.5) & (coords <= self.n - 0.5), axis=0).reshape(idx.shape[1:])
             region = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
             values = map_coordinates(cubes[r], coords, order=1, mode="nearest").reshape(idx.shape[1:])
-            out[region] = np.where(inside, values, out[region])
-        return out
+            yield region, inside, values
 
     def canonical_slices(self, maps: torch.Tensor, slices: Sequence[int]) -> np.ndarray:
         """Canonical slices ``slices`` ([X, Y, len(slices)]) of the projected map."""

@@ -208,9 +208,10 @@ def lazy_overlay_layer_data(result, method: str, target: str, name: str | None =
 
     if isinstance(getattr(result, "inputs", None), RoiInputs):
         # ROI maps are zero outside their cubes and averaged over the views inside: the window of the model-
-        # resolution maps would be too wide for them. Their projection is cheap: the window of what is shown,
-        # as the CLI's overlay file opened here gets.
-        window = result.map_array(method, target)
+        # resolution maps would be too wide for them. The window of what is shown inside the cubes, as the
+        # CLI's overlay file opened here gets, without projecting onto the whole grid (~1.4 s a map on the
+        # GUI thread for a 512 x 512 x 300 CT).
+        window = result.inputs.projected_values(result.model_map(method, target))
     else:
         window = result.model_map(method, target).float().cpu().numpy()
     return overlay_layer_data(
