@@ -689,18 +689,22 @@ class RoiInputs(ModelInputs):
         parts = [values[inside] for _, inside, values in self._cube_regions(maps)]
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
-    def _cube_regions(self, maps: torch.Tensor):
-        """Per ROI whose cube meets the source grid: ``(region, inside, values)``, the source-voxel box
-        around the cube, which of its voxels lie in the cube, and the cube map trilinear at each voxel."""
+    def _cube_regions(self, maps: torch.Tensor, z0: int = 0, z1: int | None = None):
+        """Per ROI whose cube meets the source grid (its planes ``z0:z1`` of the third voxel axis; all by
+        default): ``(region, inside, values)``, the source-voxel box around the cube within those planes,
+        which of its voxels lie in the cube, and the cube map trilinear at each voxel."""
         from scipy.ndimage import map_coordinates
 
         if maps.shape[0] != self.n_inputs:
             raise ValueError(f"expected maps for all {self.n_inputs} ROI views, got {maps.shape[0]}")
         cubes = self.cube_maps(maps)
+        depth = self.volume.shape[2]
+        bounds_lo = np.array([0, 0, max(0, z0)])
+        bounds_hi = np.array([*self.volume.shape[:2], depth if z1 is None else min(z1, depth)])
         for r in range(len(self.centers_mm)):
             corners = self._cube_coords(r)[:, [0, -1]][:, :, [0, -1]][:, :, :, [0, -1]].reshape(3, -1)
-            lo = np.maximum(np.floor(corners.min(axis=1)).astype(int), 0)
-            hi = np.minimum(np.ceil(corners.max(axis=1)).astype(int) + 1, np.array(self.volume.shape))
+            lo = np.maximum(np.floor(corners.min(axis=1)).astype(int), bounds_lo)
+            hi = np.minimum(np.ceil(corners.max(axis=1)).astype(int) + 1, bounds_hi)
             if np.any(hi <= lo):
                 continue
             idx = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"))
@@ -716,8 +720,14 @@ class RoiInputs(ModelInputs):
         return np.ascontiguousarray(reoriented_view(self.project(maps), self.ornt)[:, :, list(slices)])
 
     def project_planes(self, maps: torch.Tensor, z0: int, z1: int) -> np.ndarray:
-        """Source voxel planes ``z0:z1`` of the projected map ([X, Y, n]; ROI maps are cheap to project)."""
-        return np.ascontiguousarray(self.project(maps)[:, :, z0:z1])
+        """Source voxel planes ``z0:z1`` of the projected map ([X, Y, n] float32): only the cubes that
+        meet those planes, only there (what a viewer asks for, a block at a time)."""
+        z0, z1 = max(0, z0), min(z1, self.volume.shape[2])
+        out = np.zeros((*self.volume.shape[:2], max(0, z1 - z0)), np.float32)
+        for (rx, ry, rz), inside, values in self._cube_regions(maps, z0, z1):
+            region = (rx, ry, slice(rz.start - z0, rz.stop - z0))
+            out[region] = np.where(inside, values, out[region])
+        return out
 
     def pixel_to_voxel(self, roi: int, view: str, row: float, col: float) -> np.ndarray:
         """The continuous source voxel index of model pixel (row, col) of a view of ROI ``roi``."""

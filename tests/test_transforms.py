@@ -192,3 +192,23 @@ def test_project_planes_equal_the_full_projection(direction):
     full = si.project(maps)
     for z0, z1 in [(0, 7), (2, 5), (6, 7)]:
         np.testing.assert_array_equal(si.project_planes(maps, z0, z1), full[:, :, z0:z1])
+
+
+@pytest.mark.parametrize("name,direction,spacing", GEOMETRIES)
+def test_roi_project_planes_equal_the_full_projection(name, direction, spacing):
+    """A block of source planes of an ROI map (projected from the cubes that meet it only) equals the same
+    planes of the whole projection, overlapping cubes and a cube past the grid's edge included."""
+    volume = make_volume(direction, spacing, shape=(40, 36, 24))
+    centres = volume.index_to_physical(np.array([[20.0, 18.0, 8.0], [24.0, 20.0, 12.0], [5.0, 30.0, 22.0]]))
+    pre = {
+        "image_size": [16, 16],
+        "in_chans": 1,
+        "hu_window": WINDOW,
+        "roi": {"size_mm": 12.0, "spacing_mm": 1.0, "views": ["axial", "coronal", "sagittal"]},
+    }
+    roi = RoiInputs(volume, pre, centres)
+    maps = torch.randn(roi.n_inputs, 4, 4, generator=torch.Generator().manual_seed(2))
+    full = roi.project(maps)
+    assert np.count_nonzero(full) > 0
+    for z0, z1 in [(0, 24), (0, 8), (6, 14), (20, 24), (23, 30)]:
+        np.testing.assert_array_equal(roi.project_planes(maps, z0, z1), full[:, :, z0:z1])
