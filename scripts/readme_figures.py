@@ -1,7 +1,8 @@
-"""The README pictures: the API figure (CT slice + CDAM / AG-CAM maps), a screenshot of the report, and the
+"""The README pictures: the API figure (CT slice + CDAM / AG-CAM maps), a screenshot of the report, the maps
+section of the ROI report (sample-roi on the input's labelled nodules, as `make demo`'s ROI step) and the
 volumetric figure (sample-roi3d: three orthogonal planes through a spiculated nodule).
 
-.venv/bin/python scripts/readme_figures.py [--input sample_data/phantom_000.nii.gz] [--only roi3d]
+.venv/bin/python scripts/readme_figures.py [--input sample_data/phantom_000.nii.gz] [--only report_roi]
 """
 
 from __future__ import annotations
@@ -68,6 +69,31 @@ def report_screenshot(input_path: Path, out: Path) -> None:
     print(f"wrote {out}")
 
 
+def report_roi_maps(input_path: Path, out: Path) -> None:
+    """The maps section of the ROI report (``explain INPUT --roi-centers INPUT.json``), alone on its page:
+    the report's style and that section's HTML, rendered by headless Chromium, trimmed to its content."""
+    from PIL import Image
+
+    work = ROOT / "runs" / "readme_demo_roi"
+    centres = input_path.with_name(input_path.name.split(".")[0] + ".json")
+    subprocess.run(
+        [sys.executable, "-m", "medvit_explain", "explain", str(input_path), "--roi-centers", str(centres)]
+        + ["--out", str(work), "--device", "cpu"],
+        check=True,
+    )
+    page = (work / "report.html").read_text()
+    start = page.index("<h2>Top ")
+    section = page[start : page.index("<h2>", start + 4)]
+    alone = work / "report_maps.html"
+    alone.write_text(page[: page.index("<body>") + len("<body>")] + section + "</body></html>")
+    shot = [sys.executable, str(ROOT / "scripts" / "screenshot_report.py"), str(alone), str(out)]
+    subprocess.run(shot + ["--height", "1200"], check=True)
+    image = Image.open(out).convert("RGB")
+    ink = np.flatnonzero((np.asarray(image).min(axis=2) < 250).any(axis=1))  # rows with anything drawn
+    image.crop((0, max(0, int(ink[0]) - 12), image.width, int(ink[-1]) + 16)).save(out)
+    print(f"wrote {out}")
+
+
 ROI3D_TARGETS = ["malignancy", "spiculation", "calcification"]
 
 
@@ -121,7 +147,7 @@ def roi3d_figure(input_path: Path, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--input", default=str(ROOT / "sample_data" / "phantom_001.nii.gz"))
-    parser.add_argument("--only", choices=["api", "report", "roi3d"], default=None)
+    parser.add_argument("--only", choices=["api", "report", "report_roi", "roi3d"], default=None)
     args = parser.parse_args()
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
@@ -129,6 +155,8 @@ def main() -> None:
         api_figure(Path(args.input), docs / "explain_api.png")
     if args.only in (None, "report"):
         report_screenshot(Path(args.input), docs / "report.png")
+    if args.only in (None, "report_roi"):
+        report_roi_maps(Path(args.input), docs / "report_roi.png")
     if args.only in (None, "roi3d"):
         roi3d_figure(Path(args.input), docs / "roi3d.png")
 
