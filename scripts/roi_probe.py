@@ -1,10 +1,13 @@
 """How much of the ROI targets a network can learn from a recipe's ROI views: a probe, not a sample model.
 
 Trains a small CNN (``--net cnn``) or the recipe's ViT plainly (``--net vit``: no token labels, the probe's
-schedule) on the ROI views of the ``--train`` folders, with the recipe's preprocessing, channel recipe and
-augmentation (centre jitter, 90° turns, flips) and its loss weights, and prints the held-out nodule-level
-malignancy AUC and the biomarker MAE on ``--test`` (views averaged, as the predictions table's ``mean`` row)
-every ``--every`` epochs. The README's "what would grade the shape biomarkers" paragraph was measured with it:
+schedule), or that ViT reading a nodule's views side by side as one input (``--net fused``: a 48 x 144 image
+of the axial, coronal and sagittal views, one token sequence, so attention can compare the views; one output
+per nodule, batches of batch_size / 3 nodules so a step holds as many views) on the ROI views of the
+``--train`` folders, with the recipe's preprocessing, channel recipe and augmentation (centre jitter, 90°
+turns, flips) and its loss weights, and prints the held-out nodule-level malignancy AUC and the biomarker MAE
+on ``--test`` (views averaged, as the predictions table's ``mean`` row) every ``--every`` epochs. The README's
+"what would grade the shape biomarkers" paragraph was measured with it:
 
     .venv/bin/python scripts/roi_probe.py --config configs/sample_roi_model.yaml \\
         --train runs/sample_roi_model/train --test runs/sample_roi_model/test --net cnn
@@ -16,12 +19,14 @@ with an ``adjacent_slices`` slab of that many planes per view.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
 import yaml
 
 from medvit_explain.model import build_model
+from medvit_explain.workflows.scores import model_outputs, nodule_scores
 from medvit_explain.workflows.studies import find_studies
 from medvit_explain.workflows.train import jitter_margin, load_rois, roi_metrics, task_loss
 
@@ -50,12 +55,27 @@ def probe_cnn(in_chans: int, outputs: int) -> torch.nn.Module:
     )
 
 
+def side_by_side(views: torch.Tensor, n_views: int) -> torch.Tensor:
+    """[B·V, C, H, W] views (nodule-major) -> [B, C, H, V·W]: each nodule's views in a row, one image."""
+    b, (c, h, w) = len(views) // n_views, views.shape[1:]
+    return views.reshape(b, n_views, c, h, w).permute(0, 2, 3, 1, 4).reshape(b, c, h, n_views * w)
+
+
+def fused_vit(config: dict, n_views: int) -> torch.nn.Module:
+    """The recipe's ViT with an input n_views times as wide (its grid n_views times as many tokens)."""
+    wide = copy.deepcopy(config)
+    h, w = wide["architecture"]["kwargs"]["img_size"]
+    wide["architecture"]["kwargs"]["img_size"] = [h, n_views * w]
+    wide["preprocessing"]["image_size"] = [h, n_views * w]
+    return build_model(wide)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="an ROI recipe (its preprocessing, model, training)")
     parser.add_argument("--train", action="append", required=True, help="phantom folder (repeat for more)")
     parser.add_argument("--test", required=True, help="held-out phantom folder")
-    parser.add_argument("--net", choices=("cnn", "vit"), default="cnn")
+    parser.add_argument("--net", choices=("cnn", "vit", "fused"), default="cnn")
     parser.add_argument("--channels", default=None, help="plane offsets of a slab per view, e.g. -6,-3,0,3,6")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=None, help="peak one-cycle LR [cnn 2e-3, vit 1e-3]")
@@ -76,13 +96,18 @@ def main() -> None:
     train = load_rois(studies, model, margin=jitter_margin(model, recipe), what="the --train folders")
     test = load_rois(find_studies(args.test), model, what=args.test)
     in_chans = int(config["preprocessing"]["in_chans"])
-    net = model
+    net, n_views = model, len(train.views)
     if args.net == "cnn":
         net = probe_cnn(in_chans, len(model.task_spec))
         net.task_spec = model.task_spec  # what roi_metrics reads the targets from
+    elif args.net == "fused":
+        net = fused_vit(config, n_views)
     lr = args.lr or (2e-3 if args.net == "cnn" else 1e-3)
     batch = int(recipe.get("batch_size", 64))
-    steps = (len(train) + batch - 1) // batch
+    per_step = n_views if args.net == "fused" else 1  # views per sample
+    batch //= per_step
+    samples = len(train) // per_step
+    steps = (samples + batch - 1) // batch
     opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=float(recipe.get("weight_decay", 0.05)))
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=args.epochs * steps)
     kinds, weights = list(model.task_spec.score_kinds), recipe.get("loss_weights")
@@ -94,9 +119,14 @@ def main() -> None:
     for epoch in range(args.epochs):
         t0 = time.perf_counter()
         net.train()
-        order = torch.randperm(len(train))
+        order = torch.randperm(samples)
         for step in range(steps):
-            x, y, _ = train.training_batch(order[step * batch : (step + 1) * batch], recipe, torch.device("cpu"))
+            chosen = order[step * batch : (step + 1) * batch]
+            if per_step > 1:  # every view of the chosen nodules, nodule-major
+                chosen = (chosen[:, None] * n_views + torch.arange(n_views)).reshape(-1)
+            x, y, _ = train.training_batch(chosen, recipe, torch.device("cpu"))
+            if per_step > 1:
+                x, y = side_by_side(x, n_views), y[::n_views]
             loss = task_loss(net(x), y, kinds, weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -104,7 +134,12 @@ def main() -> None:
             schedule.step()
         if (epoch + 1) % args.every == 0 or epoch + 1 == args.epochs:
             with torch.no_grad():
-                m = roi_metrics(net, test)
+                if per_step > 1:
+                    net.eval()
+                    raw = model_outputs(net, side_by_side(test.images, n_views), 128).numpy()
+                    m = nodule_scores(model.task_spec, raw, test.nodule_targets.numpy(), 1)
+                else:
+                    m = roi_metrics(net, test)
             mae = " ".join(f"{k} {v:.2f}" for k, v in m["mae"].items())
             print(
                 f"epoch {epoch + 1} ({time.perf_counter() - t0:.0f} s): AUC {m['malignancy_auc']:.3f}; MAE {mae}",

@@ -345,6 +345,32 @@ def test_roi_probe_script_trains_and_scores(tmp_path, phantoms, capsys, monkeypa
         assert "AUC " in report and all(f" {name} " in report + " " for name in TaskSpec.default().names[1:])
 
 
+def test_roi_probe_fused_views(tmp_path, phantoms, capsys, monkeypatch):
+    """--net fused: each nodule's views side by side (equal to concatenating them along the width, nodule by
+    nodule), one ViT input with three times the tokens, and a report per nodule."""
+    import runpy
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "roi_probe.py"
+    probe = runpy.run_path(str(script), run_name="roi_probe")
+    views = torch.randn(2 * 3, 4, 5, 6)  # 2 nodules x 3 views, nodule-major
+    expected = torch.stack([torch.cat(list(views[3 * b : 3 * b + 3]), dim=-1) for b in range(2)])
+    assert torch.equal(probe["side_by_side"](views, 3), expected)
+    config = roi_config()
+    net = probe["fused_vit"](config, 3)
+    h, w = config["architecture"]["kwargs"]["img_size"]
+    assert net(torch.randn(2, config["preprocessing"]["in_chans"], h, 3 * w)).shape == (2, len(TaskSpec.default()))
+    config["training"] = {"batch_size": 6, "roi_jitter_mm": 2.0}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(config))
+    args = ["--config", recipe, "--train", phantoms, "--test", phantoms, "--net", "fused"]
+    monkeypatch.setattr(sys, "argv", [str(script), *map(str, [*args, "--epochs", "1", "--threads", "1"])])
+    runpy.run_path(str(script), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("fused: ")
+    assert lines[-1].startswith("epoch 1 ") and "AUC " in lines[-1] and " sphericity " in lines[-1]
+
+
 def test_make_sample_model_reuses_only_its_own_recipes_phantoms(tmp_path):
     """scripts/make_sample_model.py makes a recipe's phantoms once (stamped with its seed and groups), reuses
     them on the next run, and stops with one line on a folder of another recipe instead of training on it."""
