@@ -689,18 +689,18 @@ class RoiInputs(ModelInputs):
         parts = [values[inside] for _, inside, values in self._cube_regions(maps)]
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
-    def _cube_regions(self, maps: torch.Tensor, z0: int = 0, z1: int | None = None):
-        """Per ROI whose cube meets the source grid (its planes ``z0:z1`` of the third voxel axis; all by
-        default): ``(region, inside, values)``, the source-voxel box around the cube within those planes,
-        which of its voxels lie in the cube, and the cube map trilinear at each voxel."""
+    def _cube_regions(self, maps: torch.Tensor, axis: int = 2, start: int = 0, stop: int | None = None):
+        """Per ROI whose cube meets the source grid (its planes ``start:stop`` along source voxel axis
+        ``axis``; all by default): ``(region, inside, values)``, the source-voxel box around the cube within
+        those planes, which of its voxels lie in the cube, and the cube map trilinear at each voxel."""
         from scipy.ndimage import map_coordinates
 
         if maps.shape[0] != self.n_inputs:
             raise ValueError(f"expected maps for all {self.n_inputs} ROI views, got {maps.shape[0]}")
         cubes = self.cube_maps(maps)
-        depth = self.volume.shape[2]
-        bounds_lo = np.array([0, 0, max(0, z0)])
-        bounds_hi = np.array([*self.volume.shape[:2], depth if z1 is None else min(z1, depth)])
+        bounds_lo, bounds_hi = np.zeros(3, int), np.array(self.volume.shape)
+        bounds_lo[axis] = max(0, start)
+        bounds_hi[axis] = bounds_hi[axis] if stop is None else min(stop, bounds_hi[axis])
         for r in range(len(self.centers_mm)):
             corners = self._cube_coords(r)[:, [0, -1]][:, :, [0, -1]][:, :, :, [0, -1]].reshape(3, -1)
             lo = np.maximum(np.floor(corners.min(axis=1)).astype(int), bounds_lo)
@@ -716,17 +716,34 @@ class RoiInputs(ModelInputs):
             yield region, inside, values
 
     def canonical_slices(self, maps: torch.Tensor, slices: Sequence[int]) -> np.ndarray:
-        """Canonical slices ``slices`` ([X, Y, len(slices)]) of the projected map."""
-        return np.ascontiguousarray(reoriented_view(self.project(maps), self.ornt)[:, :, list(slices)])
+        """Canonical slices ``slices`` ([X, Y, len(slices)]) of the projected map, each from the cubes that
+        meet it only (the source plane it is, along the source axis that becomes the canonical third)."""
+        axis = int(np.argsort(self.ornt[:, 0])[2])  # the source axis along canonical z
+        flip, depth = int(self.ornt[axis, 1]) == -1, self.volume.shape[axis]
+        planes = [np.zeros((*self._canon_shape[:2], 0), np.float32)]
+        for k in slices:
+            if not -depth <= k < depth:
+                raise IndexError(f"slice {k} is out of range for {depth} slices")
+            k = int(k) % depth
+            planes.append(reoriented_view(self._source_planes(maps, axis, depth - 1 - k if flip else k, 1), self.ornt))
+        return np.ascontiguousarray(np.concatenate(planes, axis=2))
 
     def project_planes(self, maps: torch.Tensor, z0: int, z1: int) -> np.ndarray:
         """Source voxel planes ``z0:z1`` of the projected map ([X, Y, n] float32): only the cubes that
         meet those planes, only there (what a viewer asks for, a block at a time)."""
         z0, z1 = max(0, z0), min(z1, self.volume.shape[2])
-        out = np.zeros((*self.volume.shape[:2], max(0, z1 - z0)), np.float32)
-        for (rx, ry, rz), inside, values in self._cube_regions(maps, z0, z1):
-            region = (rx, ry, slice(rz.start - z0, rz.stop - z0))
-            out[region] = np.where(inside, values, out[region])
+        return self._source_planes(maps, 2, z0, z1 - z0)
+
+    def _source_planes(self, maps: torch.Tensor, axis: int, start: int, count: int) -> np.ndarray:
+        """The projected map's source planes ``start:start + count`` along voxel axis ``axis`` (the source
+        grid with that axis cut to ``count``), written from the cubes that meet them."""
+        shape = list(self.volume.shape)
+        shape[axis] = max(0, count)
+        out = np.zeros(shape, np.float32)
+        for region, inside, values in self._cube_regions(maps, axis, start, start + count):
+            region = list(region)
+            region[axis] = slice(region[axis].start - start, region[axis].stop - start)
+            out[tuple(region)] = np.where(inside, values, out[tuple(region)])
         return out
 
     def pixel_to_voxel(self, roi: int, view: str, row: float, col: float) -> np.ndarray:

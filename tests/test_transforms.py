@@ -212,3 +212,26 @@ def test_roi_project_planes_equal_the_full_projection(name, direction, spacing):
     assert np.count_nonzero(full) > 0
     for z0, z1 in [(0, 24), (0, 8), (6, 14), (20, 24), (23, 30)]:
         np.testing.assert_array_equal(roi.project_planes(maps, z0, z1), full[:, :, z0:z1])
+
+
+@pytest.mark.parametrize("name,direction,spacing", GEOMETRIES)
+def test_roi_canonical_slices_equal_the_full_projection(name, direction, spacing):
+    """Canonical slices of an ROI map, each projected from the cubes that meet it only, equal those slices of
+    the whole projection reoriented, on every geometry (the canonical third axis from any source axis)."""
+    volume = make_volume(direction, spacing, shape=(30, 26, 22))
+    centres = volume.index_to_physical(np.array([[15.0, 13.0, 8.0], [18.0, 10.0, 12.0], [2.0, 24.0, 20.0]]))
+    pre = {
+        "image_size": [16, 16],
+        "in_chans": 1,
+        "hu_window": WINDOW,
+        "roi": {"size_mm": 12.0, "spacing_mm": 1.0, "views": ["axial", "coronal", "sagittal"]},
+    }
+    roi = RoiInputs(volume, pre, centres)
+    maps = torch.randn(roi.n_inputs, 4, 4, generator=torch.Generator().manual_seed(3))
+    full = reoriented_view(roi.project(maps), roi.ornt)
+    slices = [0, 3, 7, 8, full.shape[2] - 1, -1]
+    np.testing.assert_array_equal(roi.canonical_slices(maps, slices), full[:, :, slices])
+    assert np.count_nonzero(full[:, :, slices]) > 0
+    assert roi.canonical_slices(maps, []).shape == (*full.shape[:2], 0)
+    with pytest.raises(IndexError):
+        roi.canonical_slices(maps, [full.shape[2]])
