@@ -194,20 +194,25 @@ def test_project_planes_equal_the_full_projection(direction):
         np.testing.assert_array_equal(si.project_planes(maps, z0, z1), full[:, :, z0:z1])
 
 
-@pytest.mark.parametrize("name,direction,spacing", GEOMETRIES)
-def test_roi_project_planes_equal_the_full_projection(name, direction, spacing):
-    """A block of source planes of an ROI map (projected from the cubes that meet it only) equals the same
-    planes of the whole projection, overlapping cubes and a cube past the grid's edge included."""
-    volume = make_volume(direction, spacing, shape=(40, 36, 24))
-    centres = volume.index_to_physical(np.array([[20.0, 18.0, 8.0], [24.0, 20.0, 12.0], [5.0, 30.0, 22.0]]))
+def three_rois(direction, spacing, shape, seed):
+    """Three 12 mm ROIs on a ``shape`` grid (two overlapping, one past the grid's edge) and random view maps."""
+    volume = make_volume(direction, spacing, shape=shape)
+    ijk = np.array([[0.5, 0.5, 0.33], [0.6, 0.55, 0.5], [0.1, 0.9, 0.92]]) * np.array(shape)
     pre = {
         "image_size": [16, 16],
         "in_chans": 1,
         "hu_window": WINDOW,
         "roi": {"size_mm": 12.0, "spacing_mm": 1.0, "views": ["axial", "coronal", "sagittal"]},
     }
-    roi = RoiInputs(volume, pre, centres)
-    maps = torch.randn(roi.n_inputs, 4, 4, generator=torch.Generator().manual_seed(2))
+    roi = RoiInputs(volume, pre, volume.index_to_physical(ijk))
+    return roi, torch.randn(roi.n_inputs, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name,direction,spacing", GEOMETRIES)
+def test_roi_project_planes_equal_the_full_projection(name, direction, spacing):
+    """A block of source planes of an ROI map (projected from the cubes that meet it only) equals the same
+    planes of the whole projection, overlapping cubes and a cube past the grid's edge included."""
+    roi, maps = three_rois(direction, spacing, (40, 36, 24), seed=2)
     full = roi.project(maps)
     assert np.count_nonzero(full) > 0
     for z0, z1 in [(0, 24), (0, 8), (6, 14), (20, 24), (23, 30)]:
@@ -218,16 +223,7 @@ def test_roi_project_planes_equal_the_full_projection(name, direction, spacing):
 def test_roi_canonical_slices_equal_the_full_projection(name, direction, spacing):
     """Canonical slices of an ROI map, each projected from the cubes that meet it only, equal those slices of
     the whole projection reoriented, on every geometry (the canonical third axis from any source axis)."""
-    volume = make_volume(direction, spacing, shape=(30, 26, 22))
-    centres = volume.index_to_physical(np.array([[15.0, 13.0, 8.0], [18.0, 10.0, 12.0], [2.0, 24.0, 20.0]]))
-    pre = {
-        "image_size": [16, 16],
-        "in_chans": 1,
-        "hu_window": WINDOW,
-        "roi": {"size_mm": 12.0, "spacing_mm": 1.0, "views": ["axial", "coronal", "sagittal"]},
-    }
-    roi = RoiInputs(volume, pre, centres)
-    maps = torch.randn(roi.n_inputs, 4, 4, generator=torch.Generator().manual_seed(3))
+    roi, maps = three_rois(direction, spacing, (30, 26, 22), seed=3)
     full = reoriented_view(roi.project(maps), roi.ornt)
     slices = [0, 3, 7, 8, full.shape[2] - 1, -1]
     np.testing.assert_array_equal(roi.canonical_slices(maps, slices), full[:, :, slices])
