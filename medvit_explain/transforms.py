@@ -363,6 +363,27 @@ class ModelInputs:
             chunk = order[start : start + batch_size]
             yield InputBatch(self.images(chunk), chunk)
 
+    def canonical_to_source_k(self, slices: np.ndarray) -> np.ndarray:
+        """Source voxel index along the axis that became canonical k, for each slice."""
+        axis_for_k = int(np.argsort(self.ornt[:, 0])[2])  # source axis mapped to canonical axis 2
+        n = self.volume.shape[axis_for_k]
+        return np.where(self.ornt[axis_for_k, 1] == -1, n - 1 - slices, slices)
+
+    def project_planes(self, maps: torch.Tensor, z0: int, z1: int) -> np.ndarray:
+        """Source voxel planes ``z0:z1`` (along the source's third axis) of the projected map: [X, Y, n].
+
+        When that axis is the canonical third one (an axial acquisition) only the matching canonical slices are
+        computed (``canonical_slices``), so a viewer can show one plane at the cost of one slice; otherwise the
+        whole map is projected and cut. Slice and volume modes share this; ROI mode has its own."""
+        if int(np.argsort(self.ornt[:, 0])[2]) != 2:
+            return np.ascontiguousarray(self.project(maps)[:, :, z0:z1])
+        out = np.zeros((*self.volume.shape[:2], z1 - z0), np.float32)
+        view = reoriented_view(out, self.ornt)  # [Xc, Yc, n]: canonical in-plane axes (the block flipped too)
+        j = np.arange(z1 - z0)
+        source_z = z0 + (z1 - z0 - 1 - j if self.ornt[2, 1] == -1 else j)  # the source plane view[:, :, j] is
+        view[...] = self.canonical_slices(maps, self.canonical_to_source_k(source_z))  # source z <-> canonical k
+        return out
+
 
 @dataclass
 class SliceInputs(ModelInputs):
@@ -441,12 +462,6 @@ class SliceInputs(ModelInputs):
             rows.append({"slice": int(s), "source_index": int(k), "z_mm": round(z_mm, 4)})
         return rows
 
-    def canonical_to_source_k(self, slices: np.ndarray) -> np.ndarray:
-        """Source voxel index along the axis that became canonical k, for each slice."""
-        axis_for_k = int(np.argsort(self.ornt[:, 0])[2])  # source axis mapped to canonical axis 2
-        n = self.volume.shape[axis_for_k]
-        return np.where(self.ornt[axis_for_k, 1] == -1, n - 1 - slices, slices)
-
     def crop_maps(self, maps: torch.Tensor) -> torch.Tensor:
         """[N, h, w] maps (token grid or model input size) → [N, rows, cols] on the cropped slice:
         bilinear to the model input size, then bilinear to the crop (the inverse of the resize)."""
@@ -474,21 +489,6 @@ class SliceInputs(ModelInputs):
         for k in range(0, self.n_slices, PROJECT_CHUNK):
             crop = self.crop_maps(maps[k : k + PROJECT_CHUNK]).cpu().numpy()  # [n, rows, cols]
             canon[x0:x1, y0:y1, k : k + PROJECT_CHUNK] = crop.transpose(2, 1, 0)
-        return out
-
-    def project_planes(self, maps: torch.Tensor, z0: int, z1: int) -> np.ndarray:
-        """Source voxel planes ``z0:z1`` (along the source's third axis) of the projected map: [X, Y, n].
-
-        When that axis is the slicing axis (an axial acquisition) only the matching canonical slices are
-        interpolated, so a viewer can show one plane at the cost of one slice; otherwise the whole map is
-        projected and cut."""
-        if int(np.argsort(self.ornt[:, 0])[2]) != 2:
-            return np.ascontiguousarray(self.project(maps)[:, :, z0:z1])
-        out = np.zeros((*self.volume.shape[:2], z1 - z0), np.float32)
-        view = reoriented_view(out, self.ornt)  # [Xc, Yc, n]: canonical in-plane axes (the block flipped too)
-        j = np.arange(z1 - z0)
-        source_z = z0 + (z1 - z0 - 1 - j if self.ornt[2, 1] == -1 else j)  # the source plane view[:, :, j] is
-        view[...] = self.canonical_slices(maps, self.canonical_to_source_k(source_z))  # source z <-> canonical k
         return out
 
     def pixel_to_voxel(self, slice_index: int, row: float, col: float) -> np.ndarray:

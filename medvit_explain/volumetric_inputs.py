@@ -199,10 +199,6 @@ class VolumeInputs(ModelInputs):
             canon[x0:x1, y0:y1, k : k + len(ks)] = self._crop_slices(box_map, ks).transpose(2, 1, 0)
         return out
 
-    def project_planes(self, maps: torch.Tensor, z0: int, z1: int) -> np.ndarray:
-        """Source voxel planes ``z0:z1`` (third voxel axis) of the projected map: [X, Y, n]."""
-        return np.ascontiguousarray(self.project(maps)[:, :, z0:z1])
-
     def voxel_to_source(self, d: float, row: float, col: float) -> np.ndarray:
         """The continuous source voxel index of model voxel (d, row, col)."""
         n_slices, rows, cols = self.crop_shape

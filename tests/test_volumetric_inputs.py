@@ -146,6 +146,11 @@ def test_volume_inputs_and_inverse_are_exact(name, direction, spacing):
     canon = reoriented_view(out, inputs.ornt)
     some = [0, n_slices // 2, n_slices - 1]
     np.testing.assert_allclose(inputs.canonical_slices(map_box, some), canon[:, :, some], atol=1e-6)
+    # blocks of source planes (what napari asks for; only those slices when the third axis is the slicing
+    # one) equal the full projection's
+    depth = volume.shape[2]
+    for z0, z1 in [(0, depth), (0, 3), (5, 9), (depth - 1, depth)]:
+        np.testing.assert_allclose(inputs.project_planes(map_box, z0, z1), out[:, :, z0:z1], atol=1e-6)
 
 
 def test_model_inputs_pick_the_volumetric_classes_and_refuse_mismatches():
