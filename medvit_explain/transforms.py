@@ -679,25 +679,27 @@ class RoiInputs(ModelInputs):
         """One map on the source grid: [R·V, h, w] view maps → [X, Y, Z] float32 (a view of a [Z, Y, X]
         buffer), trilinear from each ROI's cube map inside its cube, zero outside every cube."""
         out = new_source_buffer(self.volume.shape)
-        for region, inside, values in self._cube_regions(maps):
-            out[region] = np.where(inside, values, out[region])
-        return out
+        return self._source_planes(self._view_cubes(maps), 2, 0, self.volume.shape[2], out)
 
     def projected_values(self, maps: torch.Tensor) -> np.ndarray:
         """The values :meth:`project` writes inside the ROI cubes (1-D float32; where cubes overlap, each
         cube's own), without the source-grid buffer: what a display window of the map is taken from."""
-        parts = [values[inside] for _, inside, values in self._cube_regions(maps)]
+        parts = [values[inside] for _, inside, values in self._cube_regions(self._view_cubes(maps))]
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
-    def _cube_regions(self, maps: torch.Tensor, axis: int = 2, start: int = 0, stop: int | None = None):
-        """Per ROI whose cube meets the source grid (its planes ``start:stop`` along source voxel axis
-        ``axis``; all by default): ``(region, inside, values)``, the source-voxel box around the cube within
-        those planes, which of its voxels lie in the cube, and the cube map trilinear at each voxel."""
-        from scipy.ndimage import map_coordinates
-
+    def _view_cubes(self, maps: torch.Tensor) -> np.ndarray:
+        """:meth:`cube_maps` of one map's view maps, which must cover every ROI view."""
         if maps.shape[0] != self.n_inputs:
             raise ValueError(f"expected maps for all {self.n_inputs} ROI views, got {maps.shape[0]}")
-        cubes = self.cube_maps(maps)
+        return self.cube_maps(maps)
+
+    def _cube_regions(self, cubes: np.ndarray, axis: int = 2, start: int = 0, stop: int | None = None):
+        """Per ROI whose cube meets the source grid (its planes ``start:stop`` along source voxel axis
+        ``axis``; all by default): ``(region, inside, values)``, the source-voxel box around the cube within
+        those planes, which of its voxels lie in the cube, and the cube map (``cubes[r]``, canonical
+        [n, n, n]) trilinear at each voxel."""
+        from scipy.ndimage import map_coordinates
+
         bounds_lo, bounds_hi = np.zeros(3, int), np.array(self.volume.shape)
         bounds_lo[axis] = max(0, start)
         bounds_hi[axis] = bounds_hi[axis] if stop is None else min(stop, bounds_hi[axis])
@@ -718,6 +720,7 @@ class RoiInputs(ModelInputs):
     def canonical_slices(self, maps: torch.Tensor, slices: Sequence[int]) -> np.ndarray:
         """Canonical slices ``slices`` ([X, Y, len(slices)]) of the projected map, each from the cubes that
         meet it only (the source plane it is, along the source axis that becomes the canonical third)."""
+        cubes = self._view_cubes(maps)
         axis = int(np.argsort(self.ornt[:, 0])[2])  # the source axis along canonical z
         flip, depth = int(self.ornt[axis, 1]) == -1, self.volume.shape[axis]
         planes = [np.zeros((*self._canon_shape[:2], 0), np.float32)]
@@ -725,22 +728,27 @@ class RoiInputs(ModelInputs):
             if not -depth <= k < depth:
                 raise IndexError(f"slice {k} is out of range for {depth} slices")
             k = int(k) % depth
-            planes.append(reoriented_view(self._source_planes(maps, axis, depth - 1 - k if flip else k, 1), self.ornt))
+            plane = self._source_planes(cubes, axis, depth - 1 - k if flip else k, 1)
+            planes.append(reoriented_view(plane, self.ornt))
         return np.ascontiguousarray(np.concatenate(planes, axis=2))
 
     def project_planes(self, maps: torch.Tensor, z0: int, z1: int) -> np.ndarray:
         """Source voxel planes ``z0:z1`` of the projected map ([X, Y, n] float32): only the cubes that
         meet those planes, only there (what a viewer asks for, a block at a time)."""
         z0, z1 = max(0, z0), min(z1, self.volume.shape[2])
-        return self._source_planes(maps, 2, z0, z1 - z0)
+        return self._source_planes(self._view_cubes(maps), 2, z0, z1 - z0)
 
-    def _source_planes(self, maps: torch.Tensor, axis: int, start: int, count: int) -> np.ndarray:
-        """The projected map's source planes ``start:start + count`` along voxel axis ``axis`` (the source
-        grid with that axis cut to ``count``), written from the cubes that meet them."""
-        shape = list(self.volume.shape)
-        shape[axis] = max(0, count)
-        out = np.zeros(shape, np.float32)
-        for region, inside, values in self._cube_regions(maps, axis, start, start + count):
+    def _source_planes(
+        self, cubes: np.ndarray, axis: int, start: int, count: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The projected map's source planes ``start:start + count`` along voxel axis ``axis``, written from
+        the cube maps ``cubes`` that meet them into ``out`` (zeros; by default a new source grid with that
+        axis cut to ``count``)."""
+        if out is None:
+            shape = list(self.volume.shape)
+            shape[axis] = max(0, count)
+            out = np.zeros(shape, np.float32)
+        for region, inside, values in self._cube_regions(cubes, axis, start, start + count):
             region = list(region)
             region[axis] = slice(region[axis].start - start, region[axis].stop - start)
             out[tuple(region)] = np.where(inside, values, out[tuple(region)])
