@@ -321,6 +321,73 @@ def test_feature_token_labels_split_each_patch_into_the_nodule_parts(phantoms, t
         load_rois(find_studies(bare), model, token_targets=True, feature_tokens=True, progress=False)
 
 
+def test_view_shape_targets_are_the_body_moments_each_view_shows(phantoms):
+    """``view_shape_targets``: per view, half the log ratio of the body's in-plane second moments, half the
+    log of its normal variance against their geometric mean, and the lobe and spicule shares of the nodule,
+    equal to np.cov of the body's voxel coordinates (the nodule less its spicule and lobe voxels) and to
+    voxel counts; a nodule too small for moments gets zeros."""
+    from medvit_explain.phantom import FEATURE_LABELS
+    from medvit_explain.workflows.train import TOKEN_FEATURES, view_shape_targets
+
+    g = np.indices((31, 31, 31)).astype(float) - 15
+    body = (g[0] / 11) ** 2 + (g[1] / 7) ** 2 + (g[2] / 4) ** 2 <= 1  # an ellipsoid, axes along x, y, z
+    lobe = ((g[0] - 9) ** 2 + g[1] ** 2 + (g[2] - 3) ** 2 <= 9) & ~body  # a dome on it, off-centre
+    spike = (g[0] == 0) & (g[2] == 0) & (g[1] > 7) & (g[1] <= 13)  # a strand along y
+    part = {name: label for label, name in FEATURE_LABELS.items()}
+    cube = np.zeros((2 + len(TOKEN_FEATURES), 31, 31, 31), np.uint8)
+    cube[0] = 255 * (body | lobe | spike)
+    cube[2 + TOKEN_FEATURES.index(part["lobulation"])] = 255 * lobe
+    cube[2 + TOKEN_FEATURES.index(part["spicules"])] = 255 * spike
+    views = ["axial", "coronal", "sagittal"]
+    got = view_shape_targets(cube, views)
+    cov = np.cov(np.argwhere(body).T.astype(float), bias=True)  # the body's moments, [x, y, z] voxel axes
+    nodule = (body | lobe | spike).sum()
+    for v, normal in enumerate((2, 1, 0)):
+        plane = [a for a in range(3) if a != normal]
+        lam = np.sort(np.linalg.eigvalsh(cov[np.ix_(plane, plane)]))
+        expected = [
+            0.5 * np.log(lam[1] / lam[0]),
+            0.5 * np.log(cov[normal, normal] / np.sqrt(lam[0] * lam[1])),
+            lobe.sum() / nodule,
+            spike.sum() / nodule,
+        ]
+        np.testing.assert_allclose(got[v], expected, rtol=1e-4, atol=1e-6)
+    assert got[1, 0] > got[2, 0] > got[0, 0] > 0 and got[0, 1] < 0 < got[2, 1]  # long in x, flat in z
+    tiny = np.zeros_like(cube)
+    tiny[0, 15, 15, 15:18] = 255
+    assert not view_shape_targets(tiny, views).any()
+
+
+def test_view_shape_head_trains_with_the_recipe_and_refuses_without_part_labels(phantoms, tmp_path):
+    """``training.view_shape_weight``: the run's ROI set carries one view-shape row per view (equal to
+    ``view_shape_targets`` of the nodule's un-jittered crop), the training-only head reads the pooled token,
+    an epoch runs, and a recipe without feature token labels is refused with one clear error."""
+    from medvit_explain.errors import MedvitInputError
+    from medvit_explain.workflows.train import VIEW_SHAPE_TARGETS, _optimise, _prepare, _train_epoch, view_shape_targets
+
+    config = roi_config()
+    recipe = {"seed": 1, "val_fraction": 0.34, "batch_size": 8, "token_label_weight": 1.0}
+    config["training"] = {**recipe, "token_label_features": True, "view_shape_weight": 4.0}
+    run = _prepare(config, phantoms, None, 1, 1, "cpu", False)
+    rois = run.train_set
+    assert run.token_head.shapes.out_features == len(VIEW_SHAPE_TARGETS) == 4
+    assert rois.view_shapes.shape == (len(rois), 4)
+    m, n = rois.margin, rois.n
+    for r in range(rois.n_nodules):
+        inner = rois.token_cubes[r][:, m : m + n, m : m + n, m : m + n]
+        expected = view_shape_targets(inner, rois.views)
+        np.testing.assert_array_equal(rois.view_shapes[3 * r : 3 * r + 3].numpy(), expected)
+    assert float(rois.view_shapes[:, 2:].max()) > 0.0 or float(rois.view_shapes[:, :2].abs().max()) > 0.0
+    _optimise(run)
+    before = run.token_head.shapes.weight.detach().clone()
+    assert np.isfinite(_train_epoch(run, 0, False))
+    assert not torch.equal(before, run.token_head.shapes.weight)  # the head is trained
+
+    config["training"] = {**recipe, "view_shape_weight": 4.0}
+    with pytest.raises(MedvitInputError, match="view_shape_weight needs"):
+        _prepare(config, phantoms, None, 1, 1, "cpu", False)
+
+
 def test_roi_probe_script_trains_and_scores(tmp_path, phantoms, capsys, monkeypatch):
     """scripts/roi_probe.py (the README's shape-biomarker probe): several --train folders are joined, a slab
     of planes replaces the recipe's channels, and each report line has the AUC and all eight MAEs."""
@@ -421,5 +488,19 @@ def test_shape_oracle_features_and_script(tmp_path, phantoms, capsys, monkeypatc
     lines = capsys.readouterr().out.splitlines()
     n = sum(len(_nodules(s)) for s in find_studies(phantoms))
     assert lines[0].endswith("held-out nodules") and int(lines[0].split()[0]) <= n
-    for target, line in zip(("sphericity", "lobulation"), lines[1:], strict=True):
-        assert line.startswith(target) and "3D mask" in line and "per view (mean of 3)" in line
+    expected = [("sphericity", "whole mask:"), ("sphericity", "body:"), ("lobulation", "whole mask:")]
+    expected.append(("lobulation", "mask + lobe share:"))
+    for (target, reading), line in zip(expected, lines[1:], strict=True):
+        assert line.split()[0] == target and reading in line and "MAE 3D" in line and "per view (mean of 3)" in line
+    # the readings: the body drops the spicule and lobe voxels; the lobe-share reading adds each plane's share
+    spike = np.array([[x, 0.0, 0.0] for x in np.arange(9.5, 14.0, 0.5)])
+    lobe = solid[solid[:, 0] > 7.0]
+    points = np.concatenate([solid, spike])
+    parts = np.concatenate([np.where(solid[:, 0] > 7.0, 3, 1), np.full(len(spike), 2)])
+    readings = oracle["_readings"](points, parts, 12.0, [0.0, 1.0], 0.25)
+    body = solid[solid[:, 0] <= 7.0]
+    np.testing.assert_allclose(readings["body"][0], oracle["_volume_features"](body - body.mean(0), 12.0))
+    np.testing.assert_allclose(readings["whole mask"][0], oracle["_volume_features"](points, 12.0))
+    share = readings["mask + lobe share"][1][0][-2:]  # the axial view's two planes
+    slab = np.abs(points[:, 2]) <= 0.25
+    assert share[0] == pytest.approx(np.mean(parts[slab] == 3)) and share[0] > 0 and len(lobe) > 0

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ..errors import MedvitInputError
 from ..metrics.masks import slice_masks
+from ..phantom import FEATURE_LABELS
 from .labels import (
     BIOMARKER_KEYS,
     load_labelled_study,
@@ -58,6 +59,7 @@ __all__ = [
     "SliceSet",
     "Study",
     "TokenLabelHead",
+    "VIEW_SHAPE_TARGETS",
     "evaluate",
     "find_studies",
     "forward_with_tokens",
@@ -72,6 +74,7 @@ __all__ = [
     "split_studies",
     "task_loss",
     "train",
+    "view_shape_targets",
 ]
 
 
@@ -197,7 +200,8 @@ class RoiSet:
     ``token_cubes`` [M, L, N, N, N] uint8 (or None): the share (×255) of each cube sample inside a nodule /
     a malignant nodule (L = 2), then inside each part of ``TOKEN_FEATURES`` (L = 6; the token labels);
     ``nodule_targets`` [M, K] (normalised, NaN = no label);
-    ``study`` [M] study index; ``grid`` the model's token grid."""
+    ``study`` [M] study index; ``grid`` the model's token grid; ``view_shapes`` [M·V, 4] float32 (or None):
+    what each view shows of its nodule's shape (:func:`view_shape_targets`; with the feature token cubes)."""
 
     config: Any  # transforms.Preprocessing
     views: tuple[str, ...]
@@ -208,6 +212,7 @@ class RoiSet:
     study: np.ndarray
     grid: tuple[int, ...]
     token_cubes: np.ndarray | None = None
+    view_shapes: torch.Tensor | None = None
     _images: torch.Tensor | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -302,6 +307,49 @@ def _rotate(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     return out
 
 
+VIEW_NORMAL_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}  # of a canonical (L, P, S) ROI cube
+VIEW_SHAPE_TARGETS = ("in_plane_elongation", "normal_extent", "lobe_share", "spicule_share")
+
+
+def view_shape_targets(token_cube: np.ndarray, views: Sequence[str]) -> np.ndarray:
+    """[V, 4] float32: what each view of one nodule shows of its shape, from its ROI cube's token shares
+    ``token_cube`` [2 + len(TOKEN_FEATURES), n, n, n] (uint8 ×255; canonical axes), for the training-only
+    view-shape head (``training.view_shape_weight``):
+
+    * ``in_plane_elongation``: ½·ln(λ1 / λ2) of the body's second moments in the view's plane (λ1 ≥ λ2; the
+      body is the nodule without its spicules and lobes, the ellipsoid that sphericity draws), 0 when round;
+    * ``normal_extent``: ½·ln(σ²_normal / √(λ1·λ2)), the body's extent along the view's normal against its
+      extent in the plane (> 0: longer across the view than in it);
+    * ``lobe_share``, ``spicule_share``: the share of the nodule's volume in its lobes, in its spicules.
+
+    Each is unchanged by the 90° turns and mirroring of training (in-plane), so one value serves every
+    augmented copy; a nodule with under 8 body samples gets zeros."""
+    shares = token_cube.astype(np.float32) / 255.0
+    nodule = shares[0]
+    labels = {name: label for label, name in FEATURE_LABELS.items()}
+    spicules, lobes = (shares[2 + TOKEN_FEATURES.index(labels[name])] for name in ("spicules", "lobulation"))
+    body = np.clip(nodule - spicules - lobes, 0.0, None)
+    total, mass = float(nodule.sum()), float(body.sum())
+    out = np.zeros((len(views), len(VIEW_SHAPE_TARGETS)), np.float32)
+    if mass < 8.0:
+        return out
+    grid = np.indices(body.shape, dtype=np.float32).reshape(3, -1)
+    w = body.reshape(-1) / mass
+    centred = grid - (grid @ w)[:, None]
+    cov = (centred * w) @ centred.T
+    for v, view in enumerate(views):
+        normal = VIEW_NORMAL_AXIS[view]
+        plane = [a for a in range(3) if a != normal]
+        lam = np.clip(np.linalg.eigvalsh(cov[np.ix_(plane, plane)]), 1e-6, None)
+        out[v] = (
+            0.5 * np.log(lam[1] / lam[0]),
+            0.5 * np.log(max(float(cov[normal, normal]), 1e-6) / float(np.sqrt(lam[0] * lam[1]))),
+            float(lobes.sum()) / total,
+            float(spicules.sum()) / total,
+        )
+    return out
+
+
 def _binary_volume(mask, keep: np.ndarray):
     """The mask as a float32 volume on its grid: 1 where its label is in ``keep``, else 0."""
     return mask.with_array(np.isin(mask.array, keep).astype(np.float32))
@@ -374,9 +422,15 @@ def load_rois(
         )
     from ..volumetric_inputs import CUBE_VIEW
 
+    views = (CUBE_VIEW,) if len(config.image_size) == 3 else tuple(config.roi.views)
+    shapes = None
+    if token_targets and feature_tokens and views != (CUBE_VIEW,):  # of the crop the views show (no margin)
+        inner = slice(margin, margin + n)
+        per_nodule = [view_shape_targets(t[:, inner, inner, inner], views) for t in tokens]
+        shapes = torch.from_numpy(np.concatenate(per_nodule))
     return RoiSet(
         config=config,
-        views=(CUBE_VIEW,) if len(config.image_size) == 3 else tuple(config.roi.views),
+        views=views,
         n=n,
         margin=margin,
         cubes=np.stack(cubes),
@@ -384,6 +438,7 @@ def load_rois(
         study=np.concatenate(study_idx),
         grid=tuple(model.backbone.patch_embed.grid_size),
         token_cubes=np.stack(tokens) if token_targets else None,
+        view_shapes=shapes,
     )
 
 
@@ -398,13 +453,18 @@ class TokenLabelHead(torch.nn.Module):
     """Training-only auxiliary head: each patch token predicts whether its patch lies in a nodule and
     in a malignant nodule (token labelling, Jiang et al., "All Tokens Matter", NeurIPS 2021), and with
     ``channels`` = 2 + len(TOKEN_FEATURES) also in which nodule parts. It teaches a small ViT trained from
-    scratch where lesions (and their parts) are; it is not part of the saved model."""
+    scratch where lesions (and their parts) are; it is not part of the saved model.
 
-    def __init__(self, model, channels: int = 2):
+    With ``view_shapes`` > 0 (ROI mode, ``training.view_shape_weight``) a second linear layer reads the
+    model's pooled token (what its heads read) and predicts what the view shows of its nodule's shape
+    (:func:`view_shape_targets`), so that the representation the biomarker heads read carries it."""
+
+    def __init__(self, model, channels: int = 2, view_shapes: int = 0):
         super().__init__()
         self.prefix = int(model.backbone.num_prefix_tokens)
         self.grid = tuple(model.backbone.patch_embed.grid_size)
         self.linear = torch.nn.Linear(model.backbone.embed_dim, channels)
+        self.shapes = torch.nn.Linear(model.backbone.embed_dim, view_shapes) if view_shapes else None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, P+N, D] final-norm tokens → [B, channels, gh, gw] (3D: [B, channels, gd, gh, gw]) logits."""
@@ -412,10 +472,12 @@ class TokenLabelHead(torch.nn.Module):
         return logits.transpose(1, 2).reshape(len(tokens), self.linear.out_features, *self.grid)
 
 
-def forward_with_tokens(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's outputs and its final-norm tokens from one pass (same maths as ``model(x)``)."""
+def forward_with_tokens(model, x: torch.Tensor, pooled: bool = False):
+    """The model's outputs and its final-norm tokens from one pass (same maths as ``model(x)``); with
+    ``pooled`` also the pooled token the heads read."""
     tokens = model.backbone.forward_features(x)
-    return model.head(model.backbone.forward_head(tokens, pre_logits=True)), tokens
+    pool = model.backbone.forward_head(tokens, pre_logits=True)
+    return (model.head(pool), tokens, pool) if pooled else (model.head(pool), tokens)
 
 
 def task_loss(
@@ -525,10 +587,17 @@ def _prepare(config: dict, data, val_data, seed: int, epochs: int, device: str, 
         _start_from(model, str(recipe["init_from"]))
     roi_mode = model.preprocessing.get("mode") == "roi"
     features = roi_mode and bool(recipe.get("token_label_features", False))
-    token_head = TokenLabelHead(model, 2 + len(TOKEN_FEATURES) * features).to(dev)
+    shapes = roi_mode and bool(float(recipe.get("view_shape_weight", 0.0)))
+    tokens = bool(float(recipe.get("token_label_weight", 0.0)))
+    if shapes and not (tokens and features) or shapes and len(model.preprocessing["image_size"]) == 3:
+        raise MedvitInputError(
+            "training.view_shape_weight needs a 2D ROI recipe with token labels and feature token labels "
+            "(token_label_weight > 0, token_label_features: true): the view shapes are read from them"
+        )
+    token_head = TokenLabelHead(model, 2 + len(TOKEN_FEATURES) * features, len(VIEW_SHAPE_TARGETS) * shapes)
+    token_head = token_head.to(dev)
     if roi_mode:
         margin = jitter_margin(model, recipe)
-        tokens = bool(float(recipe.get("token_label_weight", 0.0)))
         train_set = load_rois(
             train_studies,
             model,
@@ -631,6 +700,7 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> float:
     weights = recipe.get("loss_weights")
     token_weight = float(recipe.get("token_label_weight", 0.0))
     token_pos_weight = torch.tensor(float(recipe.get("token_label_pos_weight", 1.0)), device=dev)
+    shape_weight = float(recipe.get("view_shape_weight", 0.0)) if run.token_head.shapes is not None else 0.0
     model.train()
     order = torch.randperm(len(run.train_set))
     running = 0.0
@@ -638,8 +708,11 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> float:
     for step in bar:
         idx = order[step * run.batch_size : (step + 1) * run.batch_size]
         x, y, tok = run.train_set.training_batch(idx, recipe, dev)  # augmented as the set's mode needs
-        outputs, tokens = forward_with_tokens(model, x)
+        outputs, tokens, pooled = forward_with_tokens(model, x, pooled=True)
         loss = task_loss(outputs, y, kinds, weights)
+        if shape_weight:  # what each view shows of its nodule's shape (unchanged by the augmentation)
+            shapes = run.train_set.view_shapes[idx].to(dev)
+            loss = loss + shape_weight * F.mse_loss(run.token_head.shapes(pooled), shapes)
         if token_weight and tok is not None:
             loss = loss + token_weight * F.binary_cross_entropy_with_logits(
                 run.token_head(tokens), tok, pos_weight=token_pos_weight
