@@ -363,6 +363,12 @@ class ModelInputs:
             chunk = order[start : start + batch_size]
             yield InputBatch(self.images(chunk), chunk)
 
+    def display_values(self, maps: torch.Tensor) -> np.ndarray:
+        """The values a display window of one map (``maps``, model resolution, as :meth:`project` takes it)
+        is taken from, without projecting it onto the source grid: here the maps' own values (the bilinear
+        upsampling to the source grid stays within them); ROI inputs override it."""
+        return maps.float().cpu().numpy()
+
     def canonical_to_source_k(self, slices: np.ndarray) -> np.ndarray:
         """Source voxel index along the axis that became canonical k, for each slice."""
         axis_for_k = int(np.argsort(self.ornt[:, 0])[2])  # source axis mapped to canonical axis 2
@@ -681,9 +687,10 @@ class RoiInputs(ModelInputs):
         out = new_source_buffer(self.volume.shape)
         return self._source_planes(self._view_cubes(maps), 2, 0, self.volume.shape[2], out)
 
-    def projected_values(self, maps: torch.Tensor) -> np.ndarray:
+    def display_values(self, maps: torch.Tensor) -> np.ndarray:
         """The values :meth:`project` writes inside the ROI cubes (1-D float32; where cubes overlap, each
-        cube's own), without the source-grid buffer: what a display window of the map is taken from."""
+        cube's own), without the source-grid buffer. ROI maps are zero outside their cubes and averaged over
+        the views inside, so the model-resolution maps' values would give too wide a window."""
         parts = [values[inside] for _, inside, values in self._cube_regions(self._view_cubes(maps))]
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 

@@ -208,6 +208,21 @@ def three_rois(direction, spacing, shape, seed):
     return roi, torch.randn(roi.n_inputs, 4, 4, generator=torch.Generator().manual_seed(seed))
 
 
+def test_display_values_are_what_the_projection_shows():
+    """``display_values`` (a display window's values, without the source-grid buffer): every value the ROI
+    projection writes is among them (overlapping cubes give each cube's own, so there may be more), and
+    nothing from outside the cubes; slice inputs give the model-resolution maps themselves."""
+    roi, maps = three_rois(np.eye(3), (1.5, 1.5, 2.0), (40, 36, 24), seed=4)
+    full = roi.project(maps)
+    shown = roi.display_values(maps)
+    assert shown.ndim == 1 and len(shown) >= np.count_nonzero(full) > 0
+    assert set(np.round(full[full != 0], 5)) <= set(np.round(shown, 5))
+    pre = {"image_size": [8, 8], "in_chans": 1, "hu_window": WINDOW, "crop_body": False}
+    slices = SliceInputs(make_volume(np.eye(3), (1.0, 1.0, 2.0), shape=(20, 20, 6)), pre)
+    flat = torch.randn(slices.n_items, 4, 4)
+    np.testing.assert_array_equal(slices.display_values(flat), flat.numpy())
+
+
 @pytest.mark.parametrize("name,direction,spacing", GEOMETRIES)
 def test_roi_project_planes_equal_the_full_projection(name, direction, spacing):
     """A block of source planes of an ROI map (projected from the cubes that meet it only) equals the same

@@ -193,7 +193,7 @@ def lazy_overlay_layer_data(result, method: str, target: str, name: str | None =
     cost what the shown planes cost instead of 5.7 GB. The window comes from the model-resolution map
     (the same values, before bilinear upsampling). The layout is ``result.volume``'s as it is (not
     reoriented): the volume came from the CT layer (:func:`volume_from_layer`), so the map lies on it. An
-    ROI result's window is that of its projected map (the overlay file's)."""
+    ROI result's window is that of its projected map (the overlay file's: ``inputs.display_values``)."""
     import dask
     import dask.array as da
 
@@ -204,16 +204,9 @@ def lazy_overlay_layer_data(result, method: str, target: str, name: str | None =
         planes = dask.delayed(_planes_zyx)(result, method, target, z0, z1)
         blocks.append(da.from_delayed(planes, shape=(z1 - z0, shape[1], shape[0]), dtype=np.float32))
     data = da.concatenate(blocks, axis=0)
-    from ..transforms import RoiInputs  # here: the reader imports this module and must not import torch
-
-    if isinstance(getattr(result, "inputs", None), RoiInputs):
-        # ROI maps are zero outside their cubes and averaged over the views inside: the window of the model-
-        # resolution maps would be too wide for them. The window of what is shown inside the cubes, as the
-        # CLI's overlay file opened here gets, without projecting onto the whole grid (~1.4 s a map on the
-        # GUI thread for a 512 x 512 x 300 CT).
-        window = result.inputs.projected_values(result.model_map(method, target))
-    else:
-        window = result.model_map(method, target).float().cpu().numpy()
+    # the window of what is shown, as the CLI's overlay file opened here gets, without projecting the map onto
+    # the whole grid on the GUI thread (~1.4 s a map for a 512 x 512 x 300 CT with ROIs)
+    window = result.inputs.display_values(result.model_map(method, target))
     return overlay_layer_data(
         result.volume, method, target, name=name, blending=blending, data=data, window_values=window
     )
