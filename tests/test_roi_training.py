@@ -311,6 +311,7 @@ def test_feature_token_labels_split_each_patch_into_the_nodule_parts(phantoms, t
     config["training"] = {"seed": 1, "val_fraction": 0.34, "token_label_weight": 1.0, "token_label_features": True}
     run = _prepare(config, phantoms, None, 1, 1, "cpu", False)
     assert run.token_head.linear.out_features == 6 and run.train_set.token_cubes.shape[1] == 6
+    assert run.token_head.shapes is None and run.train_set.view_shapes is None  # only when asked for
 
     bare = tmp_path / "bare"
     bare.mkdir()

@@ -373,6 +373,7 @@ def load_rois(
     margin: int = 0,
     token_targets: bool = False,
     feature_tokens: bool = False,
+    view_shapes: bool = False,
     progress: bool = True,
     what: str = "the data",
 ) -> RoiSet:
@@ -380,8 +381,10 @@ def load_rois(
     cubes sampled ``margin`` samples larger on every side (the room for centre jitter); with
     ``token_targets`` also the nodule / malignant-nodule share of each sample (the token labels), and with
     ``feature_tokens`` after those the share of each nodule part of :data:`TOKEN_FEATURES` (spicules,
-    lobulation, calcification, ground glass; from ``<name>_features.nii.gz``, which each study then needs).
-    MedvitInputError naming ``what`` when no study has a nodule or a features map is missing."""
+    lobulation, calcification, ground glass; from ``<name>_features.nii.gz``, which each study then needs),
+    and with ``view_shapes`` (2D views, after both) what each view shows of its nodule's shape
+    (:func:`view_shape_targets`). MedvitInputError naming ``what`` when no study has a nodule or a features
+    map is missing."""
     import dataclasses
 
     from tqdm.auto import tqdm
@@ -424,7 +427,7 @@ def load_rois(
 
     views = (CUBE_VIEW,) if len(config.image_size) == 3 else tuple(config.roi.views)
     shapes = None
-    if token_targets and feature_tokens and views != (CUBE_VIEW,):  # of the crop the views show (no margin)
+    if view_shapes and token_targets and feature_tokens and views != (CUBE_VIEW,):  # of the crop, not the margin
         inner = slice(margin, margin + n)
         per_nodule = [view_shape_targets(t[:, inner, inner, inner], views) for t in tokens]
         shapes = torch.from_numpy(np.concatenate(per_nodule))
@@ -604,6 +607,7 @@ def _prepare(config: dict, data, val_data, seed: int, epochs: int, device: str, 
             margin=margin,
             token_targets=tokens,
             feature_tokens=tokens and features,
+            view_shapes=shapes,
             progress=progress,
             what="the training data",
         )
