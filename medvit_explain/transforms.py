@@ -369,9 +369,14 @@ class ModelInputs:
         upsampling to the source grid stays within them); ROI inputs override it."""
         return maps.float().cpu().numpy()
 
+    @property
+    def slicing_axis(self) -> int:
+        """The source voxel axis that becomes the canonical third (slicing) axis, k."""
+        return int(np.argsort(self.ornt[:, 0])[2])
+
     def canonical_to_source_k(self, slices: np.ndarray) -> np.ndarray:
         """Source voxel index along the axis that became canonical k, for each slice."""
-        axis_for_k = int(np.argsort(self.ornt[:, 0])[2])  # source axis mapped to canonical axis 2
+        axis_for_k = self.slicing_axis
         n = self.volume.shape[axis_for_k]
         return np.where(self.ornt[axis_for_k, 1] == -1, n - 1 - slices, slices)
 
@@ -381,7 +386,7 @@ class ModelInputs:
         When that axis is the canonical third one (an axial acquisition) only the matching canonical slices are
         computed (``canonical_slices``), so a viewer can show one plane at the cost of one slice; otherwise the
         whole map is projected and cut. Slice and volume modes share this; ROI mode has its own."""
-        if int(np.argsort(self.ornt[:, 0])[2]) != 2:
+        if self.slicing_axis != 2:
             return np.ascontiguousarray(self.project(maps)[:, :, z0:z1])
         out = np.zeros((*self.volume.shape[:2], z1 - z0), np.float32)
         view = reoriented_view(out, self.ornt)  # [Xc, Yc, n]: canonical in-plane axes (the block flipped too)
@@ -728,14 +733,14 @@ class RoiInputs(ModelInputs):
         """Canonical slices ``slices`` ([X, Y, len(slices)]) of the projected map, each from the cubes that
         meet it only (the source plane it is, along the source axis that becomes the canonical third)."""
         cubes = self._view_cubes(maps)
-        axis = int(np.argsort(self.ornt[:, 0])[2])  # the source axis along canonical z
-        flip, depth = int(self.ornt[axis, 1]) == -1, self.volume.shape[axis]
+        axis = self.slicing_axis
+        depth = self.volume.shape[axis]
         planes = [np.zeros((*self._canon_shape[:2], 0), np.float32)]
         for k in slices:
             if not -depth <= k < depth:
                 raise IndexError(f"slice {k} is out of range for {depth} slices")
-            k = int(k) % depth
-            plane = self._source_planes(cubes, axis, depth - 1 - k if flip else k, 1)
+            source = int(self.canonical_to_source_k(np.asarray(int(k) % depth)))
+            plane = self._source_planes(cubes, axis, source, 1)
             planes.append(reoriented_view(plane, self.ornt))
         return np.ascontiguousarray(np.concatenate(planes, axis=2))
 

@@ -38,8 +38,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from medvit_explain.phantom import FEATURE_LABELS
+
 TARGETS = ("sphericity", "lobulation")
-SPICULES, LOBES = 2, 3  # labels of the features map (medvit_explain.phantom.FEATURE_LABELS)
+_PART = {name: label for label, name in FEATURE_LABELS.items()}
+SPICULES, LOBES = _PART["spicules"], _PART["lobulation"]  # labels of the features map
 READINGS = {"sphericity": ("whole mask", "body"), "lobulation": ("whole mask", "mask + lobe share")}
 VIEW_NORMALS = {"axial": 2, "coronal": 1, "sagittal": 0}  # the patient axis each view's planes are normal to
 
