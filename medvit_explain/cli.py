@@ -121,7 +121,14 @@ def inspect(path: str, as_json: bool, series_uid: str | None, allow_modality: bo
 @click.option(
     "--spacing", type=(float, float, float), default=None, help="Voxel size in mm along x, y, z [default: 1.4 1.4 2.5]."
 )
-def make_phantom(out_dir: str, seed: int, count: int, fmt: str, size, spacing) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes making phantoms at once (the same files with any number).",
+)
+def make_phantom(out_dir: str, seed: int, count: int, fmt: str, size, spacing, workers: int) -> None:
     """Generate synthetic chest-CT phantoms with nodules, masks and labels.
 
     \b
@@ -134,7 +141,7 @@ def make_phantom(out_dir: str, seed: int, count: int, fmt: str, size, spacing) -
     spacing = tuple(spacing or DEFAULT_SPACING)
     if min(size) < 16 or min(spacing) <= 0:
         raise click.BadParameter(f"expected --size of at least 16 voxels and --spacing > 0, got {size} and {spacing}")
-    written = make_phantoms(out_dir, seed=seed, count=count, format=fmt, size=size, spacing=spacing)
+    written = make_phantoms(out_dir, seed=seed, count=count, format=fmt, size=size, spacing=spacing, workers=workers)
     click.echo(f"wrote {len(written)} phantom(s) to {out_dir}")
 
 

@@ -55,8 +55,8 @@ def main() -> None:
     data = Path(args.data) if args.data else work / "phantoms"
     t0 = time.perf_counter()
     if not data.exists():
-        make_phantom_groups(data, recipe["test_groups"], recipe["test_seed"], "test")
-        make_phantom_groups(data, recipe["test_groups"], recipe["test_seed"] + 500, "extra")
+        make_phantom_groups(data, recipe["test_groups"], recipe["test_seed"], "test", workers=args.threads)
+        make_phantom_groups(data, recipe["test_groups"], recipe["test_seed"] + 500, "extra", workers=args.threads)
     model = load_model(args.model, device="cpu")
     methods = args.method or method_names()
     result = evaluate_explanations(

@@ -50,8 +50,9 @@ def main() -> None:
     # relative to the working directory, so the checkpoint's provenance names no machine's absolute path
     work = Path(args.work or os.path.relpath(ROOT / "runs" / stem))
     t0 = time.perf_counter()
+    workers = int(recipe.get("num_threads", 1))  # the phantoms are made in as many processes as training's threads
     for part, groups, seed in (("train", "groups", "train_seed"), ("test", "test_groups", "test_seed")):
-        phantoms(work / part, recipe["phantoms"][groups], recipe["phantoms"][seed])
+        phantoms(work / part, recipe["phantoms"][groups], recipe["phantoms"][seed], workers)
     t_data = time.perf_counter() - t0
     result = train(config, work / "train", args.out, epochs=args.epochs, device="cpu", resume=args.resume)
     model = load_model(args.out, device="cpu")
@@ -89,7 +90,7 @@ def main() -> None:
     shutil.rmtree(out.parent / f".{out.name}.train_state", ignore_errors=True)  # resume state, not shipped
 
 
-def phantoms(folder: Path, groups: list[dict], seed: int) -> None:
+def phantoms(folder: Path, groups: list[dict], seed: int, workers: int = 1) -> None:
     """Make the recipe's phantoms in ``folder``, or reuse them if it holds exactly those: the same
     ``phantoms.json`` stamp (seed and groups), or, for a folder made before the stamp, the same phantom names.
     A folder of another recipe (say the last one's, under the same ``runs/<config name>``) stops the run."""
@@ -105,7 +106,7 @@ def phantoms(folder: Path, groups: list[dict], seed: int) -> None:
                 f"{len(names)}): remove it or give --work"
             )
         return
-    make_phantom_groups(folder, groups, seed)
+    make_phantom_groups(folder, groups, seed, workers=workers)
     (folder / "phantoms.json").write_text(json.dumps(stamp))
 
 

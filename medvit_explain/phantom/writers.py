@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,38 +88,81 @@ def make_phantoms(
     size: Sequence[int] = DEFAULT_SIZE,
     spacing: Sequence[float] = DEFAULT_SPACING,
     name_prefix: str = "phantom",
+    workers: int = 1,
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Generate and write ``count`` phantoms ``<name_prefix>_000``, ``_001``, … into ``out_dir``.
 
     Phantom ``i`` uses ``phantom_seed(seed, i)``; extra keyword arguments go to ``generate_phantom``.
+    ``workers`` > 1 makes them in that many processes (the same files, byte for byte).
     Returns one dict per phantom: the paths of ``write_phantom`` plus ``name``, ``seed`` and ``nodules``.
     """
-    results = []
-    for i in range(int(count)):
-        s = phantom_seed(seed, i)
-        name = f"{name_prefix}_{i:03d}"
-        ph = generate_phantom(s, size=size, spacing=spacing, **kwargs)
-        paths = write_phantom(ph, out_dir, name, format=format)
-        results.append({**paths, "name": name, "seed": s, "nodules": ph.nodules})
-    return results
+    jobs = [_PhantomJob(out_dir, seed, i, name_prefix, format, size, spacing, kwargs) for i in range(int(count))]
+    return _make_all(jobs, workers)
 
 
 def make_phantom_groups(
-    out_dir: str | os.PathLike, groups: Sequence[Mapping[str, Any]], seed: int, name_prefix: str = "grid"
+    out_dir: str | os.PathLike,
+    groups: Sequence[Mapping[str, Any]],
+    seed: int,
+    name_prefix: str = "grid",
+    workers: int = 1,
 ) -> list[dict[str, Any]]:
     """Several :func:`make_phantoms` sets in one folder, one per grid: group ``g`` (``count``, ``size``,
     ``spacing``, optionally ``nodules``: that many nodules in each phantom instead of 0-3) uses seed
-    ``seed + 100 g`` and names ``<name_prefix><g>_000``, … (the recipes in ``configs/sample_model.yaml``)."""
-    written = []
-    for g, group in enumerate(groups):
-        written += make_phantoms(
+    ``seed + 100 g`` and names ``<name_prefix><g>_000``, … (the recipes in ``configs/sample_model.yaml``);
+    ``workers`` processes share all the groups' phantoms."""
+    jobs = [
+        _PhantomJob(
             out_dir,
-            seed=seed + 100 * g,
-            count=int(group["count"]),
-            size=tuple(group["size"]),
-            spacing=tuple(group["spacing"]),
-            name_prefix=f"{name_prefix}{g}",
-            n_nodules=group.get("nodules"),
+            seed + 100 * g,
+            i,
+            f"{name_prefix}{g}",
+            "nifti",
+            tuple(group["size"]),
+            tuple(group["spacing"]),
+            {"n_nodules": group.get("nodules")},
         )
-    return written
+        for g, group in enumerate(groups)
+        for i in range(int(group["count"]))
+    ]
+    return _make_all(jobs, workers)
+
+
+@dataclass(frozen=True)
+class _PhantomJob:
+    """One phantom of a set: ``generate_phantom(phantom_seed(seed, index), …)`` written as
+    ``<name_prefix>_<index:03d>``."""
+
+    out_dir: str | os.PathLike
+    seed: int
+    index: int
+    name_prefix: str
+    format: str
+    size: Sequence[int]
+    spacing: Sequence[float]
+    kwargs: Mapping[str, Any]
+
+    def __call__(self) -> dict[str, Any]:
+        s = phantom_seed(self.seed, self.index)
+        name = f"{self.name_prefix}_{self.index:03d}"
+        ph = generate_phantom(s, size=self.size, spacing=self.spacing, **self.kwargs)
+        paths = write_phantom(ph, self.out_dir, name, format=self.format)
+        return {**paths, "name": name, "seed": s, "nodules": ph.nodules}
+
+
+def _run_job(job: _PhantomJob) -> dict[str, Any]:
+    return job()
+
+
+def _make_all(jobs: list[_PhantomJob], workers: int) -> list[dict[str, Any]]:
+    """Every job's result in order: here, or over ``workers`` spawned processes (each phantom depends on its
+    own seed only, so the files are the same either way)."""
+    workers = min(int(workers), len(jobs))
+    if workers <= 1:
+        return [job() for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_run_job, jobs))
