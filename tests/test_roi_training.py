@@ -505,17 +505,3 @@ def test_shape_oracle_features_and_script(tmp_path, phantoms, capsys, monkeypatc
     share = readings["mask + lobe share"][1][0][-2:]  # the axial view's two planes
     slab = np.abs(points[:, 2]) <= 0.25
     assert share[0] == pytest.approx(np.mean(parts[slab] == 3)) and share[0] > 0 and len(lobe) > 0
-
-
-def test_binary_volume_is_isin_on_a_transposed_label_volume():
-    """The token-label volumes: 1 exactly where the label is kept (``np.isin``), on the mask's grid, also for a
-    non-contiguous (transposed) label array, a label kept twice and the -1 sentinel no voxel has."""
-    from medvit_explain.volume import Volume
-    from medvit_explain.workflows.train import _binary_volume
-
-    labels = np.random.default_rng(0).integers(0, 7, (12, 10, 8)).astype(np.int16).transpose(2, 0, 1)
-    mask = Volume(labels, (1.0, 2.0, 3.0), (0.7, 0.7, 2.0), np.eye(3), {"path": "synthetic"})
-    for keep in ([3], [1, 4, 4], [2, 5, -1], [-1]):
-        out = _binary_volume(mask, np.array(keep))
-        np.testing.assert_array_equal(out.array, np.isin(labels, keep).astype(np.float32))
-        assert out.array.dtype == np.float32 and out.same_grid(mask)

@@ -94,7 +94,8 @@ def make_phantoms(
     """Generate and write ``count`` phantoms ``<name_prefix>_000``, ``_001``, … into ``out_dir``.
 
     Phantom ``i`` uses ``phantom_seed(seed, i)``; extra keyword arguments go to ``generate_phantom``.
-    ``workers`` > 1 makes them in that many processes (the same files, byte for byte).
+    ``workers`` > 1 makes them in that many spawned processes (the same files, byte for byte; as with any
+    spawned process, a script calling this must do so under ``if __name__ == "__main__":``).
     Returns one dict per phantom: the paths of ``write_phantom`` plus ``name``, ``seed`` and ``nodules``.
     """
     jobs = [_PhantomJob(out_dir, seed, i, name_prefix, format, size, spacing, kwargs) for i in range(int(count))]

@@ -351,12 +351,8 @@ def view_shape_targets(token_cube: np.ndarray, views: Sequence[str]) -> np.ndarr
 
 
 def _binary_volume(mask, keep: np.ndarray):
-    """The mask as a float32 volume on its grid: 1 where its label is in ``keep``, else 0 (one comparison per
-    kept label: ``np.isin`` first copies a transposed volume flat, 3x slower for the few labels here)."""
-    hit = np.zeros(mask.array.shape, bool)
-    for label in np.unique(np.asarray(keep)).tolist():
-        hit |= mask.array == label
-    return mask.with_array(hit.astype(np.float32))
+    """The mask as a float32 volume on its grid: 1 where its label is in ``keep``, else 0."""
+    return mask.with_array(np.isin(mask.array, keep).astype(np.float32))
 
 
 def _features_volume(study: Study, volume):
