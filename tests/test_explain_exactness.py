@@ -355,7 +355,10 @@ def test_concept_cdam_matches_reference(model):
     got = explain(model, x, "cdam", concept=examples)
     assert got.shape[1] == 1
     want = ref.cdam(model, x, [0], concept=c)
-    assert_maps_close(got, want)
+    # the concept score c̄ · pooled cancels more than a class logit: on the convstem variant with torch 2.14
+    # the float32 error was 1.3e-5 of max |ref| (1.5e-5 with the implementation's own c̄, whose difference
+    # from the reference's is 1.8e-7), so this one map is held to 5e-5
+    assert_maps_close(got, want, tol=5 * TOL)
 
 
 @pytest.mark.parametrize("method", ["cdam-smooth", "cdam-integrated"])
