@@ -132,8 +132,7 @@ def make_phantom_groups(
 
 @dataclass(frozen=True)
 class _PhantomJob:
-    """One phantom of a set: ``generate_phantom(phantom_seed(seed, index), …)`` written as
-    ``<name_prefix>_<index:03d>``."""
+    """One phantom of a set (:func:`_make_one` makes it)."""
 
     out_dir: str | os.PathLike
     seed: int
@@ -144,16 +143,14 @@ class _PhantomJob:
     spacing: Sequence[float]
     kwargs: Mapping[str, Any]
 
-    def __call__(self) -> dict[str, Any]:
-        s = phantom_seed(self.seed, self.index)
-        name = f"{self.name_prefix}_{self.index:03d}"
-        ph = generate_phantom(s, size=self.size, spacing=self.spacing, **self.kwargs)
-        paths = write_phantom(ph, self.out_dir, name, format=self.format)
-        return {**paths, "name": name, "seed": s, "nodules": ph.nodules}
 
-
-def _run_job(job: _PhantomJob) -> dict[str, Any]:
-    return job()
+def _make_one(job: _PhantomJob) -> dict[str, Any]:
+    """``generate_phantom(phantom_seed(seed, index), …)`` written as ``<name_prefix>_<index:03d>``."""
+    s = phantom_seed(job.seed, job.index)
+    name = f"{job.name_prefix}_{job.index:03d}"
+    ph = generate_phantom(s, size=job.size, spacing=job.spacing, **job.kwargs)
+    paths = write_phantom(ph, job.out_dir, name, format=job.format)
+    return {**paths, "name": name, "seed": s, "nodules": ph.nodules}
 
 
 def _make_all(jobs: list[_PhantomJob], workers: int) -> list[dict[str, Any]]:
@@ -161,9 +158,9 @@ def _make_all(jobs: list[_PhantomJob], workers: int) -> list[dict[str, Any]]:
     own seed only, so the files are the same either way)."""
     workers = min(int(workers), len(jobs))
     if workers <= 1:
-        return [job() for job in jobs]
+        return [_make_one(job) for job in jobs]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_run_job, jobs))
+        return list(pool.map(_make_one, jobs))
