@@ -15,6 +15,7 @@ import click
 
 from .commands.options import modality_option, series_option
 from .errors import OS_ADVICE, MedvitInputError, MedvitWarning, os_error_message, printable
+from .vocabulary import PHANTOM_GENERATOR_VERSIONS
 
 
 class MedvitGroup(click.Group):
@@ -128,7 +129,16 @@ def inspect(path: str, as_json: bool, series_uid: str | None, allow_modality: bo
     show_default=True,
     help="Processes making phantoms at once (the same files with any number).",
 )
-def make_phantom(out_dir: str, seed: int, count: int, fmt: str, size, spacing, workers: int) -> None:
+@click.option(
+    "--generator-version",
+    type=click.Choice(PHANTOM_GENERATOR_VERSIONS),
+    default=PHANTOM_GENERATOR_VERSIONS[0],
+    show_default=True,
+    help="2.1 draws the sphericity, lobulation and margin grades as visible steps at the grid.",
+)
+def make_phantom(
+    out_dir: str, seed: int, count: int, fmt: str, size, spacing, workers: int, generator_version: str
+) -> None:
     """Generate synthetic chest-CT phantoms with nodules, masks and labels.
 
     \b
@@ -141,7 +151,16 @@ def make_phantom(out_dir: str, seed: int, count: int, fmt: str, size, spacing, w
     spacing = tuple(spacing or DEFAULT_SPACING)
     if min(size) < 16 or min(spacing) <= 0:
         raise click.BadParameter(f"expected --size of at least 16 voxels and --spacing > 0, got {size} and {spacing}")
-    written = make_phantoms(out_dir, seed=seed, count=count, format=fmt, size=size, spacing=spacing, workers=workers)
+    written = make_phantoms(
+        out_dir,
+        seed=seed,
+        count=count,
+        format=fmt,
+        size=size,
+        spacing=spacing,
+        workers=workers,
+        generator_version=generator_version,
+    )
     click.echo(f"wrote {len(written)} phantom(s) to {out_dir}")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from medvit_explain.model import load_model
-from medvit_explain.phantom import make_phantom_groups
+from medvit_explain.phantom import GENERATOR_VERSION, make_phantom_groups
 from medvit_explain.workflows.studies import find_studies
 from medvit_explain.workflows.train import evaluate, load_rois, load_slices, train
 
@@ -51,8 +51,9 @@ def main() -> None:
     work = Path(args.work or os.path.relpath(ROOT / "runs" / stem))
     t0 = time.perf_counter()
     workers = int(recipe.get("num_threads", 1))  # the phantoms are made in as many processes as training's threads
+    generator = recipe["phantoms"].get("generator_version", GENERATOR_VERSION)
     for part, groups, seed in (("train", "groups", "train_seed"), ("test", "test_groups", "test_seed")):
-        phantoms(work / part, recipe["phantoms"][groups], recipe["phantoms"][seed], workers)
+        phantoms(work / part, recipe["phantoms"][groups], recipe["phantoms"][seed], workers, generator)
     t_data = time.perf_counter() - t0
     result = train(config, work / "train", args.out, epochs=args.epochs, device="cpu", resume=args.resume)
     model = load_model(args.out, device="cpu")
@@ -90,23 +91,29 @@ def main() -> None:
     shutil.rmtree(out.parent / f".{out.name}.train_state", ignore_errors=True)  # resume state, not shipped
 
 
-def phantoms(folder: Path, groups: list[dict], seed: int, workers: int = 1) -> None:
+def phantoms(
+    folder: Path, groups: list[dict], seed: int, workers: int = 1, generator_version: str = GENERATOR_VERSION
+) -> None:
     """Make the recipe's phantoms in ``folder``, or reuse them if it holds exactly those: the same
-    ``phantoms.json`` stamp (seed and groups), or, for a folder made before the stamp, the same phantom names.
-    A folder of another recipe (say the last one's, under the same ``runs/<config name>``) stops the run."""
-    stamp = {"seed": seed, "groups": groups}
+    ``phantoms.json`` stamp (seed, groups, generator version), or, for a folder made before the stamp, the same
+    phantom names. A folder of another recipe or generator (say the last one's, under the same
+    ``runs/<config name>``) stops the run. Stamps and folders from before generator 2.1 are generator 2.0's."""
+    stamp = {"seed": seed, "groups": groups, "generator_version": generator_version}
     names = {f"grid{g}_{i:03d}" for g, group in enumerate(groups) for i in range(int(group["count"]))}
     if folder.exists():
         path = folder / "phantoms.json"
         found = {p.name.removesuffix(".json") for p in folder.glob("grid*_[0-9][0-9][0-9].json")}
-        same = json.loads(path.read_text()) == stamp if path.exists() else found == names
+        if path.exists():
+            same = {"generator_version": "2.0", **json.loads(path.read_text())} == stamp
+        else:
+            same = found == names and generator_version == "2.0"
         if not same:
             raise SystemExit(
-                f"error: {folder} holds phantoms of another recipe ({len(found)} there, this one makes "
-                f"{len(names)}): remove it or give --work"
+                f"error: {folder} holds phantoms of another recipe or generator ({len(found)} there; this one "
+                f"makes {len(names)} with generator {generator_version}): remove it or give --work"
             )
         return
-    make_phantom_groups(folder, groups, seed, workers=workers)
+    make_phantom_groups(folder, groups, seed, workers=workers, generator_version=generator_version)
     (folder / "phantoms.json").write_text(json.dumps(stamp))
 
 

@@ -15,7 +15,7 @@ from medvit_explain.cli import cli
 from medvit_explain.errors import CheckpointError
 from medvit_explain.io import load_volume
 from medvit_explain.model import TaskSpec, build_model, load_model, save_checkpoint
-from medvit_explain.phantom import make_phantoms
+from medvit_explain.phantom import GENERATOR_VERSION, make_phantoms
 from medvit_explain.prediction import model_inputs, predict
 from medvit_explain.workflows.studies import find_studies
 from medvit_explain.workflows.train import load_rois, nodule_scores
@@ -440,8 +440,9 @@ def test_roi_probe_fused_views(tmp_path, phantoms, capsys, monkeypatch):
 
 
 def test_make_sample_model_reuses_only_its_own_recipes_phantoms(tmp_path):
-    """scripts/make_sample_model.py makes a recipe's phantoms once (stamped with its seed and groups), reuses
-    them on the next run, and stops with one line on a folder of another recipe instead of training on it."""
+    """scripts/make_sample_model.py makes a recipe's phantoms once (stamped with its seed, groups and the
+    generator version), reuses them on the next run, and stops with one line on a folder of another recipe or
+    generator instead of training on it; folders from before the version stamp are generator 2.0's."""
     import runpy
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "make_sample_model.py"
@@ -451,17 +452,34 @@ def test_make_sample_model_reuses_only_its_own_recipes_phantoms(tmp_path):
     phantoms(folder, groups, 5)
     made = sorted(p.name for p in folder.glob("*.json"))
     assert made == ["grid0_000.json", "grid0_001.json", "phantoms.json"]
+    stamp = json.loads((folder / "phantoms.json").read_text())
+    assert stamp == {"seed": 5, "groups": groups, "generator_version": GENERATOR_VERSION}
     assert all(len(_nodules(s)) == 1 for s in find_studies(folder))
     before = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
     phantoms(folder, groups, 5)  # the same recipe: nothing is made again
     assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == before
     for other_groups, other_seed in (([{**groups[0], "count": 3}], 5), (groups, 6)):
-        with pytest.raises(SystemExit, match=r"holds phantoms of another recipe .* remove it or give --work"):
+        with pytest.raises(SystemExit, match=r"holds phantoms of another recipe or generator .* remove it or give"):
             phantoms(folder, other_groups, other_seed)
-    (folder / "phantoms.json").unlink()  # a folder made before the stamp: judged by its phantoms' names
-    phantoms(folder, groups, 5)
-    with pytest.raises(SystemExit, match=r"\(2 there, this one makes 3\)"):
+    with pytest.raises(SystemExit, match=r"\(2 there; this one makes 2 with generator 2.1\)"):
+        phantoms(folder, groups, 5, generator_version="2.1")  # same recipe, another generator
+    # made before the version was stamped (generator 2.0): a stamp without it, or no stamp (judged by names)
+    for old in ({"seed": 5, "groups": groups}, None):
+        if old is None:
+            (folder / "phantoms.json").unlink()
+        else:
+            (folder / "phantoms.json").write_text(json.dumps(old))
+        phantoms(folder, groups, 5)  # generator 2.0: reused
+        with pytest.raises(SystemExit, match=r"with generator 2.1\)"):
+            phantoms(folder, groups, 5, generator_version="2.1")
+    with pytest.raises(SystemExit, match=r"\(2 there; this one makes 3 with generator 2.0\)"):
         phantoms(folder, [{**groups[0], "count": 3}], 5)
+    # a 2.1 recipe: its phantoms are generator 2.1's, stamped so
+    new = tmp_path / "train21"
+    phantoms(new, groups, 5, generator_version="2.1")
+    assert json.loads((new / "phantoms.json").read_text())["generator_version"] == "2.1"
+    assert json.loads((new / "grid0_000.json").read_text())["generator_version"] == "2.1"
+    phantoms(new, groups, 5, generator_version="2.1")
 
 
 def test_shape_oracle_features_and_script(tmp_path, phantoms, capsys, monkeypatch):

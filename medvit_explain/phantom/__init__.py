@@ -12,7 +12,7 @@ Deterministic for a seed: the same arguments give the same phantom and byte-iden
 """
 
 from .anatomy import AIR, BLOOD, BONE_CORTEX, BONE_MARROW, CARTILAGE, FAT, LUNG, MUSCLE, SOFT
-from .generate import DEFAULT_SIZE, DEFAULT_SPACING, GENERATOR_VERSION, Phantom, generate_phantom
+from .generate import DEFAULT_SIZE, DEFAULT_SPACING, GENERATOR_VERSION, GENERATOR_VERSIONS, Phantom, generate_phantom
 from .labels import slice_labels
 from .nodules import (
     BIOMARKER_KEYS,
@@ -37,6 +37,7 @@ __all__ = [
     "FAT",
     "FEATURE_LABELS",
     "GENERATOR_VERSION",
+    "GENERATOR_VERSIONS",
     "LUNG",
     "MALIGNANCY_THRESHOLD",
     "MUSCLE",

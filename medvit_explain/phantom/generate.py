@@ -13,11 +13,13 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from ..vocabulary import PHANTOM_GENERATOR_VERSIONS
 from ..volume import Volume
 from .anatomy import BLOOD, _anatomy, _ct_noise, _fissures, _Grid, _vessels
-from .nodules import BIOMARKER_KEYS, _place_nodules
+from .nodules import BIOMARKER_KEYS, GRADES, _place_nodules
 
-GENERATOR_VERSION = "2.0"
+GENERATOR_VERSIONS = PHANTOM_GENERATOR_VERSIONS  # every version generate_phantom draws (GRADES' keys)
+GENERATOR_VERSION = GENERATOR_VERSIONS[0]  # the default
 DEFAULT_SIZE = (256, 256, 64)
 DEFAULT_SPACING = (1.4, 1.4, 2.5)
 
@@ -70,6 +72,7 @@ def generate_phantom(
     origin: Sequence[float] | None = None,
     noise_hu: float = 18.0,
     nodule_attributes: Sequence[Mapping[str, Any]] | None = None,
+    generator_version: str = GENERATOR_VERSION,
 ) -> Phantom:
     """A synthetic chest CT with 0-3 lung nodules, deterministic for ``seed``.
 
@@ -88,11 +91,17 @@ def generate_phantom(
             ``BIOMARKER_KEYS``; ``diameter_mm`` is the target size, the drawn size is measured); with
             ``n_nodules=None`` there are ``len(nodule_attributes)`` nodules. The malignancy label still
             follows ``malignancy_rule``.
+        generator_version: ``"2.0"`` (phantoms v2, the default) or ``"2.1"``: the same anatomy and nodule
+            parts, with the shape grades drawn so each is a visible step at the grid (``GRADES`` in
+            :mod:`.nodules`: sphericity 1.0-2.8 axis ratio, lobulation steps of at least half an in-plane
+            voxel, margin blur 1.0-4.2 mm). Recorded in the CT's metadata and the labels JSON.
 
     Returns:
         A ``Phantom`` (CT, nodule instance mask, lung mask, feature labels, nodule attribute dicts).
     """
     size, spacing_arr, d, o = _grid_arguments(size, spacing, label_noise, direction, origin)
+    if generator_version not in GRADES:
+        raise ValueError(f"expected generator_version one of {', '.join(GRADES)}, got {generator_version!r}")
     overrides = _attribute_overrides(nodule_attributes)
     if n_nodules is None and overrides:
         n_nodules = len(overrides)
@@ -109,7 +118,9 @@ def generate_phantom(
 
     if n_nodules is None:
         n_nodules = int(rng_nod.integers(0, 4))
-    mask, features, nodule_occ, nodules = _place_nodules(grid, hu, lungs, int(n_nodules), rng_nod, overrides)
+    mask, features, nodule_occ, nodules = _place_nodules(
+        grid, hu, lungs, int(n_nodules), rng_nod, overrides, GRADES[generator_version]
+    )
     # vessels pass beside nodules, never through them: the feature labels stay the nodules' ground truth
     vessels *= 1.0 - nodule_occ
     vessels[mask > 0] = 0.0
@@ -124,7 +135,7 @@ def generate_phantom(
     np.rint(hu, out=hu)
     np.clip(hu, -1024.0, 3071.0, out=hu)
 
-    meta = {"format": "phantom", "modality": "CT", "seed": int(seed), "generator_version": GENERATOR_VERSION}
+    meta = {"format": "phantom", "modality": "CT", "seed": int(seed), "generator_version": generator_version}
     ct = Volume(hu.astype(np.float32, copy=False), o, spacing_arr, d, dict(meta))
     return Phantom(
         ct=ct,
@@ -134,6 +145,7 @@ def generate_phantom(
         nodules=nodules,
         seed=int(seed),
         label_noise=float(label_noise),
+        generator_version=generator_version,
         info={
             "size": list(size),
             "spacing": spacing_arr.tolist(),

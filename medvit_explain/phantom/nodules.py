@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -111,18 +112,52 @@ def malignancy_rule(attrs: Mapping[str, Any]) -> int:
 
 # --------------------------------------------------------------------------- nodules
 
-_ELONGATION = {5: 1.0, 4: 1.15, 3: 1.35, 2: 1.6, 1: 1.9}
-_EDGE_MM = {5: 0.0, 4: 0.8, 3: 1.6, 2: 2.5, 1: 3.5}
+
+@dataclass(frozen=True)
+class NoduleGrades:
+    """How strongly a generator version draws the shape grades (``GRADES``).
+
+    ``elongation``: long / short axis per sphericity grade; ``edge_mm``: blur of the edge per margin grade;
+    ``lobe_step_vox``: a lobulation step is at least this many in-plane voxels high (0: ``_LOBE_AMP`` of the
+    radius only); ``long_axis_max_mm``: an elongated nodule's sampled size is cut so its long axis stays under
+    this (inf: no cut; ``nodule_attributes`` overrides are drawn as asked).
+    """
+
+    elongation: Mapping[int, float]
+    edge_mm: Mapping[int, float]
+    lobe_step_vox: float
+    long_axis_max_mm: float
+
+
+GRADES = {
+    # phantoms v2: a sphericity or lobulation grade can be a sub-voxel change on a small nodule
+    "2.0": NoduleGrades(
+        elongation={5: 1.0, 4: 1.15, 3: 1.35, 2: 1.6, 1: 1.9},
+        edge_mm={5: 0.0, 4: 0.8, 3: 1.6, 2: 2.5, 1: 3.5},
+        lobe_step_vox=0.0,
+        long_axis_max_mm=math.inf,
+    ),
+    # the grades made visible at the grid: LIDC's round / ovoid / linear (1.3x the axis ratio a step),
+    # lobulation steps of at least half an in-plane voxel, wider margin blur
+    "2.1": NoduleGrades(
+        elongation={5: 1.0, 4: 1.3, 3: 1.7, 2: 2.2, 1: 2.8},
+        edge_mm={5: 0.0, 4: 1.0, 3: 2.0, 2: 3.0, 1: 4.2},
+        lobe_step_vox=0.5,
+        long_axis_max_mm=40.0,
+    ),
+}
+
 _CORE_FRACTION = {1: 0.0, 2: 0.35, 3: 0.55, 4: 0.75, 5: 1.0}
 _GGO_HU = {1: -620.0, 2: -580.0, 3: -540.0, 4: -480.0, 5: -400.0}
 _CONTRAST = {1: 0.4, 2: 0.55, 3: 0.7, 4: 0.85, 5: 1.0}
 _SOLID_HU = 30.0
 _CALC_HU = {1: 900.0, 2: 650.0, 3: 700.0, 4: 750.0, 5: 800.0}
-_LOBE_AMP = 0.12  # lobe height per lobulation step above 1, fraction of the base radius
+_LOBE_AMP = 0.12  # lobe height per lobulation step above 1, fraction of the base radius (or a voxel floor)
+_LOBE_AMP_MAX = 0.75  # the highest lobe, fraction of the base radius (2.1's floor saturates on small nodules)
 _SPIKES = {1: 0, 2: 3, 3: 5, 4: 8, 5: 11}  # spicules per spiculation score (± 1)
 
 
-def _sample_attributes(rng: np.random.Generator) -> dict[str, int | float]:
+def _sample_attributes(rng: np.random.Generator, grades: NoduleGrades = GRADES["2.0"]) -> dict[str, int | float]:
     """Attributes from one of two overlapping profiles (suspicious / benign-looking)."""
 
     def pick(p):
@@ -151,6 +186,7 @@ def _sample_attributes(rng: np.random.Generator) -> dict[str, int | float]:
     if a["calcification"] != 6:  # calcified nodules are solid and well defined
         a["texture"] = 5
         a["margin"] = max(a["margin"], 3)
+    d = min(d, grades.long_axis_max_mm / grades.elongation[a["sphericity"]] ** (2 / 3))  # d: volume-equivalent
     sub = 1.0 + (d - 4.0) / 5.0 + 0.25 * (a["texture"] - 1) + 0.5 * (a["calcification"] != 6)
     a["subtlety"] = int(np.clip(round(sub + rng.normal(0, 0.5)), 1, 5))
     a["diameter_mm"] = float(d)
@@ -182,11 +218,14 @@ class _Shape:
       radii of the popcorn / non-central deposits.
     """
 
-    def __init__(self, attrs: Mapping[str, Any], rng: np.random.Generator):
+    def __init__(self, attrs: Mapping[str, Any], rng: np.random.Generator, floor_mm: float = 0.0):
+        """``floor_mm``: the least height (mm) of a lobulation step (``NoduleGrades.lobe_step_vox`` voxels)."""
         lob, spic, calc = int(attrs["lobulation"]), int(attrs["spiculation"]), int(attrs["calcification"])
         n_lobes = int(rng.integers(4, 8)) if lob > 1 else 0
         self.lobe_dirs = _spread_units(rng, n_lobes, 50.0)
-        self.lobe_amp = (_LOBE_AMP * (lob - 1) * rng.uniform(0.75, 1.0, len(self.lobe_dirs))).astype(np.float32)
+        step = max(_LOBE_AMP, floor_mm / (0.5 * float(attrs["diameter_mm"])))  # per grade, of the radius
+        amp = min(step * (lob - 1), _LOBE_AMP_MAX) * rng.uniform(0.75, 1.0, len(self.lobe_dirs))
+        self.lobe_amp = amp.astype(np.float32)
         self.lobe_cos = np.cos(np.radians(rng.uniform(28.0, 40.0, len(self.lobe_dirs)))).astype(np.float32)
         n_spikes = _SPIKES[spic] + (int(rng.integers(-1, 2)) if spic > 1 else 0)
         # spicule directions in the patient frame, flattened towards the axial plane: a spike along z
@@ -244,10 +283,12 @@ def _spike_length(spic: int, r_base: float) -> float:
     return float(np.clip((0.35 + 0.25 * (spic - 1)) * r_base + 1.0 * (spic - 1), 3.0, 18.0))
 
 
-def _reach(shape: _Shape, attrs: Mapping[str, Any], radius: float, elong: float, h: float) -> tuple[float, float]:
+def _reach(
+    shape: _Shape, attrs: Mapping[str, Any], radius: float, elong: float, edge_mm: float, h: float
+) -> tuple[float, float]:
     """Radii (mm) of balls around the centre that hold the nodule's body (blurred edge included) and
     everything it draws (spicules included)."""
-    body = radius * shape.max_factor * elong ** (2 / 3) + _EDGE_MM[int(attrs["margin"])] + 2.0
+    body = radius * shape.max_factor * elong ** (2 / 3) + edge_mm + 2.0
     if not len(shape.spike_dirs):
         return body, body
     r_base = radius / shape.norm
@@ -279,7 +320,9 @@ def _calcified(w, rho, r_base: float, calc: int, shape: _Shape, h: float) -> np.
     return out
 
 
-def _draw_nodule(px, py, pz, center, radius, rot, elong, shape: _Shape, attrs, soft_vox: float, h: float, lungs):
+def _draw_nodule(
+    px, py, pz, center, radius, rot, elong, edge_mm: float, shape: _Shape, attrs, soft_vox: float, h: float, lungs
+):
     """One nodule on the points ``(px, py, pz)`` (same shapes): ``(occupancy, inside, value HU, labels)``.
 
     ``occupancy`` in [0, 1] blends the nodule into the background, ``inside`` (occupancy ≥ 0.5) is its
@@ -297,7 +340,7 @@ def _draw_nodule(px, py, pz, center, radius, rot, elong, shape: _Shape, attrs, s
     rr = np.float32(r_base) * (1.0 + lob)
     rho = n / rr  # normalised radius: 1 on the (lobulated) surface
     sd = n - rr  # approx. signed distance (mm)
-    edge = _EDGE_MM[int(attrs["margin"])] + soft_vox
+    edge = edge_mm + soft_vox
     body_occ = np.clip(0.5 - sd / np.float32(edge), 0.0, 1.0)
     body = sd <= 0.0
 
@@ -327,9 +370,10 @@ def _draw_nodule(px, py, pz, center, radius, rot, elong, shape: _Shape, attrs, s
 
 
 def _place_nodules(
-    grid, hu, lungs, n_nodules, rng, overrides: Sequence[Mapping[str, Any]] = ()
+    grid, hu, lungs, n_nodules, rng, overrides: Sequence[Mapping[str, Any]] = (), grades: NoduleGrades = GRADES["2.0"]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
-    """Place and draw up to ``n_nodules`` nodules fully inside ``lungs`` into ``hu`` (in place).
+    """Place and draw up to ``n_nodules`` nodules fully inside ``lungs`` into ``hu`` (in place), their shape
+    grades drawn as ``grades`` says.
 
     Nodule ``i`` takes its sampled attributes updated with ``overrides[i]`` (when given). Returns the
     instance mask (int16), the feature labels (uint8), the nodules' soft occupancy (float32, for keeping
@@ -346,19 +390,20 @@ def _place_nodules(
     if len(lung_idx) == 0:
         return mask, features, occupancy, nodules
     for i in range(n_nodules):
-        attrs = _sample_attributes(rng)
+        attrs = _sample_attributes(rng, grades)
         if i < len(overrides):
             attrs.update(overrides[i])
-        shape = _Shape(attrs, rng)
+        shape = _Shape(attrs, rng, floor_mm=grades.lobe_step_vox * h)
         rot = _random_rotation(rng)
-        elong = _ELONGATION[int(attrs["sphericity"])]
+        elong = grades.elongation[int(attrs["sphericity"])]
+        edge_mm = grades.edge_mm[int(attrs["margin"])]
         target_d = float(attrs["diameter_mm"])
         placed = False
         for attempt in range(80):
             if attempt and attempt % 16 == 0:
                 target_d = max(4.5, target_d * 0.8)  # does not fit: smaller
             radius = target_d / 2.0
-            body_reach, reach = _reach(shape, attrs, radius, elong, h)
+            body_reach, reach = _reach(shape, attrs, radius, elong, edge_mm, h)
             ijk = lung_idx[rng.integers(len(lung_idx))] + rng.uniform(-1.5, 1.5, 3)
             center = (grid.direction @ (ijk * grid.spacing)) + grid.origin - grid.center
             if grid.box(center, body_reach) is None:
@@ -371,7 +416,7 @@ def _place_nodules(
                 continue
             in_lungs = lungs[box]
             occ, inside, val, labels = _draw_nodule(
-                px, py, pz, center, radius, rot, elong, shape, attrs, soft_vox, h, in_lungs
+                px, py, pz, center, radius, rot, elong, edge_mm, shape, attrs, soft_vox, h, in_lungs
             )
             if not inside.any():
                 continue

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..vocabulary import FEATURES_SUFFIX, LUNGS_SUFFIX, NODULES_SUFFIX
-from .generate import DEFAULT_SIZE, DEFAULT_SPACING, Phantom, generate_phantom
+from .generate import DEFAULT_SIZE, DEFAULT_SPACING, GENERATOR_VERSION, Phantom, generate_phantom
 from .labels import _labels_json
 
 
@@ -108,11 +108,12 @@ def make_phantom_groups(
     seed: int,
     name_prefix: str = "grid",
     workers: int = 1,
+    generator_version: str = GENERATOR_VERSION,
 ) -> list[dict[str, Any]]:
     """Several :func:`make_phantoms` sets in one folder, one per grid: group ``g`` (``count``, ``size``,
     ``spacing``, optionally ``nodules``: that many nodules in each phantom instead of 0-3) uses seed
     ``seed + 100 g`` and names ``<name_prefix><g>_000``, … (the recipes in ``configs/sample_model.yaml``);
-    ``workers`` processes share all the groups' phantoms."""
+    ``workers`` processes share all the groups' phantoms; ``generator_version`` as in ``generate_phantom``."""
     jobs = [
         _PhantomJob(
             out_dir,
@@ -122,7 +123,7 @@ def make_phantom_groups(
             "nifti",
             tuple(group["size"]),
             tuple(group["spacing"]),
-            {"n_nodules": group.get("nodules")},
+            {"n_nodules": group.get("nodules"), "generator_version": generator_version},
         )
         for g, group in enumerate(groups)
         for i in range(int(group["count"]))
