@@ -8,12 +8,16 @@ attribute changes the image, strongly enough to be seen in a 32-48 mm crop:
 * diameter: size. The reported ``diameter_mm`` is measured on the drawn mask (volume-equivalent
   sphere diameter), so it is the real drawn size.
 * sphericity: elongation (long / short axis 1.0 … 1.9, volume preserved), random orientation.
+  Generator 2.1 (``GRADES``): 1.0 / 1.3 / 1.7 / 2.2 / 2.8 for grades 5 … 1 (LIDC round … linear), the
+  sampled size cut so the long axis stays under 40 mm.
 * lobulation: 4-7 dome-shaped lobes on the surface (height 0.1 … 0.5 of the radius, 28-40° wide) with
-  notches where they meet, so the outline is visibly bumpy.
+  notches where they meet, so the outline is visibly bumpy. Generator 2.1: each grade above 1 adds 0.12 of
+  the radius or half an in-plane voxel, whichever is more, up to 0.75 of the radius.
 * spiculation: thin, bright, tapered spikes radiating from the surface (3 / 5 / 8 / 11 of them for
   scores 2-5, about 3-18 mm long, longer with the score and the size); drawn at least about one voxel
   wide and not blurred by the margin, as a strand would look after partial volume.
-* margin: width of the blurred edge (5 = sharp, 1 = about 3.5 mm of blur).
+* margin: width of the blurred edge (5 = sharp, 1 = about 3.5 mm of blur; generator 2.1: 1.0 / 2.0 / 3.0 /
+  4.2 mm for grades 4 … 1).
 * texture: density: 1 pure ground glass (about -620 HU), 2-4 part-solid (a solid core of 0.35 / 0.55 /
   0.75 of the radius inside ground glass), 5 solid (about +30 HU).
 * calcification: 1 popcorn blobs, 2 laminated (nidus and two rings), 3 solid (almost all), 4 one
