@@ -26,6 +26,8 @@ from medvit_explain.workflows.studies import find_studies
 from medvit_explain.workflows.train import evaluate, load_rois, load_slices, train
 
 ROOT = Path(__file__).resolve().parents[1]
+# the generator of phantom folders whose stamp names none (made before generator 2.1 existed)
+UNSTAMPED_GENERATOR = "2.0"
 # where each shipped recipe's model goes (--out default); other configs need --out
 SHIPPED = {"sample_model": "sample_model", "sample_roi_model": "sample_roi", "sample_roi3d_model": "sample_roi3d"}
 
@@ -97,16 +99,17 @@ def phantoms(
     """Make the recipe's phantoms in ``folder``, or reuse them if it holds exactly those: the same
     ``phantoms.json`` stamp (seed, groups, generator version), or, for a folder made before the stamp, the same
     phantom names. A folder of another recipe or generator (say the last one's, under the same
-    ``runs/<config name>``) stops the run. Stamps and folders from before generator 2.1 are generator 2.0's."""
+    ``runs/<config name>``) stops the run. Stamps and folders from before the version was stamped are
+    ``UNSTAMPED_GENERATOR``'s."""
     stamp = {"seed": seed, "groups": groups, "generator_version": generator_version}
     names = {f"grid{g}_{i:03d}" for g, group in enumerate(groups) for i in range(int(group["count"]))}
     if folder.exists():
         path = folder / "phantoms.json"
         found = {p.name.removesuffix(".json") for p in folder.glob("grid*_[0-9][0-9][0-9].json")}
         if path.exists():
-            same = {"generator_version": "2.0", **json.loads(path.read_text())} == stamp
+            same = {"generator_version": UNSTAMPED_GENERATOR, **json.loads(path.read_text())} == stamp
         else:
-            same = found == names and generator_version == "2.0"
+            same = found == names and generator_version == UNSTAMPED_GENERATOR
         if not same:
             raise SystemExit(
                 f"error: {folder} holds phantoms of another recipe or generator ({len(found)} there; this one "

@@ -374,7 +374,7 @@ def _draw_nodule(
 
 
 def _place_nodules(
-    grid, hu, lungs, n_nodules, rng, overrides: Sequence[Mapping[str, Any]] = (), grades: NoduleGrades = GRADES["2.0"]
+    grid, hu, lungs, n_nodules, rng, overrides: Sequence[Mapping[str, Any]], grades: NoduleGrades
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
     """Place and draw up to ``n_nodules`` nodules fully inside ``lungs`` into ``hu`` (in place), their shape
     grades drawn as ``grades`` says.
