@@ -174,8 +174,10 @@ class VolumeInputs(ModelInputs):
         src = np.maximum((np.asarray(slices, dtype=np.float64) + 0.5) * depth / n_slices - 0.5, 0.0)
         lo = np.minimum(np.floor(src).astype(np.int64), depth - 1)
         hi = np.minimum(lo + 1, depth - 1)
-        w = torch.from_numpy((src - lo).astype(np.float32))[:, None, None]
-        planes = (1 - w) * box_map[torch.from_numpy(lo)] + w * box_map[torch.from_numpy(hi)]  # [len, H, W]
+        device = box_map.device  # the maps may still be on the GPU
+        w = torch.from_numpy((src - lo).astype(np.float32)).to(device)[:, None, None]
+        lo_t, hi_t = torch.from_numpy(lo).to(device), torch.from_numpy(hi).to(device)
+        planes = (1 - w) * box_map[lo_t] + w * box_map[hi_t]  # [len, H, W]
         return resize_planes(planes, (rows, cols)).cpu().numpy()
 
     def canonical_slices(self, maps: torch.Tensor, slices: Sequence[int]) -> np.ndarray:

@@ -153,6 +153,22 @@ def test_volume_inputs_and_inverse_are_exact(name, direction, spacing):
         np.testing.assert_allclose(inputs.project_planes(map_box, z0, z1), out[:, :, z0:z1], atol=1e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_volume_maps_still_on_the_gpu_project_as_on_the_cpu():
+    """A whole-volume map straight from a GPU run (the Python API's ``map_array``, the bench's memory case)
+    projects onto the source grid as the same map on the CPU does."""
+    volume = linear_volume(np.eye(3), (0.8, 0.8, 2.0), shape=(20, 18, 14))
+    inputs = VolumeInputs(volume, preprocessing((8, 12, 16), "volume"))
+    maps = torch.rand((1, 4, 6, 8), generator=torch.Generator().manual_seed(0))
+    on_cpu = inputs.project(maps)
+    np.testing.assert_allclose(inputs.project(maps.cuda()), on_cpu, atol=1e-5)
+    np.testing.assert_allclose(
+        inputs.canonical_slices(maps.cuda(), [0, 5, 13]), inputs.canonical_slices(maps, [0, 5, 13]), atol=1e-5
+    )
+    np.testing.assert_allclose(inputs.project_planes(maps.cuda(), 2, 9), on_cpu[:, :, 2:9], atol=1e-5)
+
+
 def test_model_inputs_pick_the_volumetric_classes_and_refuse_mismatches():
     volume = linear_volume(np.eye(3), (1.0, 1.0, 2.0))
     cube_model = tiny_model(image_size=(16, 16, 16), patch=8, mode="roi")
