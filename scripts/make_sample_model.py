@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted training run")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads [default: training.num_threads]")
+    parser.add_argument("--device", default="cpu", help="where to train: cpu (default), cuda, cuda:N or auto")
     args = parser.parse_args()
     stem = Path(args.config).name.split(".")[0]
     if args.out is None and stem not in SHIPPED:
@@ -57,7 +58,7 @@ def main() -> None:
     for part, groups, seed in (("train", "groups", "train_seed"), ("test", "test_groups", "test_seed")):
         phantoms(work / part, recipe["phantoms"][groups], recipe["phantoms"][seed], workers, generator)
     t_data = time.perf_counter() - t0
-    result = train(config, work / "train", args.out, epochs=args.epochs, device="cpu", resume=args.resume)
+    result = train(config, work / "train", args.out, epochs=args.epochs, device=args.device, resume=args.resume)
     model = load_model(args.out, device="cpu")
     if model.preprocessing["mode"] == "roi":  # every labelled nodule's views, un-jittered
         test = load_rois(find_studies(work / "test"), model)
@@ -81,6 +82,7 @@ def main() -> None:
             "per_epoch": round(result.seconds / max(1, len(result.history)), 1),
             "total": round(total, 1),
         },
+        "trained_on": trained_on(args.device, recipe),
     }
     out = Path(args.out)
     (out / "model_card.json").write_text(json.dumps(card, indent=2))
@@ -91,6 +93,18 @@ def main() -> None:
     import shutil
 
     shutil.rmtree(out.parent / f".{out.name}.train_state", ignore_errors=True)  # resume state, not shipped
+
+
+def trained_on(device: str, recipe: dict) -> str:
+    """The training device in words, for the model card: the GPU's name, or the CPU threads."""
+    import torch
+
+    from medvit_explain.model import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+    return f"CPU, {int(recipe.get('num_threads') or torch.get_num_threads())} threads, torch {torch.__version__}"
 
 
 def phantoms(
@@ -188,8 +202,8 @@ def model_card_markdown(config: dict, card: dict, recipe_path: str = "configs/sa
         "|---|---|",
         *[f"| {k} | {v:.2f} |" for k, v in held["mae"].items()],
         "",
-        f"Re-created in {t['total'] / 60:.1f} min on this machine (phantoms {t['phantoms']:.0f} s, "
-        f"training {t['training']:.0f} s, {t['per_epoch']:.0f} s an epoch).",
+        f"Re-created in {t['total'] / 60:.1f} min (phantoms {t['phantoms']:.0f} s, training {t['training']:.0f} s, "
+        f"{t['per_epoch']:.0f} s an epoch) on {card.get('trained_on', 'this machine')}.",
         "",
     ]
     return "\n".join(lines)

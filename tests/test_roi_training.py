@@ -482,6 +482,25 @@ def test_make_sample_model_reuses_only_its_own_recipes_phantoms(tmp_path):
     phantoms(new, groups, 5, generator_version="2.1")
 
 
+def test_make_sample_model_names_the_training_device_in_the_card():
+    """The model card says where a sample model was trained (a lent GPU's name, or the CPU threads)."""
+    import runpy
+
+    import yaml
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_sample_model.py"
+    ns = runpy.run_path(str(script))
+    assert ns["trained_on"]("cpu", {"num_threads": 2}).startswith("CPU, 2 threads, torch ")
+    config = yaml.safe_load((script.parents[1] / "configs" / "sample_model.yaml").read_text())
+    timings = {"phantoms": 35.0, "training": 84.0, "per_epoch": 3.5, "total": 149.0}
+    held = {"seed": 1000, "phantoms": 20, "n_slices": 1023, "n_nodule_slices": 110, "mae": {"margin": 1.1}}
+    held |= {"malignancy_auc": 0.98, "malignancy_accuracy": 0.97, "malignancy_auc_nodule_slices": 0.9}
+    held |= {"malignancy_false_positives_nodule_free": 4}
+    card = {"held_out": held, "selected_epoch": 13, "timings_s": timings, "trained_on": "NVIDIA H200 (CUDA 13.0)"}
+    text = ns["model_card_markdown"](config, card)
+    assert "Re-created in 2.5 min (phantoms 35 s, training 84 s, 4 s an epoch) on NVIDIA H200 (CUDA 13.0)." in text
+
+
 def test_shape_oracle_features_and_script(tmp_path, phantoms, capsys, monkeypatch):
     """scripts/shape_oracle.py (the README's shape-grade bound): the axis ratio of a drawn ellipsoid's
     moments is its axis ratio, a view's planes see the in-plane ratio, and the script reports both graders
