@@ -11,6 +11,8 @@ map of malignancy, :func:`medvit_explain.workflows.evaluate.localization_maps`),
   it is the token holding the most of the nodule;
 * the area its binarised map covers, in nodule areas, on the slices the model calls malignant and on those
   it calls benign (there a class-sensitive map shows the evidence for *benign*);
+* its mean Dice at each threshold of the sweep (0.1 … 0.9 of min-max), so a loss at 0.5 can be told from a
+  loss at every threshold;
 
 then, for each seed method against each baseline, the paired difference in Dice with a 95 % bootstrap
 interval over slices, and on how many slices each is ahead.
@@ -98,11 +100,15 @@ def main() -> None:
         f"malignant; token-grid ceiling: Dice {float(ceiling['dice'].double().mean()):.3f}"
     )
     nodule_area = np.maximum(sl.nodule[malignant].mean((1, 2)), 1.0 / np.prod(size))  # at least one pixel
-    dice = {}
+    dice, sweeps = {}, {}
     for method in methods:
         maps = localization_maps(model, sl, method)[torch.from_numpy(malignant)]
         up = upsample(maps[:, None], size)[:, 0]
-        dice[method] = localization_scores(up, nodule[malignant])["dice"].double().numpy()
+        scores = localization_scores(up, nodule[malignant])
+        dice[method] = scores["dice"].double().numpy()
+        sweeps[method] = {
+            k.removeprefix("dice@"): float(v.double().mean()) for k, v in scores.items() if k.startswith("dice@")
+        }
         area = (minmax(up) >= 0.5).double().mean((1, 2)).numpy() / nodule_area
         where = peak_places(maps.numpy(), share)
         print(
@@ -112,6 +118,9 @@ def main() -> None:
             f"{where['elsewhere']:.2f}, on its largest token {where['most_nodule']:.2f} | binarised area in "
             f"nodule areas, median, called malignant / benign {split(area, called, np.median)}"
         )
+    print("Dice by threshold: " + " ".join(f"{t:>6s}" for t in next(iter(sweeps.values()))))
+    for method, sweep in sweeps.items():
+        print(f"  {method:16s}" + " ".join(f"{v:6.3f}" for v in sweep.values()))
     for s in seeds:
         for b in methods:
             if b in seeds:
