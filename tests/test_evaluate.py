@@ -375,7 +375,8 @@ def test_localization_maps_are_the_maps_evaluate_scores(data, checkpoint, capsys
     import sys
 
     from medvit_explain.explainers import upsample
-    from medvit_explain.metrics.localization import localization_scores
+    from medvit_explain.metrics.localization import DEFAULT_SWEEP, localization_scores
+    from medvit_explain.model import load_model
     from medvit_explain.workflows.evaluate import load_eval_slices, localization_maps
     from medvit_explain.workflows.studies import find_studies
 
@@ -404,4 +405,14 @@ def test_localization_maps_are_the_maps_evaluate_scores(data, checkpoint, capsys
     lines = capsys.readouterr().out.splitlines()
     assert "malignant nodule slices (default protocol)" in lines[0] and "token-grid ceiling" in lines[0]
     assert lines[1].startswith("cdam") and lines[2].startswith("attention") and "peak token on the nodule" in lines[1]
-    assert lines[3].startswith("cdam - attention: Dice") and "95 % CI" in lines[3]
+    assert lines[3].split() == ["Dice", "by", "threshold:", *(f"{t:g}" for t in DEFAULT_SWEEP)]
+    model_ckpt = load_model(checkpoint, device="cpu")  # what the script explains: the checkpoint, every slice
+    sl_ckpt = load_eval_slices(find_studies(data), model_ckpt, progress=False)
+    for line, method in zip(lines[4:6], ("cdam", "attention"), strict=True):
+        maps = localization_maps(model_ckpt, sl_ckpt, method)
+        up = upsample(maps[:, None], sl_ckpt.images.shape[-2:])[:, 0]
+        scores = localization_scores(up, torch.from_numpy(sl_ckpt.nodule))
+        malignant = sl_ckpt.targets[sl_ckpt.explained, 0].numpy() > 0.5
+        want = [float(scores[f"dice@{t:g}"].double().numpy()[malignant].mean()) for t in DEFAULT_SWEEP]
+        assert line.split()[0] == method and [float(v) for v in line.split()[1:]] == pytest.approx(want, abs=5e-4)
+    assert lines[6].startswith("cdam - attention: Dice") and "95 % CI" in lines[6]
