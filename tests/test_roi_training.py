@@ -482,6 +482,27 @@ def test_make_sample_model_reuses_only_its_own_recipes_phantoms(tmp_path):
     phantoms(new, groups, 5, generator_version="2.1")
 
 
+def test_cdam_paths_script_reports_each_part_and_block(phantoms, tmp_path, capsys, monkeypatch):
+    """scripts/cdam_paths.py on ROI views: a header, the six maps' lines for the part asked for, then one
+    AG-CAM line per block whose masses add up to the whole map."""
+    import runpy
+    import sys
+
+    torch.manual_seed(0)
+    model_dir = save_checkpoint(build_model(roi_config()), tmp_path / "roi")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "cdam_paths.py"
+    argv = [str(script), "--model", str(model_dir), "--data", str(phantoms), "--part", "1", "--threads", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("spiculation CDAM on ") and "views with core" in lines[0]
+    assert [line.split()[0] for line in lines[1:7]] == ["cdam", "keys", "values", "query", "bias", "centred"]
+    assert "mean on core +0.000, rest of nodule +0.000, outside +0.000" in lines[4]  # the query part is zero
+    blocks = [line for line in lines[7:] if line.startswith("AG-CAM block ")]
+    assert len(blocks) == len(build_model(roi_config()).backbone.blocks)
+    assert sum(float(b.split(": ")[1].split()[0]) for b in blocks) == pytest.approx(1.0, abs=0.02)
+
+
 def test_make_sample_model_names_the_training_device_in_the_card():
     """The model card says where a sample model was trained (a lent GPU's name, or the CPU threads)."""
     import runpy
