@@ -61,7 +61,7 @@ def main() -> None:
     result = train(config, work / "train", args.out, epochs=args.epochs, device=args.device, resume=args.resume)
     model = load_model(args.out, device="cpu")
     if model.preprocessing["mode"] == "roi":  # every labelled nodule's views, un-jittered
-        test = load_rois(find_studies(work / "test"), model)
+        test = load_rois(find_studies(work / "test"), model, workers=workers)
     else:
         min_area = float(recipe.get("min_area_mm2", 10.0))
         test = load_slices(find_studies(work / "test"), model, all_slices=True, min_area_mm2=min_area)

@@ -321,6 +321,17 @@ def test_feature_token_labels_split_each_patch_into_the_nodule_parts(phantoms, t
     with pytest.raises(MedvitInputError, match="features.nii.gz"):
         load_rois(find_studies(bare), model, token_targets=True, feature_tokens=True, progress=False)
 
+    # read in two spawned processes: the same arrays in the same order, and the same one-line error
+    parallel = load_rois(studies, model, margin=2, token_targets=True, feature_tokens=True, progress=False, workers=2)
+    np.testing.assert_array_equal(parallel.cubes, rois.cubes)
+    np.testing.assert_array_equal(parallel.token_cubes, rois.token_cubes)
+    np.testing.assert_array_equal(parallel.study, rois.study)
+    torch.testing.assert_close(parallel.nodule_targets, rois.nodule_targets, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(MedvitInputError, match="features.nii.gz"):
+        load_rois(
+            [*find_studies(bare), *studies], model, token_targets=True, feature_tokens=True, progress=False, workers=2
+        )
+
 
 def test_view_shape_targets_are_the_body_moments_each_view_shows(phantoms):
     """``view_shape_targets``: per view, half the log ratio of the body's in-plane second moments, half the

@@ -28,7 +28,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -366,6 +366,70 @@ def _features_volume(study: Study, volume):
     return features
 
 
+@dataclass(frozen=True)
+class _RoiJob:
+    """One study's ROI loading, everything it needs picklable (it may run in a spawned process)."""
+
+    study: Study
+    preprocessing: dict
+    task_spec: Any
+    margin: int
+    token_targets: bool
+    feature_tokens: bool
+
+
+def _study_rois(job: _RoiJob) -> tuple[int, list, list, np.ndarray | None]:
+    """(samples per side of the inference cube, the nodules' cubes, their token-label cubes, their targets) of
+    one study; targets ``None`` when it has no labelled nodule."""
+    import dataclasses
+
+    from ..prediction import check_centres_inside
+    from ..transforms import Preprocessing, RoiInputs
+
+    config = Preprocessing.from_config(job.preprocessing)
+    nodules = read_nodules(job.study)
+    if not nodules:
+        return 0, [], [], None
+    volume, mask = load_study_volumes(job.study)
+    centres = nodule_centres(nodules, mask)
+    check_centres_inside(centres, volume)
+    n = RoiInputs(volume, config, centres).n  # the inference cube's samples per side
+    # the same sample positions and 2·margin more: t = arange(N) - (N - 1) / 2 holds arange(n) - (n - 1) / 2
+    size_mm = (n + 2 * job.margin) * config.roi.spacing_mm
+    big = dataclasses.replace(config, roi=dataclasses.replace(config.roi, size_mm=size_mm))
+    inputs = RoiInputs(volume, big, centres)
+    assert inputs.n == n + 2 * job.margin, (inputs.n, n, job.margin)
+    cubes = [inputs.cube(r) for r in range(len(centres))]
+    tokens = []
+    if job.token_targets:
+        ids = np.array([int(x["id"]) for x in nodules])
+        malignant = np.array([int(x["id"]) for x in nodules if int(x.get("malignancy", 0)) == 1] + [-1])
+        shares = [RoiInputs(_binary_volume(mask, keep), big, centres) for keep in (ids, malignant)]
+        if job.feature_tokens:
+            features = _features_volume(job.study, volume)
+            shares += [RoiInputs(_binary_volume(features, [label]), big, centres) for label in TOKEN_FEATURES]
+        tokens = [np.stack([np.rint(255 * sh.cube(r)).astype(np.uint8) for sh in shares]) for r in range(len(ids))]
+    return n, cubes, tokens, nodule_targets(job.task_spec, nodules)
+
+
+def _map_in_processes(fn, jobs: list, workers: int, progress_bar) -> Iterator:
+    """``fn`` over ``jobs`` in order: here, or in ``workers`` spawned processes (a script calling this with
+    ``workers`` > 1 must do so under ``if __name__ == "__main__":``), ticking ``progress_bar``."""
+    workers = min(int(workers), len(jobs))
+    if workers <= 1:
+        for job in jobs:
+            yield fn(job)
+            progress_bar.update(1)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for result in pool.map(fn, jobs):
+            yield result
+            progress_bar.update(1)
+
+
 def load_rois(
     studies: Sequence[Study],
     model,
@@ -376,6 +440,7 @@ def load_rois(
     view_shapes: bool = False,
     progress: bool = True,
     what: str = "the data",
+    workers: int = 1,
 ) -> RoiSet:
     """The ROI views of every labelled nodule of ``studies`` for ``model`` (its ROI preprocessing),
     cubes sampled ``margin`` samples larger on every side (the room for centre jitter); with
@@ -383,42 +448,29 @@ def load_rois(
     ``feature_tokens`` after those the share of each nodule part of :data:`TOKEN_FEATURES` (spicules,
     lobulation, calcification, ground glass; from ``<name>_features.nii.gz``, which each study then needs),
     and with ``view_shapes`` (2D views, after both) what each view shows of its nodule's shape
-    (:func:`view_shape_targets`). MedvitInputError naming ``what`` when no study has a nodule or a features
-    map is missing."""
-    import dataclasses
-
+    (:func:`view_shape_targets`). ``workers`` > 1 reads the studies in that many spawned processes (the
+    same arrays, in the same order). MedvitInputError naming ``what`` when no study has a nodule or a
+    features map is missing."""
     from tqdm.auto import tqdm
 
-    from ..prediction import check_centres_inside
-    from ..transforms import Preprocessing, RoiInputs
+    from ..transforms import Preprocessing
 
     config = Preprocessing.from_config(model.preprocessing)
+    pre = dict(model.preprocessing)
+    jobs = [_RoiJob(study, pre, model.task_spec, margin, token_targets, feature_tokens) for study in studies]
     n = 0
     cubes, tokens, targets, study_idx = [], [], [], []
-    for s, study in enumerate(tqdm(studies, desc="loading ROIs", unit="study", disable=not progress)):
-        nodules = read_nodules(study)
-        if not nodules:
-            continue
-        volume, mask = load_study_volumes(study)
-        centres = nodule_centres(nodules, mask)
-        check_centres_inside(centres, volume)
-        n = RoiInputs(volume, config, centres).n  # the inference cube's samples per side
-        # the same sample positions and 2·margin more: t = arange(N) - (N - 1) / 2 holds arange(n) - (n - 1) / 2
-        size_mm = (n + 2 * margin) * config.roi.spacing_mm
-        big = dataclasses.replace(config, roi=dataclasses.replace(config.roi, size_mm=size_mm))
-        inputs = RoiInputs(volume, big, centres)
-        assert inputs.n == n + 2 * margin, (inputs.n, n, margin)
-        cubes += [inputs.cube(r) for r in range(len(centres))]
-        if token_targets:
-            ids = np.array([int(x["id"]) for x in nodules])
-            malignant = np.array([int(x["id"]) for x in nodules if int(x.get("malignancy", 0)) == 1] + [-1])
-            shares = [RoiInputs(_binary_volume(mask, keep), big, centres) for keep in (ids, malignant)]
-            if feature_tokens:
-                features = _features_volume(study, volume)
-                shares += [RoiInputs(_binary_volume(features, [label]), big, centres) for label in TOKEN_FEATURES]
-            tokens += [np.stack([np.rint(255 * sh.cube(r)).astype(np.uint8) for sh in shares]) for r in range(len(ids))]
-        targets.append(nodule_targets(model.task_spec, nodules))
-        study_idx.append(np.full(len(nodules), s))
+    with tqdm(total=len(jobs), desc="loading ROIs", unit="study", disable=not progress) as bar:
+        for s, (size, study_cubes, study_tokens, study_targets) in enumerate(
+            _map_in_processes(_study_rois, jobs, workers, bar)
+        ):
+            if study_targets is None:
+                continue
+            n = size
+            cubes += study_cubes
+            tokens += study_tokens
+            targets.append(study_targets)
+            study_idx.append(np.full(len(study_targets), s))
     if not cubes:
         raise MedvitInputError(
             f"no labelled nodule in {what} ({len(studies)} studies): ROI mode needs the labels' nodules"
@@ -601,6 +653,7 @@ def _prepare(config: dict, data, val_data, seed: int, epochs: int, device: str, 
     token_head = token_head.to(dev)
     if roi_mode:
         margin = jitter_margin(model, recipe)
+        loaders = int(recipe.get("num_threads") or 1)  # the studies are read in as many processes as threads
         train_set = load_rois(
             train_studies,
             model,
@@ -610,8 +663,9 @@ def _prepare(config: dict, data, val_data, seed: int, epochs: int, device: str, 
             view_shapes=shapes,
             progress=progress,
             what="the training data",
+            workers=loaders,
         )
-        val_set = load_rois(val_studies, model, progress=progress, what="the validation studies")
+        val_set = load_rois(val_studies, model, progress=progress, what="the validation studies", workers=loaders)
         return _Run(recipe, seed, epochs, dev, model, token_head, train_set, val_set, len(val_studies))
     min_area = float(recipe.get("min_area_mm2", 10.0))
     train_set = load_slices(
