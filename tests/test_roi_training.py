@@ -321,6 +321,10 @@ def test_feature_token_labels_split_each_patch_into_the_nodule_parts(phantoms, t
     with pytest.raises(MedvitInputError, match="features.nii.gz"):
         load_rois(find_studies(bare), model, token_targets=True, feature_tokens=True, progress=False)
 
+    from medvit_explain.workflows.train import STUDIES_PER_LOADER, _loading_processes
+
+    assert _loading_processes(2, 2 * STUDIES_PER_LOADER) == 2  # training: a process per thread when it pays
+    assert _loading_processes(2, 2 * STUDIES_PER_LOADER - 1) == _loading_processes(1, 1000) == 1
     # read in two spawned processes: the same arrays in the same order, and the same one-line error
     parallel = load_rois(studies, model, margin=2, token_targets=True, feature_tokens=True, progress=False, workers=2)
     np.testing.assert_array_equal(parallel.cubes, rois.cubes)

@@ -430,6 +430,15 @@ def _map_in_processes(fn, jobs: list, workers: int, progress_bar) -> Iterator:
             progress_bar.update(1)
 
 
+STUDIES_PER_LOADER = 16  # a spawned loader costs seconds of imports; a study about half a second to read
+
+
+def _loading_processes(threads: int, n_studies: int) -> int:
+    """How many processes training reads its studies in: one per thread, when each gets enough studies to
+    repay its start-up (``STUDIES_PER_LOADER``); else this one."""
+    return threads if threads > 1 and n_studies >= STUDIES_PER_LOADER * threads else 1
+
+
 def load_rois(
     studies: Sequence[Study],
     model,
@@ -653,7 +662,7 @@ def _prepare(config: dict, data, val_data, seed: int, epochs: int, device: str, 
     token_head = token_head.to(dev)
     if roi_mode:
         margin = jitter_margin(model, recipe)
-        loaders = int(recipe.get("num_threads") or 1)  # the studies are read in as many processes as threads
+        loaders = _loading_processes(int(recipe.get("num_threads") or 1), len(train_studies))
         train_set = load_rois(
             train_studies,
             model,
