@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medvit_explain"
 # (layer, module prefixes), lowest first; the first matching prefix (longest listed first) decides
 LAYERS = [
     # words every layer shares; the output file names are words the viewers and writers share
-    (0, ["vocabulary", "errors", "volume", "versions", "outputs.layout"]),
+    (0, ["vocabulary", "errors", "volume", "versions", "processes", "outputs.layout"]),
     (
         1,
         ["io", "orientation", "transforms", "volumetric_inputs", "phantom"],

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..processes import map_in_processes
 from ..vocabulary import FEATURES_SUFFIX, LUNGS_SUFFIX, NODULES_SUFFIX
 from .generate import DEFAULT_SIZE, DEFAULT_SPACING, GENERATOR_VERSION, Phantom, generate_phantom
 from .labels import _labels_json
@@ -157,11 +158,4 @@ def _make_one(job: _PhantomJob) -> dict[str, Any]:
 def _make_all(jobs: list[_PhantomJob], workers: int) -> list[dict[str, Any]]:
     """Every job's result in order: here, or over ``workers`` spawned processes (each phantom depends on its
     own seed only, so the files are the same either way)."""
-    workers = min(int(workers), len(jobs))
-    if workers <= 1:
-        return [_make_one(job) for job in jobs]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_make_one, jobs))
+    return list(map_in_processes(_make_one, jobs, workers))

@@ -28,7 +28,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from ..errors import MedvitInputError
 from ..metrics.masks import slice_masks
 from ..phantom import FEATURE_LABELS
+from ..processes import map_in_processes
 from .labels import (
     BIOMARKER_KEYS,
     load_labelled_study,
@@ -412,24 +413,6 @@ def _study_rois(job: _RoiJob) -> tuple[int, list, list, np.ndarray | None]:
     return n, cubes, tokens, nodule_targets(job.task_spec, nodules)
 
 
-def _map_in_processes(fn, jobs: list, workers: int, progress_bar) -> Iterator:
-    """``fn`` over ``jobs`` in order: here, or in ``workers`` spawned processes (a script calling this with
-    ``workers`` > 1 must do so under ``if __name__ == "__main__":``), ticking ``progress_bar``."""
-    workers = min(int(workers), len(jobs))
-    if workers <= 1:
-        for job in jobs:
-            yield fn(job)
-            progress_bar.update(1)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for result in pool.map(fn, jobs):
-            yield result
-            progress_bar.update(1)
-
-
 STUDIES_PER_LOADER = 16  # a spawned loader costs seconds of imports; a study about half a second to read
 
 
@@ -471,8 +454,9 @@ def load_rois(
     cubes, tokens, targets, study_idx = [], [], [], []
     with tqdm(total=len(jobs), desc="loading ROIs", unit="study", disable=not progress) as bar:
         for s, (size, study_cubes, study_tokens, study_targets) in enumerate(
-            _map_in_processes(_study_rois, jobs, workers, bar)
+            map_in_processes(_study_rois, jobs, workers)
         ):
+            bar.update(1)
             if study_targets is None:
                 continue
             n = size
