@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from medvit_explain.explainers.agcam import agcam_layers
+from medvit_explain.explainers.base import attention_gate, attention_output, split_qkv
 from medvit_explain.model import load_model
 from medvit_explain.phantom import FEATURE_LABELS
 from medvit_explain.workflows.roi_evaluation import load_roi_views
@@ -40,24 +41,18 @@ ROLES = ("keys", "values", "query")
 
 def _last_block_by_role(blk, x_in: torch.Tensor, leaves: dict[str, torch.Tensor]) -> torch.Tensor:
     """timm's ``Block.forward`` (eval mode) on ``x_in``, with the first LayerNorm's output T entering the
-    attention as three separate leaf copies (``leaves``: T and one copy per role)."""
+    attention as three separate leaf copies (``leaves``: T and one copy per role). An output gate (newer
+    timm) is computed from each row's own token, so it goes with the query: neither reaches the head from a
+    patch token."""
     attn = blk.attn
     t = blk.norm1(x_in)
     copies = {role: t.detach().clone().requires_grad_(True) for role in ROLES}
     leaves.update(T=t.detach(), **copies)
-    b, n, d = t.shape
-    heads = attn.num_heads
-    w, bias = attn.qkv.weight, attn.qkv.bias
-    bias = bias if bias is not None else torch.zeros(3 * d, dtype=t.dtype)
-
-    def split(x, k):  # the k-th third of qkv, [B, heads, N, head_dim]
-        return F.linear(x, w[k * d : (k + 1) * d], bias[k * d : (k + 1) * d]).reshape(b, n, heads, -1).transpose(1, 2)
-
-    q, k, v = attn.q_norm(split(copies["query"], 0)), attn.k_norm(split(copies["keys"], 1)), split(copies["values"], 2)
+    q = split_qkv(attn, attn.qkv(copies["query"]))[0]
+    k = split_qkv(attn, attn.qkv(copies["keys"]))[1]
+    v = split_qkv(attn, attn.qkv(copies["values"]))[2]
     a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
-    out = (a @ v).transpose(1, 2).reshape(b, n, d)
-    out = attn.proj(getattr(attn, "norm", torch.nn.Identity())(out))
-    x = x_in + blk.ls1(out)
+    x = x_in + blk.ls1(attention_output(attn, a @ v, attention_gate(attn, copies["query"])))
     return x + blk.ls2(blk.mlp(blk.norm2(x)))
 
 
@@ -75,8 +70,7 @@ def cdam_by_path(model, images: torch.Tensor, target: int) -> dict[str, torch.Te
         outputs = model(images)
     finally:
         handle.remove()
-    grads = torch.autograd.grad(outputs[:, target].sum(), [leaves[r] for r in ROLES], allow_unused=True)
-    grads = [g if g is not None else torch.zeros_like(leaves["T"]) for g in grads]
+    grads = torch.autograd.grad(outputs[:, target].sum(), [leaves[r] for r in ROLES])
     t = leaves["T"]
     grid = tuple(int(g) for g in bb.patch_embed.grid_size)
     n = math.prod(grid)
