@@ -134,7 +134,8 @@ def inspect(path: str, as_json: bool, series_uid: str | None, allow_modality: bo
     type=click.Choice(PHANTOM_GENERATOR_VERSIONS),
     default=PHANTOM_GENERATOR_VERSIONS[0],
     show_default=True,
-    help="2.1 draws the sphericity, lobulation and margin grades as visible steps at the grid.",
+    help="2.1 draws the sphericity, lobulation and margin grades as visible steps at the grid; 2.2 also makes "
+    "each lobulation step at least 1 mm on any grid.",
 )
 def make_phantom(
     out_dir: str, seed: int, count: int, fmt: str, size, spacing, workers: int, generator_version: str

@@ -40,7 +40,7 @@ VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_SUFFIXES = (*VOLUME_SUFFIXES, ".dcm")
 NODULES_SUFFIX, LUNGS_SUFFIX, FEATURES_SUFFIX = "_nodules", "_lungs", "_features"  # make-phantom's label maps
 # the phantom generator's versions (medvit_explain.phantom.nodules.GRADES); the first is the default
-PHANTOM_GENERATOR_VERSIONS = ("2.0", "2.1")
+PHANTOM_GENERATOR_VERSIONS = ("2.0", "2.1", "2.2")
 PHANTOM_MASK_SUFFIXES = (NODULES_SUFFIX, LUNGS_SUFFIX, FEATURES_SUFFIX)  # stems of label maps, not studies
 LABEL_MAP_SUFFIXES = (*PHANTOM_MASK_SUFFIXES, "_mask", "_seg")  # a file stem ending so is no CT to show
 LABEL_NAME_WORDS = (  # a stem ending in "_<word>" (or "-", ".") names a label map in the viewers

@@ -1,5 +1,6 @@
 """Generator 2.1 (``generate_phantom(..., generator_version="2.1")``): the shape grades (sphericity,
-lobulation, margin) are steps a model can see at the grid; the default generator 2.0 is unchanged."""
+lobulation, margin) are steps a model can see at the grid; 2.2 makes each lobulation step at least 1 mm on any
+grid; the default generator 2.0 is unchanged."""
 
 from __future__ import annotations
 
@@ -53,19 +54,22 @@ def test_elongated_nodules_keep_their_long_axis_under_the_cap():
     assert 0 < cut < 200  # the cut touches the large elongated nodules only
 
 
-@pytest.mark.parametrize("voxel_mm", [1.12, 2.24])
+@pytest.mark.parametrize(
+    "version,voxel_mm,floor_mm", [("2.1", 1.12, 0.56), ("2.1", 2.24, 1.12), ("2.2", 0.7, 1.0), ("2.2", 2.24, 1.12)]
+)
 @pytest.mark.parametrize("diameter_mm", [6.0, 10.0, 20.0])
-def test_each_lobulation_grade_adds_visible_lobe_height(voxel_mm, diameter_mm):
+def test_each_lobulation_grade_adds_visible_lobe_height(version, voxel_mm, floor_mm, diameter_mm):
     """The same lobes (same seed) at grades 1-5: grade k's lobes are (k - 1) steps high, a step at least
-    0.12 of the radius and half an in-plane voxel (times each lobe's factor 0.75-1), up to 0.75 of the radius."""
+    0.12 of the radius and half an in-plane voxel (2.2: and 1 mm; times each lobe's factor 0.75-1), up to
+    0.75 of the radius."""
     radius = diameter_mm / 2
     heights = {}
     for grade in range(1, 6):
         attrs = {**PLAIN, "lobulation": grade, "diameter_mm": diameter_mm}
-        shape = _Shape(attrs, np.random.default_rng(7), floor_mm=V21.lobe_step_vox * voxel_mm)
+        shape = _Shape(attrs, np.random.default_rng(7), floor_mm=GRADES[version].lobe_floor_mm(voxel_mm))
         heights[grade] = shape.lobe_amp * radius
     assert len(heights[1]) == 0
-    step = max(0.12 * radius, 0.5 * voxel_mm)
+    step = max(0.12 * radius, floor_mm)
     one = heights[2]  # one step, times each lobe's factor
     assert np.all(one >= 0.75 * min(step, 0.75 * radius) * 0.999) and np.all(one <= min(step, 0.75 * radius) * 1.001)
     for grade in (3, 4, 5):
@@ -93,6 +97,24 @@ def test_a_lobulation_of_two_is_drawn_on_the_coarsest_sample_grid():
     assert 0 < shares[2] < shares[4], shares
 
 
+def test_generator_2_2_draws_bigger_lobes_than_2_1_where_half_a_voxel_is_under_1_mm():
+    """On a 1.12 mm grid a 10 mm nodule's lobulation-2 step is 0.6 mm in 2.1 (0.12 of the radius) and 1 mm in
+    2.2, so 2.2 draws more lobe voxels; the other grades are 2.1's."""
+    assert GRADES["2.2"].elongation == V21.elongation and GRADES["2.2"].edge_mm == V21.edge_mm
+    shares = {}
+    for version in ("2.1", "2.2"):
+        ph = generate_phantom(
+            9,
+            spacing=(1.12, 1.12, 2.0),
+            nodule_attributes=[{**PLAIN, "lobulation": 2, "diameter_mm": 10, "subtlety": 5}],
+            generator_version=version,
+        )
+        fv = ph.nodules[0]["feature_voxels"]
+        shares[version] = fv["lobulation"] / sum(fv.values())
+        assert ph.generator_version == version
+    assert 0 < shares["2.1"] < shares["2.2"], shares
+
+
 def test_margin_blur_grows_with_each_grade():
     widths = [V21.edge_mm[g] for g in (5, 4, 3, 2, 1)]
     assert widths[0] == 0.0 and all(b - a >= 1.0 for a, b in zip(widths, widths[1:]))
@@ -102,7 +124,7 @@ def test_versions_and_the_default():
     assert tuple(GRADES) == GENERATOR_VERSIONS and GENERATOR_VERSION == "2.0"
     ph = generate_phantom(3, size=(64, 64, 16), spacing=(5.0, 5.0, 10.0), n_nodules=1, generator_version="2.1")
     assert ph.generator_version == "2.1" and ph.ct.metadata["generator_version"] == "2.1"
-    with pytest.raises(ValueError, match=r"expected generator_version one of 2.0, 2.1, got '3.0'"):
+    with pytest.raises(ValueError, match=r"expected generator_version one of 2.0, 2.1, 2.2, got '3.0'"):
         generate_phantom(3, size=(64, 64, 16), generator_version="3.0")
 
 
@@ -126,4 +148,4 @@ def test_make_phantom_generator_version_option(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "g" / "phantom_000.json").read_text())["generator_version"] == "2.1"
     result = CliRunner().invoke(cli, [*args, "--generator-version", "3"])
-    assert result.exit_code == 2 and "'3' is not one of '2.0', '2.1'" in result.output
+    assert result.exit_code == 2 and "'3' is not one of '2.0', '2.1', '2.2'" in result.output

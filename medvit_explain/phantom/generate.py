@@ -94,7 +94,8 @@ def generate_phantom(
         generator_version: ``"2.0"`` (phantoms v2, the default) or ``"2.1"``: the same anatomy and nodule
             parts, with the shape grades drawn so each is a visible step at the grid (``GRADES`` in
             :mod:`.nodules`: sphericity 1.0-2.8 axis ratio, lobulation steps of at least half an in-plane
-            voxel, margin blur 1.0-4.2 mm). Recorded in the CT's metadata and the labels JSON.
+            voxel, margin blur 1.0-4.2 mm), or ``"2.2"``: 2.1 with lobulation steps of at least 1 mm on any grid.
+            Recorded in the CT's metadata and the labels JSON.
 
     Returns:
         A ``Phantom`` (CT, nodule instance mask, lung mask, feature labels, nodule attribute dicts).

@@ -12,7 +12,8 @@ attribute changes the image, strongly enough to be seen in a 32-48 mm crop:
   sampled size cut so the long axis stays under 40 mm.
 * lobulation: 4-7 dome-shaped lobes on the surface (height 0.1 … 0.5 of the radius, 28-40° wide) with
   notches where they meet, so the outline is visibly bumpy. Generator 2.1: each grade above 1 adds 0.12 of
-  the radius or half an in-plane voxel, whichever is more, up to 0.75 of the radius.
+  the radius or half an in-plane voxel, whichever is more, up to 0.75 of the radius; generator 2.2: or
+  1 mm, whichever is more (the 1 mm ROI sampling: a half-voxel step is 0.35 mm on a 0.7 mm grid).
 * spiculation: thin, bright, tapered spikes radiating from the surface (3 / 5 / 8 / 11 of them for
   scores 2-5, about 3-18 mm long, longer with the score and the size); drawn at least about one voxel
   wide and not blurred by the margin, as a strand would look after partial volume.
@@ -42,7 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -123,14 +124,20 @@ class NoduleGrades:
 
     ``elongation``: long / short axis per sphericity grade; ``edge_mm``: blur of the edge per margin grade;
     ``lobe_step_vox``: a lobulation step is at least this many in-plane voxels high (0: ``_LOBE_AMP`` of the
-    radius only); ``long_axis_max_mm``: an elongated nodule's sampled size is cut so its long axis stays under
-    this (inf: no cut; ``nodule_attributes`` overrides are drawn as asked).
+    radius only); ``lobe_step_mm``: and at least this many mm, whatever the grid; ``long_axis_max_mm``: an
+    elongated nodule's sampled size is cut so its long axis stays under this (inf: no cut;
+    ``nodule_attributes`` overrides are drawn as asked).
     """
 
     elongation: Mapping[int, float]
     edge_mm: Mapping[int, float]
     lobe_step_vox: float
     long_axis_max_mm: float
+    lobe_step_mm: float = 0.0
+
+    def lobe_floor_mm(self, inplane_mm: float) -> float:
+        """The least height (mm) of a lobulation step on a grid of ``inplane_mm`` in-plane voxels."""
+        return max(self.lobe_step_vox * inplane_mm, self.lobe_step_mm)
 
 
 GRADES = {
@@ -150,6 +157,9 @@ GRADES = {
         long_axis_max_mm=40.0,
     ),
 }
+# 2.1 with a lobulation step of at least 1 mm on any grid: on LIDC-like grids (0.7 mm in plane) 2.1's half voxel
+# is back to 2.0's 0.12 of the radius, under the ROI's 1 mm sampling (README "sample-roi")
+GRADES["2.2"] = replace(GRADES["2.1"], lobe_step_mm=1.0)
 
 _CORE_FRACTION = {1: 0.0, 2: 0.35, 3: 0.55, 4: 0.75, 5: 1.0}
 _GGO_HU = {1: -620.0, 2: -580.0, 3: -540.0, 4: -480.0, 5: -400.0}
@@ -223,7 +233,7 @@ class _Shape:
     """
 
     def __init__(self, attrs: Mapping[str, Any], rng: np.random.Generator, floor_mm: float = 0.0):
-        """``floor_mm``: the least height (mm) of a lobulation step (``NoduleGrades.lobe_step_vox`` voxels)."""
+        """``floor_mm``: the least height (mm) of a lobulation step (``NoduleGrades.lobe_floor_mm``)."""
         lob, spic, calc = int(attrs["lobulation"]), int(attrs["spiculation"]), int(attrs["calcification"])
         n_lobes = int(rng.integers(4, 8)) if lob > 1 else 0
         self.lobe_dirs = _spread_units(rng, n_lobes, 50.0)
@@ -397,7 +407,7 @@ def _place_nodules(
         attrs = _sample_attributes(rng, grades)
         if i < len(overrides):
             attrs.update(overrides[i])
-        shape = _Shape(attrs, rng, floor_mm=grades.lobe_step_vox * h)
+        shape = _Shape(attrs, rng, floor_mm=grades.lobe_floor_mm(h))
         rot = _random_rotation(rng)
         elong = grades.elongation[int(attrs["sphericity"])]
         edge_mm = grades.edge_mm[int(attrs["margin"])]
